@@ -1,0 +1,1 @@
+"""Classifier heads and their fusion: numpy arrays in, class probabilities out."""

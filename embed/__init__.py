@@ -1,0 +1,20 @@
+"""Run the CLIP model: load it, fingerprint it, and embed images and texts as unit vectors."""
+
+from .images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image, hash_bytes, read_image, to_rgb
+from .model import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    Embedder,
+    EmbedderConfig,
+    ModelInfo,
+    PretrainedWeightsError,
+    create_embedder,
+    hash_state_dict,
+)
+from .pipeline import ImageBatch, iter_image_batches
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
+    "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image", "hash_bytes",
+    "hash_state_dict", "iter_image_batches", "read_image", "to_rgb",
+]

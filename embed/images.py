@@ -1,0 +1,129 @@
+"""Read image files robustly: hash, decode, orient and convert to RGB, or say why not."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+
+
+@dataclass
+class ImageRecord:
+    """What reading one file found out; ``error`` is set when it is not usable."""
+
+    path: str
+    id: str | None = None  # content hash of the file's bytes
+    bytes: int = 0
+    mtime: float = 0.0
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+def hash_bytes(data: bytes) -> str:
+    """Content id of a file: 128-bit BLAKE2b of its bytes, as 32 hex digits."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Transparent pixels are composited on white; 16-bit and 32-bit integer or float
+    images are rescaled to 0..255 rather than clipped (which would turn them white).
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+            a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        else:
+            a = a / 257.0 if a.max(initial=0) > 255 else a  # 16-bit data in a wide integer mode
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes to an upright RGB image.
+
+    Raises
+    ------
+    ValueError
+        With a short human reason (empty file, not an image, truncated, too large...).
+    """
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"image too large (decompression-bomb limit of {max_pixels} pixels): {e}") from e
+    except UnidentifiedImageError as e:
+        raise ValueError("not an image Pillow can read (unknown or unsupported format)") from e
+    except OSError as e:
+        msg = str(e)
+        reason = "truncated or corrupt image" if "truncat" in msg.lower() else "corrupt image"
+        raise ValueError(f"{reason}: {msg}") from e
+    except (SyntaxError, ValueError, TypeError, IndexError, struct.error) as e:
+        raise ValueError(f"corrupt image: {type(e).__name__}: {e}") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def read_image(path: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[ImageRecord, Image.Image | None]:
+    """Read, hash and decode one file.
+
+    Never raises for a bad file: the returned record carries the reason in ``error``
+    and the image is ``None``.
+
+    Returns
+    -------
+    record : ImageRecord
+    image : PIL.Image.Image or None
+        Upright RGB image, or None when the file is not usable.
+    """
+    record = ImageRecord(path=path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        record.error = "file name is not valid UTF-8; rename the file"
+        return record, None
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        record.error = f"cannot read file: {e.strerror or e}"
+        return record, None
+    record.bytes, record.mtime = st.st_size, st.st_mtime
+    record.id = hash_bytes(data)
+    try:
+        img = decode_image(data, max_pixels=max_pixels)
+    except ValueError as e:
+        record.error = str(e)
+        return record, None
+    record.width, record.height = img.size
+    return record, img

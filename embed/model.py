@@ -1,0 +1,289 @@
+"""Create an open_clip embedder: the only place that loads and runs the CLIP model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from .images import DEFAULT_MAX_PIXELS
+from .pipeline import iter_image_batches
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that their fingerprint is stable
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for and could not be loaded."""
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """Everything that decides which model embeds the images, and how."""
+
+    model: str = DEFAULT_MODEL  # built-in open_clip name, 'hf-hub:org/repo' or 'local-dir:/path'
+    pretrained: str | None = DEFAULT_PRETRAINED  # open_clip tag or checkpoint file; ignored for hf-hub:/local-dir:
+    device: str = "auto"  # 'auto' picks cuda when present, else cpu
+    precision: str = "fp32"  # fp32 everywhere; fp16 / bf16 on GPU only
+    batch_size: int = 32  # images per forward pass
+    workers: int | None = None  # decode/resize worker processes; None: 1 on CPU, up to 8 on GPU
+    allow_random_weights: bool = False  # continue with random weights when pretrained ones can't load
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
+    cache_dir: str | None = None  # open_clip / hub download cache
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the model that made a set of vectors, as recorded in the store."""
+
+    model: str
+    pretrained: str | None
+    weights_hash: str
+    preprocess: str
+    dim: int
+    random_weights: bool = False
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self):
+        parts = json.dumps([self.model, self.weights_hash, self.preprocess])
+        object.__setattr__(self, "fingerprint", hashlib.sha256(parts.encode()).hexdigest()[:16])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu.")
+    return resolved
+
+
+def hash_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of a model's weights: names, dtypes, shapes and raw bytes of every tensor."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _describe_weights_error(config: EmbedderConfig, err: Exception) -> str:
+    return (
+        f"could not load pretrained weights for model {config.model!r} "
+        f"(pretrained={config.pretrained!r}): {err}\n"
+        "Ways out: pass a local checkpoint with --pretrained /path/to/weights.safetensors, "
+        "point --model at a folder holding open_clip_config.json and weights with "
+        "--model local-dir:/path/to/model, or, for a smoke test only, --allow-random-weights."
+    )
+
+
+def _host_reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline_when_unreachable():
+    """Use only the local hub cache when the hub can't be reached.
+
+    Without this, every missing file costs ~25 s of download retries before failing.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    if constants.is_offline_mode() or _host_reachable(constants.ENDPOINT):
+        yield
+        return
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _create_open_clip(config: EmbedderConfig, device: torch.device):
+    import open_clip
+
+    kwargs = dict(device=device, precision=config.precision, cache_dir=config.cache_dir)
+    has_schema = config.model.startswith(("hf-hub:", "local-dir:"))
+    pretrained = None if has_schema else config.pretrained
+    if pretrained is None and not has_schema and not config.allow_random_weights:
+        raise PretrainedWeightsError(_describe_weights_error(config, ValueError("no pretrained weights given")))
+    try:
+        with _hub_offline_when_unreachable():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                config.model, pretrained=pretrained, require_pretrained=True, **kwargs
+            )
+        return model, preprocess, False
+    except Exception as e:  # offline hub, bad tag, missing file, corrupt checkpoint...
+        if isinstance(e, FileNotFoundError) and has_schema:
+            raise FileNotFoundError(f"model folder for {config.model!r} not found: {e}") from e
+        if not config.allow_random_weights:
+            raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
+        warnings.warn(
+            f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
+            "continuing with seeded random weights as asked. Results are a smoke test only.",
+            stacklevel=3,
+        )
+    torch.manual_seed(RANDOM_WEIGHTS_SEED)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        config.model, pretrained=None, load_weights=False, **kwargs
+    )
+    return model, preprocess, True
+
+
+class Embedder:
+    """A loaded open_clip model that turns images and texts into unit vectors.
+
+    Build it with :func:`create_embedder`. Outputs are float32 arrays of shape
+    ``(n, dim)`` with unit L2 norm, ready for cosine search by dot product.
+    """
+
+    def __init__(self, config: EmbedderConfig, model, preprocess, tokenizer, device: torch.device, info: ModelInfo):
+        self.config = config
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.info = info
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @property
+    def workers(self) -> int:
+        if self.config.workers is not None:
+            return self.config.workers
+        return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 1
+
+    def iter_batches(self, paths: list[str]):
+        """Read and preprocess files in worker processes; yield :class:`ImageBatch` es in order."""
+        return iter_image_batches(paths, self.preprocess, batch_size=self.config.batch_size,
+                                  workers=self.workers if paths else 0, max_pixels=self.config.max_image_pixels,
+                                  pin_memory=self.device.type == "cuda")
+
+    def _autocast(self):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.precision)
+        if dtype is None or self.device.type != "cuda":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed a batch of preprocessed images.
+
+        Parameters
+        ----------
+        pixels : Tensor of shape (n, 3, H, W)
+            Output of ``self.preprocess`` stacked along the first axis.
+
+        Returns
+        -------
+        ndarray of shape (n, dim), float32, unit rows.
+        """
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._autocast():
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return _normalize(feats)
+
+    def encode_images(self, images) -> np.ndarray:
+        """Embed PIL images (already RGB), in batches of ``config.batch_size``."""
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(images), self.config.batch_size):
+            chunk = images[start:start + self.config.batch_size]
+            out.append(self.encode_pixels(torch.stack([self.preprocess(im) for im in chunk])))
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed texts with the model's text tower.
+
+        Returns
+        -------
+        ndarray of shape (len(texts), dim), float32, unit rows.
+        """
+        if self.tokenizer is None or not hasattr(self.model, "encode_text"):
+            raise ValueError(f"model {self.config.model!r} has no text tower; text queries need a CLIP model.")
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(texts), 256):
+            tokens = self.tokenizer(list(texts[start:start + 256])).to(self.device)
+            with self._autocast():
+                out.append(_normalize(self.model.encode_text(tokens)))
+        return np.concatenate(out)
+
+
+def _normalize(feats: torch.Tensor) -> np.ndarray:
+    feats = feats.float()
+    feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return feats.cpu().numpy().astype(np.float32, copy=False)
+
+
+def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
+    """Load the model a config names and fingerprint it.
+
+    Raises
+    ------
+    PretrainedWeightsError
+        When pretrained weights cannot be loaded and ``config.allow_random_weights``
+        is False. The message names the model and the ways out.
+    ValueError
+        For an unusable device or precision.
+    """
+    import open_clip
+
+    config = config or EmbedderConfig()
+    if config.precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {config.precision!r}.")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {config.batch_size}.")
+    device = _resolve_device(config.device)
+    if config.precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"precision {config.precision!r} needs a GPU; use --precision fp32 on CPU.")
+    model, preprocess, random_weights = _create_open_clip(config, device)
+    model.eval()
+    try:
+        tokenizer = open_clip.get_tokenizer(config.model, cache_dir=config.cache_dir)
+    except Exception:  # image-only configs or tokenizers that need a hub download
+        tokenizer = None
+    with torch.no_grad():
+        size = getattr(model.visual, "image_size", 224)
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        dim = model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1]
+    info = ModelInfo(
+        model=config.model,
+        pretrained=None if random_weights or config.model.startswith(("hf-hub:", "local-dir:")) else config.pretrained,
+        weights_hash=hash_state_dict(model.state_dict()),
+        preprocess=repr(preprocess),
+        dim=int(dim),
+        random_weights=random_weights,
+    )
+    return Embedder(config, model, preprocess, tokenizer, device, info)

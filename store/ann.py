@@ -1,0 +1,118 @@
+"""An hnswlib index derived from one embedding version, saved beside the LanceDB tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AnnConfig:
+    """Graph and search parameters of the hnswlib index (cosine via inner product on unit vectors)."""
+
+    m: int = 16  # graph degree; higher = better recall, bigger index
+    ef_construction: int = 100  # build-time beam width
+    ef_search: int = 64  # query-time beam width (raised to at least k)
+    threads: int = -1  # -1: all cores
+
+
+class AnnIndex:
+    """hnswlib index over the rows of an embedding version, keyed by row position.
+
+    ``ids[label]`` maps hnswlib labels back to image ids. The index only ever grows:
+    :meth:`extend` adds ids it has not seen, so the store can keep it in step with an
+    append-only embedding table without rebuilding it.
+    """
+
+    def __init__(self, dim: int, config: AnnConfig | None = None):
+        self.dim = dim
+        self.config = config or AnnConfig()
+        self.ids = np.zeros(0, dtype=object)
+        self._position: dict[str, int] = {}
+        self._index = hnswlib.Index(space="ip", dim=dim)
+        self._index.init_index(max_elements=1024, ef_construction=self.config.ef_construction, M=self.config.m)
+        self._index.set_num_threads(self.config.threads)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, ids: np.ndarray, X: np.ndarray) -> int:
+        """Add the rows whose ids are not yet in the index; return how many were added."""
+        new = np.array([i not in self._position for i in ids], dtype=bool)
+        if not new.any():
+            return 0
+        ids, X = np.asarray(ids, dtype=object)[new], np.ascontiguousarray(X[new], dtype=np.float32)
+        start = len(self.ids)
+        needed = start + len(ids)
+        if needed > self._index.get_max_elements():
+            self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
+        self._index.add_items(X, np.arange(start, needed), num_threads=self.config.threads)
+        self.ids = np.concatenate([self.ids, ids])
+        self._position.update((id_, start + j) for j, id_ in enumerate(ids))
+        return len(ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k by cosine.
+
+        Returns
+        -------
+        ids : ndarray of object, shape (n_queries, k)
+        sims : ndarray of float32, shape (n_queries, k)
+        """
+        k = min(k, len(self.ids))
+        self._index.set_ef(max(self.config.ef_search, k))
+        labels, dist = self._index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=k,
+                                             num_threads=self.config.threads)
+        return self.ids[labels], (1.0 - dist).astype(np.float32)
+
+    def save(self, folder: str | os.PathLike, name: str) -> None:
+        """Write ``name.hnsw`` (the graph), ``name.ids.npy`` and ``name.json`` into ``folder``.
+
+        The graph is written to a temporary file and renamed, so a crash never leaves a
+        half-written index behind.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for suffix, write in (
+            (".hnsw", lambda p: self._index.save_index(str(p))),
+            (".ids.npy", lambda p: _save_npy(p, self.ids.astype(str))),
+            (".json", lambda p: p.write_text(json.dumps({"dim": self.dim, "n": len(self.ids), **vars(self.config)}))),
+        ):
+            tmp = folder / f".{name}{suffix}.tmp"
+            write(tmp)
+            os.replace(tmp, folder / f"{name}{suffix}")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, name: str) -> AnnIndex | None:
+        """Load an index written by :meth:`save`; None if absent or inconsistent."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / f"{name}.json").read_text())
+            ids = np.load(folder / f"{name}.ids.npy", allow_pickle=False).astype(object)
+        except (OSError, ValueError):
+            return None
+        if meta.get("n") != len(ids):
+            return None
+        config = AnnConfig(**{k: meta[k] for k in ("m", "ef_construction", "ef_search", "threads") if k in meta})
+        self = cls.__new__(cls)
+        self.dim, self.config, self.ids = meta["dim"], config, ids
+        self._position = {id_: j for j, id_ in enumerate(ids)}
+        self._index = hnswlib.Index(space="ip", dim=self.dim)
+        try:
+            self._index.load_index(str(folder / f"{name}.hnsw"), max_elements=max(len(ids), 1024))
+        except RuntimeError:
+            return None
+        if self._index.get_current_count() != len(ids):
+            return None
+        self._index.set_num_threads(config.threads)
+        return self
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object keeps np.save from appending ".npy" to the name
+        np.save(f, array, allow_pickle=False)

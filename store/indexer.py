@@ -1,0 +1,183 @@
+"""The index run: embed each new image once and commit it to the store in batches."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .store import Store
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index run commits its work."""
+
+    commit_every: int = 512  # images per LanceDB commit; a crash loses at most this much work
+    optimize: bool = True  # compact the tables at the end of the run
+
+
+@dataclass
+class IndexSummary:
+    """What an index run did."""
+
+    found: int = 0  # image files given
+    embedded: int = 0  # new vectors computed
+    unchanged: int = 0  # skipped: same path, size and mtime, vector present
+    duplicates: int = 0  # content already embedded under another path (or earlier in the run)
+    relabeled: int = 0  # unchanged files whose split or label changed
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0
+    fingerprint: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds else 0.0
+
+
+def _stat(path: str) -> tuple[int, float] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime
+
+
+class _Writer:
+    """Commits batches on one background thread, in order, so writes overlap the model."""
+
+    def __init__(self, store: Store, fingerprint: str):
+        self.store, self.fingerprint = store, fingerprint
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipfuse-writer")
+        self._pending: Future | None = None
+
+    def submit(self, ids, vectors, image_rows, error_rows, cleared_paths) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._commit, ids, vectors, image_rows, error_rows, cleared_paths)
+
+    def _commit(self, ids, vectors, image_rows, error_rows, cleared_paths) -> None:
+        # Vectors first: an image row must never point at a vector that is not there yet.
+        self.store.add_embeddings(self.fingerprint, ids, vectors)
+        self.store.upsert_images(image_rows)
+        self.store.record_errors(error_rows)
+        self.store.clear_errors(cleared_paths)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def index_images(store: Store, embedder, files, classes: list[str], *, config: IndexConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> IndexSummary:
+    """Embed every new or changed image of ``files`` into the store.
+
+    Parameters
+    ----------
+    store : Store
+    embedder : clipfuse.embed.Embedder
+        Model whose fingerprint names the embedding version written to.
+    files : list of clipfuse.data.ImageFile
+    classes : list of str
+        Class names of the labeled files, added to the store's class list.
+    config : IndexConfig, optional
+    progress : callable(done, total), optional
+        Called after each batch with the number of files handled so far.
+
+    Returns
+    -------
+    IndexSummary
+
+    Notes
+    -----
+    Safe to kill at any point: vectors are committed before the image rows that point
+    at them, vectors are inserted only for ids not yet present, and image rows are
+    upserted by path. Re-running finishes the work without duplicates.
+    """
+    config = config or IndexConfig()
+    started = time.perf_counter()
+    info = embedder.info
+    fp = info.fingerprint
+    store.register_version(info.to_dict())
+    store.add_classes(classes)
+    summary = IndexSummary(found=len(files), fingerprint=fp)
+
+    known = {r["path"]: r for r in store.images().to_pylist()}
+    embedded = store.embedded_ids(fp)
+    previous_errors = set(store.errors()["path"].to_pylist())
+    now = time.time()
+    todo, relabel_rows = [], []
+    for f in files:
+        row, st = known.get(f.path), _stat(f.path)
+        if row is not None and st is not None and (row["bytes"], row["mtime"]) == st and row["id"] in embedded:
+            if (row["split"], row["label"]) == (f.split, f.label):
+                summary.unchanged += 1
+            else:
+                relabel_rows.append({**row, "split": f.split, "label": f.label, "indexed_at": now})
+        else:
+            todo.append(f)
+    summary.relabeled = len(relabel_rows)
+    store.upsert_images(relabel_rows)
+
+    by_path = {f.path: f for f in todo}
+    seen = set(embedded)
+    writer = _Writer(store, fp)
+    ids, vectors, image_rows, error_rows, cleared = [], [], [], [], []
+    done = summary.found - len(todo)
+    if progress:
+        progress(done, summary.found)
+    try:
+        for batch in embedder.iter_batches([f.path for f in todo]):
+            forward = []  # positions in batch.ok of images to run through the model
+            for j, r in enumerate(batch.ok):
+                rec = batch.records[r]
+                if rec.id in seen:
+                    summary.duplicates += 1
+                else:
+                    seen.add(rec.id)
+                    forward.append(j)
+            if forward:
+                vecs = embedder.encode_pixels(batch.pixels[forward])
+                ids += [batch.records[batch.ok[j]].id for j in forward]
+                vectors.append(vecs)
+                summary.embedded += len(forward)
+            for rec in batch.records:
+                if rec.error is not None:
+                    summary.errors.append((rec.path, rec.error))
+                    error_rows.append({"path": rec.path, "reason": rec.error, "bytes": rec.bytes,
+                                       "mtime": rec.mtime, "at": now})
+                    continue
+                f = by_path[rec.path]
+                image_rows.append({"id": rec.id, "path": rec.path, "split": f.split, "label": f.label,
+                                   "width": rec.width, "height": rec.height, "bytes": rec.bytes,
+                                   "mtime": rec.mtime, "indexed_at": now})
+                if rec.path in previous_errors:
+                    cleared.append(rec.path)
+            done += len(batch.records)
+            if len(image_rows) + len(error_rows) >= config.commit_every:
+                writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared)
+                ids, vectors, image_rows, error_rows, cleared = [], [], [], [], []
+            if progress:
+                progress(done, summary.found)
+        writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared)
+    finally:
+        writer.close()
+    store.activate(fp)
+    if config.optimize:
+        store.optimize()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _stack(vectors: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)

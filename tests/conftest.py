@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny open_clip model on disk, generated image folders, a store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_MODEL_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> str:
+    """Write a 1-layer open_clip model with random weights as a ``local-dir:`` folder."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": {}}))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Model name of a tiny CLIP (embed_dim 16, 32 px) with weights saved as safetensors."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory) -> str:
+    """A second tiny CLIP with different weights (another fingerprint)."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-clip-2"), seed=1)
+
+
+def write_shapes_folder(root: Path, n_per_class: int = 4, size: int = 48, seed: int = 0) -> dict[str, list[Path]]:
+    """Write a labeled folder of coloured shapes: root/<class>/<i>.png, each image distinct."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220)}
+    out = {}
+    for name, colour in colours.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        out[name] = []
+        for i in range(n_per_class):
+            img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
+            draw = ImageDraw.Draw(img)
+            x, y = rng.integers(2, size // 2, 2)
+            draw.ellipse([int(x), int(y), int(x) + size // 2, int(y) + size // 2], fill=colour)
+            path = root / name / f"{i:03d}.png"
+            img.save(path)
+            out[name].append(path)
+    return out
+
+
+@pytest.fixture
+def shapes_dir(tmp_path) -> Path:
+    root = tmp_path / "labeled"
+    write_shapes_folder(root)
+    return root
