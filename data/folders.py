@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ class ImageFolders:
 
     files: list[ImageFile]
     classes: list[str]
+
+
+def hash_bytes(data: bytes) -> str:
+    """Content id of a file: 128-bit BLAKE2b of its bytes, as 32 hex digits."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def list_images(root: str | os.PathLike) -> list[str]:

@@ -1,6 +1,6 @@
 """Run the CLIP model: load it, fingerprint it, and embed images and texts as unit vectors."""
 
-from .images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image, hash_bytes, read_image, to_rgb
+from .images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image, read_image, to_rgb
 from .model import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
@@ -15,6 +15,6 @@ from .pipeline import ImageBatch, iter_image_batches
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
-    "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image", "hash_bytes",
+    "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image",
     "hash_state_dict", "iter_image_batches", "read_image", "to_rgb",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import struct
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipfuse.data import hash_bytes
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 
@@ -26,11 +27,6 @@ class ImageRecord:
     width: int = 0
     height: int = 0
     error: str | None = None
-
-
-def hash_bytes(data: bytes) -> str:
-    """Content id of a file: 128-bit BLAKE2b of its bytes, as 32 hex digits."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

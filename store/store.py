@@ -109,7 +109,13 @@ class Store:
 
     # ---- tables -------------------------------------------------------------------------
     def _table_names(self) -> set[str]:
-        return set(self.db.table_names(limit=10_000))
+        names, token = set(), None
+        while True:
+            page = self.db.list_tables(page_token=token)
+            names.update(page.tables)
+            token = page.page_token
+            if not token:
+                return names
 
     def _table(self, name: str, schema: pa.Schema | None = None):
         if name in self._table_names():

@@ -68,3 +68,51 @@ def shapes_dir(tmp_path) -> Path:
     root = tmp_path / "labeled"
     write_shapes_folder(root)
     return root
+
+
+def write_mixed_folder(root: Path) -> dict[str, list[Path]]:
+    """Write a folder of good images in awkward formats and bad files that must be reported.
+
+    Returns ``{"good": [...], "bad": [...]}``.
+    """
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    good, bad = [], []
+
+    def photo(w=64, h=48):
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    p = root / "plain.jpg"
+    photo().save(p, quality=90)
+    good.append(p)
+    p = root / "cmyk.jpg"
+    photo().convert("CMYK").save(p)
+    good.append(p)
+    p = root / "deep16.png"
+    Image.fromarray((rng.integers(0, 65535, (40, 40))).astype(np.uint16)).save(p)
+    good.append(p)
+    p = root / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    photo(60, 30).save(p, exif=exif)
+    good.append(p)
+    p = root / "café_日本.png"
+    photo().save(p)
+    good.append(p)
+    p = root / "alpha.png"
+    photo().convert("RGBA").save(p)
+    good.append(p)
+
+    whole = root / "plain.jpg"
+    p = root / "truncated.jpg"
+    p.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    bad.append(p)
+    p = root / "empty.jpg"
+    p.write_bytes(b"")
+    bad.append(p)
+    p = root / "notes.jpg"
+    p.write_text("this is a text file, not a JPEG\n")
+    bad.append(p)
+    return {"good": good, "bad": bad}

@@ -1,0 +1,157 @@
+"""The command line, end to end on the tiny model: exit codes, messages, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from clipfuse.cli import app
+from clipfuse.store import Store
+from conftest import write_mixed_folder
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def indexed(tmp_path, tiny_model, shapes_dir):
+    db = tmp_path / "store.lance"
+    result = invoke("index", shapes_dir, "--db", db, "--model", tiny_model, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def test_index_summary_and_reindex(indexed, shapes_dir):
+    result = invoke("index", shapes_dir, "--db", indexed)  # the store's model is reused
+    assert result.exit_code == 0, result.output
+    assert "indexed 0 new, 12 unchanged, 0 duplicates, 0 errors" in result.output
+
+
+def test_index_awkward_folder_lists_bad_files_and_exits_zero(tmp_path, tiny_model):
+    files = write_mixed_folder(tmp_path / "mixed")
+    db = tmp_path / "db"
+    result = invoke("index", "--unlabeled", tmp_path / "mixed", "--db", db, "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    assert f"indexed {len(files['good'])} new" in result.output
+    for word in ("truncated", "empty file", "not an image"):
+        assert word in result.output
+    info = invoke("info", "--db", db, "--errors", "--json")
+    listed = {e["path"] for e in json.loads(info.output)["error_list"]}
+    assert listed == {str(p) for p in files["bad"]}
+    paths = set(Store(db).images()["path"].to_pylist())
+    assert paths == {str(p) for p in files["good"]}  # the non-ASCII name among them
+
+
+def test_neighbors_of_indexed_image_is_itself(indexed, shapes_dir):
+    query = shapes_dir / "green" / "002.png"
+    result = invoke("neighbors", query, "-k", 4, "--db", indexed, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    first = out["neighbors"][0]
+    assert first["paths"] == [str(query)] and first["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert len(out["neighbors"]) == 4
+    by_id = invoke("neighbors", first["id"], "-k", 1, "--db", indexed, "--json")
+    assert json.loads(by_id.output)["neighbors"][0]["id"] == first["id"]
+    table = invoke("neighbors", query, "--db", indexed)
+    assert table.exit_code == 0 and "similarity" in table.output and "green" in table.output
+
+
+def test_neighbors_of_new_image_and_text(indexed, tmp_path, shapes_dir):
+    from PIL import Image
+
+    new = tmp_path / "new.png"
+    Image.open(shapes_dir / "red" / "001.png").rotate(90).save(new)
+    result = invoke("neighbors", new, "-k", 2, "--db", indexed, "--json")
+    assert result.exit_code == 0, result.output
+    assert "embedded now" in json.loads(result.output)["query"]
+    text = invoke("neighbors", "--text", "a red circle", "-k", 3, "--db", indexed, "--json")
+    assert text.exit_code == 0 and len(json.loads(text.output)["neighbors"]) == 3
+
+
+def test_neighbors_with_another_model_fails_clearly(indexed, shapes_dir, other_tiny_model):
+    result = invoke("neighbors", shapes_dir / "red" / "000.png", "--db", indexed, "--model", other_tiny_model)
+    assert result.exit_code == 1
+    assert "did not make embedding version" in result.output and "--version" in result.output
+
+
+def test_usage_and_runtime_errors(tmp_path, indexed):
+    assert invoke("index").exit_code == 2
+    assert invoke("index", tmp_path / "nope").exit_code == 2
+    assert invoke("neighbors", "--db", indexed).exit_code == 2
+    assert invoke("neighbors", "-k", 0, "x", "--db", indexed).exit_code == 2
+    missing = invoke("neighbors", "0" * 32, "--db", indexed)
+    assert missing.exit_code == 1 and "has no vector" in missing.output
+    no_store = invoke("info", "--db", tmp_path / "absent.lance")
+    assert no_store.exit_code == 1 and "clipfuse index" in no_store.output
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(b"")
+    loose = invoke("index", flat, "--db", tmp_path / "x.lance")
+    assert loose.exit_code == 1 and "one sub-folder per class" in loose.output
+    wrong_version = invoke("neighbors", "x", "--db", indexed, "--version", "zzz")
+    assert wrong_version.exit_code == 1 and "matches none" in wrong_version.output
+
+
+def test_info_lists_versions_and_classes(indexed):
+    result = invoke("info", "--db", indexed, "--json")
+    info = json.loads(result.output)
+    assert info["images"] == 12 and info["per_class"] == {"blue": 4, "green": 4, "red": 4}
+    assert len(info["versions"]) == 1 and info["versions"][0]["fingerprint"] == info["active"]
+    assert invoke("info", "--db", indexed).exit_code == 0
+
+
+def test_import_clip_retrieval_round_trip(indexed, tmp_path, tiny_model):
+    original = Store(indexed).load_embeddings()
+    paths = {r["id"]: r["path"] for r in Store(indexed).images().to_pylist()}
+    out = tmp_path / "clip_out"
+    (out / "img_emb").mkdir(parents=True)
+    (out / "metadata").mkdir()
+    half = len(original.ids) // 2  # two shards, as clip-retrieval writes them
+    for shard, rows in enumerate((slice(0, half), slice(half, None))):
+        np.save(out / "img_emb" / f"img_emb_{shard}.npy", original.X[rows].astype(np.float16))
+        pl.DataFrame({"image_path": [paths[i] for i in original.ids[rows]]}).write_parquet(
+            out / "metadata" / f"metadata_{shard}.parquet")
+    db = tmp_path / "imported.lance"
+    result = invoke("import-embeddings", out, "--db", db)
+    assert result.exit_code == 0, result.output
+    imported = Store(db).load_embeddings()
+    assert sorted(imported.ids) == sorted(original.ids)  # ids are content hashes of the files
+    order = np.argsort(imported.ids)
+    np.testing.assert_allclose(imported.X[order], original.X[np.argsort(original.ids)], atol=2e-3)
+
+    # Claiming the model that made them keeps the fingerprint, so text queries work.
+    db2 = tmp_path / "imported2.lance"
+    result = invoke("import-embeddings", out, "--db", db2, "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    assert Store(db2).get_version()["fingerprint"] == original.fingerprint
+    assert invoke("neighbors", "--text", "a blue circle", "--db", db2).exit_code == 0
+
+
+def test_import_generic_npy_with_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 8)).astype(np.float32)
+    np.save(tmp_path / "v.npy", X)
+    pl.DataFrame({"id": [f"img{i}" for i in range(6)], "label": ["a", "b", "a", None, None, None]}).write_csv(
+        tmp_path / "rows.csv")
+    db = tmp_path / "db"
+    result = invoke("import-embeddings", tmp_path / "v.npy", "--metadata", tmp_path / "rows.csv", "--db", db)
+    assert result.exit_code == 0, result.output
+    es = Store(db).load_embeddings()
+    assert es.classes == ["a", "b"] and sorted(es.labels.tolist()) == [-1, -1, -1, 0, 0, 1]
+    np.testing.assert_allclose(np.linalg.norm(es.X, axis=1), 1.0, atol=1e-6)
+    result = invoke("neighbors", "img0", "-k", 1, "--db", db, "--json")
+    assert json.loads(result.output)["neighbors"][0]["id"] == "img0"
+    text = invoke("neighbors", "--text", "x", "--db", db)
+    assert text.exit_code == 1 and "imported without a model" in text.output
+    # Mismatched row counts and a missing --metadata are clear errors.
+    np.save(tmp_path / "w.npy", X[:5])
+    bad = invoke("import-embeddings", tmp_path / "w.npy", "--metadata", tmp_path / "rows.csv", "--db", db)
+    assert bad.exit_code == 1 and "5 vectors but rows.csv has 6 rows" in bad.output
+    assert invoke("import-embeddings", tmp_path / "v.npy", "--db", db).exit_code == 2

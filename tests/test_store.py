@@ -1,0 +1,214 @@
+"""The LanceDB store: incremental, duplicate-free, crash-safe indexing; loading; search."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipfuse.data import scan_folders
+from clipfuse.embed import EmbedderConfig, create_embedder
+from clipfuse.store import IndexConfig, Store, index_images
+from conftest import write_mixed_folder, write_shapes_folder
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model):
+    return create_embedder(EmbedderConfig(model=tiny_model, batch_size=4, workers=0))
+
+
+def _index(db, embedder, labeled=None, **kw):
+    folders = scan_folders(labeled, **kw)
+    return index_images(Store(db), embedder, folders.files, folders.classes, config=IndexConfig(commit_every=5))
+
+
+def _row_set(db):
+    store = Store(db)
+    images = store.images().to_pylist()
+    version = store.get_version()
+    vec_ids = store._version_table(version).to_arrow()["id"].to_pylist()
+    return sorted((r["path"], r["id"], r["split"], r["label"]) for r in images), vec_ids
+
+
+def test_index_then_reindex_embeds_nothing_new(tmp_path, embedder, shapes_dir):
+    first = _index(tmp_path / "db", embedder, shapes_dir)
+    assert (first.found, first.embedded, first.unchanged, first.errors) == (12, 12, 0, [])
+    second = _index(tmp_path / "db", embedder, shapes_dir)
+    assert (second.embedded, second.unchanged, second.duplicates) == (0, 12, 0)
+    rows, vec_ids = _row_set(tmp_path / "db")
+    assert len(rows) == 12 and len(vec_ids) == len(set(vec_ids)) == 12
+
+
+def test_changed_file_is_re_embedded_and_relabel_needs_no_model(tmp_path, embedder, shapes_dir):
+    _index(tmp_path / "db", embedder, shapes_dir)
+    changed = shapes_dir / "red" / "000.png"
+    shutil.copy(shapes_dir / "blue" / "001.png", changed)  # new content under an old path
+    summary = _index(tmp_path / "db", embedder, shapes_dir)
+    assert summary.unchanged == 11 and summary.duplicates == 1 and summary.embedded == 0
+    (shapes_dir / "red" / "000.png").write_bytes((shapes_dir / "green" / "000.png").read_bytes()[:-1] + b"\0")
+    summary = _index(tmp_path / "db", embedder, shapes_dir)
+    assert summary.embedded + len(summary.errors) == 1  # new bytes: embedded (or, if unreadable, reported)
+    # The same file indexed as unlabeled only updates its row.
+    summary = _index(tmp_path / "db", embedder, unlabeled=shapes_dir / "green")
+    assert summary.relabeled == 4 and summary.embedded == 0
+    splits = {r["path"]: r["split"] for r in Store(tmp_path / "db").images().to_pylist()}
+    assert splits[str(shapes_dir / "green" / "002.png")] == "unlabeled"
+
+
+def test_duplicate_content_is_embedded_once(tmp_path, embedder, shapes_dir):
+    (shapes_dir / "red" / "copy.png").write_bytes((shapes_dir / "red" / "001.png").read_bytes())
+    (shapes_dir / "blue" / "copy.png").write_bytes((shapes_dir / "green" / "003.png").read_bytes())
+    summary = _index(tmp_path / "db", embedder, shapes_dir)
+    assert (summary.found, summary.embedded, summary.duplicates) == (14, 12, 2)
+    rows, vec_ids = _row_set(tmp_path / "db")
+    assert len(rows) == 14 and len(vec_ids) == 12
+    es = Store(tmp_path / "db").load_embeddings()
+    assert len(es.ids) == 12
+    # green/003 is also filed under blue: that id has two labels and is left unlabeled.
+    assert len(es.conflicts) == 1 and es.labels[list(es.ids).index(es.conflicts[0])] == -1
+
+
+def test_bad_files_are_recorded_and_good_ones_indexed(tmp_path, embedder):
+    files = write_mixed_folder(tmp_path / "mixed")
+    summary = _index(tmp_path / "db", embedder, unlabeled=tmp_path / "mixed")
+    assert summary.embedded == len(files["good"])
+    assert sorted(p for p, _ in summary.errors) == sorted(str(p) for p in files["bad"])
+    store = Store(tmp_path / "db")
+    assert sorted(store.errors()["path"].to_pylist()) == sorted(str(p) for p in files["bad"])
+    # Fixing a bad file clears its error on the next run.
+    shutil.copy(files["good"][0], files["bad"][0])
+    summary = _index(tmp_path / "db", embedder, unlabeled=tmp_path / "mixed")
+    assert len(summary.errors) == len(files["bad"]) - 1
+    assert str(files["bad"][0]) not in Store(tmp_path / "db").errors()["path"].to_pylist()
+
+
+def test_load_embeddings_splits_and_labels(tmp_path, embedder):
+    write_shapes_folder(tmp_path / "train", n_per_class=3, seed=1)
+    write_shapes_folder(tmp_path / "test", n_per_class=2, seed=2)
+    write_shapes_folder(tmp_path / "pool", n_per_class=2, seed=3)
+    _index(tmp_path / "db", embedder, tmp_path / "train", unlabeled=tmp_path / "pool", test=tmp_path / "test")
+    es = Store(tmp_path / "db").load_embeddings()
+    assert es.classes == ["blue", "green", "red"]
+    assert es.X.dtype == np.float32 and es.X.shape == (9 + 6 + 6, 16)
+    np.testing.assert_allclose(np.linalg.norm(es.X, axis=1), 1.0, atol=1e-5)
+    assert (es.labels >= 0).sum() == 9 and set(es.labels[es.splits == "labeled"]) == {0, 1, 2}
+    assert (es.labels[es.splits != "labeled"] == -1).all()
+    assert (es.test_labels[es.splits == "test"] >= 0).all() and (es.test_labels[es.splits != "test"] == -1).all()
+
+
+def test_search_returns_self_first_and_rejects_other_dims(tmp_path, embedder, shapes_dir):
+    _index(tmp_path / "db", embedder, shapes_dir)
+    store = Store(tmp_path / "db")
+    es = store.load_embeddings()
+    ids, sims = store.search(es.X[:5], k=3)
+    assert list(ids[:, 0]) == list(es.ids[:5])
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    with pytest.raises(ValueError, match="different model"):
+        store.search(np.ones((1, 32), dtype=np.float32), k=3)
+    with pytest.raises(LookupError, match="matches none"):
+        store.search(es.X[:1], k=3, fingerprint="ffffffff")
+
+
+def _fake_version(store, n, dim=24, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, dim))
+    X = centers[rng.integers(0, 20, n)] + 0.3 * rng.normal(size=(n, dim))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"{seed}-{i:06d}" for i in range(n)]
+    info = {"fingerprint": f"fake{seed}", "model": "fake", "dim": dim}
+    store.register_version(info)
+    store.add_embeddings(info["fingerprint"], ids, X)
+    store.upsert_images([{"id": i, "path": f"/x/{i}.png", "split": "unlabeled", "label": None} for i in ids])
+    store.activate(info["fingerprint"])
+    return np.array(ids), X
+
+
+def test_ann_index_matches_exact_search_and_persists(tmp_path):
+    store = Store(tmp_path / "db", ann_threshold=100)
+    ids, X = _fake_version(store, 3000)
+    queries = X[:200] + 0.05 * np.random.default_rng(1).normal(size=(200, X.shape[1])).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact_ids, _ = store.search(queries, k=10, exact=True)
+    ann_ids, ann_sims = store.search(queries, k=10)  # above the threshold: hnswlib
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ann_ids, exact_ids)])
+    assert recall >= 0.95
+    assert (tmp_path / "db" / "_ann" / "fake0.hnsw").exists()
+    # A new Store loads the saved graph and extends it with rows added since.
+    store2 = Store(tmp_path / "db", ann_threshold=100)
+    rng = np.random.default_rng(5)
+    extra = rng.normal(size=(10, X.shape[1])).astype(np.float32)
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    store2.add_embeddings("fake0", [f"new-{i}" for i in range(10)], extra)
+    found, sims = store2.search(extra, k=1)
+    assert list(found[:, 0]) == [f"new-{i}" for i in range(10)]
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-4)
+    assert len(store2.ann_index("fake0")) == 3010
+
+
+def test_memory_store_and_vector_lookup():
+    store = Store("memory://")
+    ids, X = _fake_version(store, 50, dim=8)
+    np.testing.assert_array_equal(store.vectors_for([ids[3], ids[1]]), X[[3, 1]])
+    with pytest.raises(KeyError, match="no vector"):
+        store.vectors_for(["missing"])
+    with pytest.raises(ValueError, match="8-d"):
+        store.add_embeddings("fake0", ["a"], np.ones((1, 9), dtype=np.float32))
+    # Inserting an id twice keeps one row.
+    store.add_embeddings("fake0", [ids[0]], X[:1])
+    assert store.get_version()["rows"] == 50
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from clipfuse.data import scan_folders
+    from clipfuse.embed import EmbedderConfig, create_embedder
+    from clipfuse.store import IndexConfig, Store, index_images
+
+    model, labeled, db, method, kill_at = sys.argv[1:]
+    calls = 0
+    original = getattr(Store, method)
+
+    def crashing(self, *args, **kwargs):
+        global calls
+        if len(args[-1]):  # count only commits that carry rows
+            calls += 1
+            if calls == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+
+    setattr(Store, method, crashing)
+    embedder = create_embedder(EmbedderConfig(model=model, batch_size=2, workers=1))
+    folders = scan_folders(labeled)
+    index_images(Store(db), embedder, folders.files, folders.classes, config=IndexConfig(commit_every=3))
+""")
+
+
+@pytest.mark.parametrize("method, kill_at", [
+    ("add_embeddings", 3),  # killed between batches: two commits complete, the third never starts
+    ("upsert_images", 2),  # killed after a batch's vectors were committed but before its image rows
+])
+def test_killed_run_resumes_to_the_exact_row_set(tmp_path, tiny_model, embedder, method, kill_at):
+    labeled = tmp_path / "labeled"
+    write_shapes_folder(labeled, n_per_class=5)
+    (labeled / "red" / "dup.png").write_bytes((labeled / "blue" / "002.png").read_bytes())
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), tiny_model, str(labeled), str(tmp_path / "db"), method,
+                           str(kill_at)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    partial = Store(tmp_path / "db")
+    done_before = len(partial.images().to_pylist())
+    assert 0 < done_before < 16
+    summary = _index(tmp_path / "db", embedder, labeled)
+    assert summary.unchanged == done_before
+    _index(tmp_path / "clean", embedder, labeled)
+    assert _row_set(tmp_path / "db")[0] == _row_set(tmp_path / "clean")[0]
+    vec_ids = _row_set(tmp_path / "db")[1]
+    assert len(vec_ids) == len(set(vec_ids)) == 15
+    assert sorted(vec_ids) == sorted(_row_set(tmp_path / "clean")[1])
