@@ -19,6 +19,7 @@ class IndexConfig:
 
     commit_every: int = 512  # images per LanceDB commit; a crash loses at most this much work
     optimize: bool = True  # compact the tables at the end of the run
+    build_ann: bool = True  # bring the hnswlib index up to date when the version is large enough to use it
 
 
 @dataclass
@@ -175,6 +176,8 @@ def index_images(store: Store, embedder, files, classes: list[str], *, config: I
     store.activate(fp)
     if config.optimize:
         store.optimize()
+    if config.build_ann and store.get_version(fp)["rows"] >= store.ann_threshold:
+        store.ann_index(fp)
     summary.seconds = time.perf_counter() - started
     return summary
 

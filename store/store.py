@@ -349,20 +349,24 @@ class Store:
     def _ann_folder(self) -> Path | None:
         return None if "://" in self.uri else Path(self.uri) / "_ann"
 
-    def ann_index(self, fingerprint: str | None = None, *, ids=None, X=None) -> AnnIndex:
-        """The version's hnswlib index, loaded from disk or built, and extended with new rows."""
+    def ann_index(self, fingerprint: str | None = None) -> AnnIndex:
+        """The version's hnswlib index: loaded from disk or built, extended with rows added since.
+
+        The embedding table is append-only with unique ids, so an index holding as many
+        rows as the table holds all of them, and the table need not be read.
+        """
         version = self.get_version(fingerprint)
         fp = version["fingerprint"]
-        if ids is None:
-            ids, X = self._read_vectors(version)
         index = self._ann.get(fp)
         folder = self._ann_folder()
         if index is None and folder is not None:
             index = AnnIndex.load(folder, fp)
         if index is None:
             index = AnnIndex(version["dim"], self.ann_config)
-        if index.extend(ids, X) and folder is not None:
-            index.save(folder, fp)
+        if len(index) != self._version_table(version).count_rows():
+            ids, X = self._read_vectors(version)
+            if index.extend(ids, X) and folder is not None:
+                index.save(folder, fp)
         self._ann[fp] = index
         return index
 
@@ -396,13 +400,13 @@ class Store:
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
-        ids, X = self._read_vectors(version)
-        if len(ids) == 0:
+        n = version["rows"]
+        if n == 0:
             return np.zeros((len(queries), 0), dtype=str), np.zeros((len(queries), 0), dtype=np.float32)
-        use_exact = exact if exact is not None else len(ids) < self.ann_threshold
-        if not use_exact:
-            found, sims = self.ann_index(version["fingerprint"], ids=ids, X=X).search(queries, k)
+        if not (exact if exact is not None else n < self.ann_threshold):
+            found, sims = self.ann_index(version["fingerprint"]).search(queries, k)
             return found.astype(str), sims
+        ids, X = self._read_vectors(version)
         k = min(k, len(ids))
         sims = queries @ X.T
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
