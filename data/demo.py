@@ -18,7 +18,8 @@ def write_digits_dataset(
 
     ``n_labeled_per_class`` images per class go to ``root/labeled/<class>/``; the rest go
     to ``root/unlabeled/``, and their true labels to ``root/unlabeled_labels.csv`` so that
-    predictions can be scored. Existing files with the same content are left untouched.
+    predictions can be scored. Files already in place are left untouched (so a re-run
+    re-indexes nothing); digit files that a different seed or count put elsewhere are removed.
 
     Returns
     -------
@@ -38,7 +39,7 @@ def write_digits_dataset(
 
     root = Path(root).absolute()
     labeled_dir, unlabeled_dir = root / "labeled", root / "unlabeled"
-    truth_rows = []
+    truth_rows, planned = [], set()
     for i, (img, target) in enumerate(zip(pixels, digits.target)):
         name = DIGIT_NAMES[target]
         if i in labeled_idx:
@@ -46,9 +47,13 @@ def write_digits_dataset(
         else:
             path = unlabeled_dir / f"digit_{i:04d}.png"
             truth_rows.append((str(path), name))
+        planned.add(path)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(path)
+    for stale in set(labeled_dir.glob("*/digit_*.png")) | set(unlabeled_dir.glob("digit_*.png")):
+        if stale not in planned:
+            stale.unlink()
     truth = root / "unlabeled_labels.csv"
     with open(truth, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -35,6 +35,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     Transparent pixels are composited on white; 16-bit and 32-bit integer or float
     images are rescaled to 0..255 rather than clipped (which would turn them white).
     """
+    if "transparency" in img.info and img.mode in ("L", "RGB", "P"):
+        img = img.convert("RGBA")  # a single transparent colour (PNG tRNS) counts as transparency too
     if img.mode == "RGB":
         return img
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -42,11 +44,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if img.mode == "F":
             lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
             a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        elif img.mode.startswith("I;16"):
+            a = a / 257.0  # always: a dark 16-bit frame must not come out brighter than a bright one
         else:
-            a = a / 257.0 if a.max(initial=0) > 255 else a  # 16-bit data in a wide integer mode
+            a = a / 257.0 if a.max(initial=0) > 255 else a  # 32-bit ints: 16-bit data when above 255
         return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -89,7 +91,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def read_image(path: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[ImageRecord, Image.Image | None]:
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[ImageRecord, Image.Image | None]:
     """Read, hash and decode one file.
 
     Never raises for a bad file: the returned record carries the reason in ``error``
@@ -101,6 +103,7 @@ def read_image(path: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tup
     image : PIL.Image.Image or None
         Upright RGB image, or None when the file is not usable.
     """
+    path = os.fspath(path)
     record = ImageRecord(path=path)
     try:
         path.encode("utf-8")

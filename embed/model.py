@@ -85,9 +85,10 @@ def hash_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def _describe_weights_error(config: EmbedderConfig, err: Exception) -> str:
+    has_schema = config.model.startswith(("hf-hub:", "local-dir:"))
+    what = f"model {config.model!r}" + ("" if has_schema else f" (pretrained={config.pretrained!r})")
     return (
-        f"could not load pretrained weights for model {config.model!r} "
-        f"(pretrained={config.pretrained!r}): {err}\n"
+        f"could not load pretrained weights for {what}: {err}\n"
         "Ways out: pass a local checkpoint with --pretrained /path/to/weights.safetensors, "
         "point --model at a folder holding open_clip_config.json and weights with "
         "--model local-dir:/path/to/model, or, for a smoke test only, --allow-random-weights."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -163,9 +164,6 @@ def test_16bit_gradient_keeps_order_and_range():
     assert np.all(np.diff(grey) >= 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: to_rgb divides 16-bit data by 257 only when the image's max exceeds 255, "
-    "so a dark 16-bit image (all values <= 255 of 65535) comes out up to 257x too bright"))
 def test_dark_16bit_png_is_scaled_like_any_16bit_png():
     data = _encode(Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)), "PNG")
     assert decode_image(data).getpixel((0, 0))[0] <= 1  # 200/65535 of full scale
@@ -194,6 +192,16 @@ def test_palette_png_with_transparency_composited_on_white(tmp_path):
     assert record.error is None and out.mode == "RGB"
     assert out.getpixel((0, 0)) == (255, 255, 255)
     assert out.getpixel((2, 2)) == (0, 200, 0)
+
+
+@pytest.mark.parametrize("mode, colour", [("L", 0), ("RGB", (0, 0, 0))])
+def test_single_transparent_colour_composited_on_white(mode, colour):
+    img = Image.new(mode, (4, 4), colour)
+    img.putpixel((1, 1), 255 if mode == "L" else (0, 200, 0))
+    data = _encode(img, "PNG", transparency=colour)  # a tRNS chunk: one colour means "transparent"
+    out = decode_image(data)
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert out.getpixel((1, 1)) == ((255, 255, 255) if mode == "L" else (0, 200, 0))
 
 
 @pytest.mark.parametrize("orientation, top, bottom", [(6, RED, BLUE), (8, BLUE, RED)])
@@ -298,6 +306,18 @@ def test_fingerprint_same_model_same_other_model_different(embedder, tiny_model,
     assert again.fingerprint == embedder.fingerprint
     assert other.fingerprint != embedder.fingerprint
     assert other.info.weights_hash != embedder.info.weights_hash
+
+
+def test_fingerprint_follows_weights_under_same_name(embedder, tiny_model, other_tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model.removeprefix("local-dir:"), folder)
+    name = f"local-dir:{folder}"
+    first = create_embedder(EmbedderConfig(model=name))
+    assert first.info.weights_hash == embedder.info.weights_hash
+    # retrained weights dropped into the same folder: same name, new fingerprint
+    shutil.copy(Path(other_tiny_model.removeprefix("local-dir:")) / "open_clip_model.safetensors", folder)
+    second = create_embedder(EmbedderConfig(model=name))
+    assert second.fingerprint != first.fingerprint
 
 
 def test_hash_state_dict_sees_one_changed_value():
