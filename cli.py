@@ -211,27 +211,31 @@ def index(
                   f"{len(summary.errors)} errors into {db}")
 
 
-def _resolve_query(store, version: dict, query: Optional[str], text: Optional[str], model_config):
-    """Return (query vector (1, dim), description) for an image file, an id or a text."""
+def _resolve_query(store, version: dict, query: Optional[str], text: Optional[str], model_config=None,
+                   device: str = "auto"):
+    """Return (query vector (1, dim), description) for an image file, an id or a text.
+
+    ``model_config`` names the model to embed the query with; None means the version's own.
+    """
     from clipfuse.data import hash_bytes
 
     if text is not None:
         if version["model"].startswith("imported:"):
             raise ValueError(f"version {version['fingerprint']} was imported without a model, so texts can't be "
                              "embedded for it; re-import with --model, or query by image id.")
-        embedder = _query_embedder(version, model_config)
+        embedder = _query_embedder(version, model_config, device)
         return embedder.encode_texts([text]), f"text {text!r}"
     path = Path(query)
     if path.is_file():
         id_ = hash_bytes(path.read_bytes())
-        if model_config.model is None and id_ in store.embedded_ids(version["fingerprint"]):
+        if model_config is None and id_ in store.embedded_ids(version["fingerprint"]):
             return store.vectors_for([id_], version["fingerprint"]), f"{path} (id {id_}, stored vector)"
         if version["model"].startswith("imported:"):
             raise ValueError(f"{path} is not in imported version {version['fingerprint']} and the version has no "
                              "model to embed it with; re-import with --model.")
         from clipfuse.embed import read_image
 
-        embedder = _query_embedder(version, model_config)
+        embedder = _query_embedder(version, model_config, device)
         record, img = read_image(str(path))
         if img is None:
             raise ValueError(f"can't read query image {str(path)!r}: {record.error}.")
@@ -243,14 +247,12 @@ def _resolve_query(store, version: dict, query: Optional[str], text: Optional[st
     return store.vectors_for([query], version["fingerprint"]), f"id {query}"
 
 
-def _query_embedder(version: dict, model_config):
+def _query_embedder(version: dict, model_config, device: str):
     """The model that made ``version``; fails if the one asked for has another fingerprint."""
     from clipfuse.embed import EmbedderConfig
 
-    config = model_config
-    if config.model is None:
-        config = EmbedderConfig(model=version["model"], pretrained=version["pretrained"], device=config.device,
-                                allow_random_weights=bool(version["random_weights"]))
+    config = model_config or EmbedderConfig(model=version["model"], pretrained=version["pretrained"], device=device,
+                                            allow_random_weights=bool(version["random_weights"]))
     embedder = _load_embedder(config)
     if embedder.fingerprint != version["fingerprint"]:
         raise ValueError(
@@ -294,8 +296,8 @@ def neighbors(
         raise typer.BadParameter("give either an IMAGE_OR_ID argument or --text, not both or neither.")
     store = _open_store(db)
     ver = store.get_version(version)
-    model_config = EmbedderConfig(model=model, pretrained=pretrained, device=device)
-    vector, described = _resolve_query(store, ver, query, text, model_config)
+    model_config = EmbedderConfig(model=model, pretrained=pretrained, device=device) if model else None
+    vector, described = _resolve_query(store, ver, query, text, model_config, device)
     found, sims = store.search(vector, k=k, fingerprint=ver["fingerprint"], exact=exact)
     rows = _describe(store, found[0], sims[0])
     if as_json:
@@ -468,7 +470,7 @@ def demo(
     truth = dict(line.rstrip("\n").split(",", 1) for line in paths["truth"].read_text().splitlines()[1:])
     query_path = sorted(truth)[0]
     version = store.get_version(embedder.fingerprint)
-    vector, described = _resolve_query(store, version, query_path, None, EmbedderConfig(model=None))
+    vector, described = _resolve_query(store, version, query_path, None)
     found, sims = store.search(vector, k=k + 1, fingerprint=embedder.fingerprint)
     rows = _describe(store, found[0][1:], sims[0][1:])
     table = Table(title=f"{k} nearest neighbours of {Path(query_path).name} (true class: {truth[query_path]})")

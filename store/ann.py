@@ -15,10 +15,16 @@ import numpy as np
 class AnnConfig:
     """Graph and search parameters of the hnswlib index (cosine via inner product on unit vectors)."""
 
-    m: int = 16  # graph degree; higher = better recall, bigger index
+    m: int = 32  # graph degree; higher = better recall, bigger index (see bench/search.py)
     ef_construction: int = 100  # build-time beam width
-    ef_search: int = 64  # query-time beam width (raised to at least k)
-    threads: int = -1  # -1: all cores
+    ef_search: int = 128  # query-time beam width (raised to at least k)
+    threads: int = 0  # <= 0: all cores
+
+
+def _threads(config: AnnConfig) -> int:
+    # hnswlib 0.8 takes -1 as "all cores" only per call; stored as the index default it
+    # silently means one thread, so always hand it a real count.
+    return config.threads if config.threads > 0 else (os.cpu_count() or 1)
 
 
 class AnnIndex:
@@ -36,7 +42,7 @@ class AnnIndex:
         self._position: dict[str, int] = {}
         self._index = hnswlib.Index(space="ip", dim=dim)
         self._index.init_index(max_elements=1024, ef_construction=self.config.ef_construction, M=self.config.m)
-        self._index.set_num_threads(self.config.threads)
+        self._index.set_num_threads(_threads(self.config))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,7 +57,7 @@ class AnnIndex:
         needed = start + len(ids)
         if needed > self._index.get_max_elements():
             self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
-        self._index.add_items(X, np.arange(start, needed), num_threads=self.config.threads)
+        self._index.add_items(X, np.arange(start, needed), num_threads=_threads(self.config))
         self.ids = np.concatenate([self.ids, ids])
         self._position.update((id_, start + j) for j, id_ in enumerate(ids))
         return len(ids)
@@ -67,7 +73,7 @@ class AnnIndex:
         k = min(k, len(self.ids))
         self._index.set_ef(max(self.config.ef_search, k))
         labels, dist = self._index.knn_query(np.ascontiguousarray(queries, dtype=np.float32), k=k,
-                                             num_threads=self.config.threads)
+                                             num_threads=_threads(self.config))
         return self.ids[labels], (1.0 - dist).astype(np.float32)
 
     def save(self, folder: str | os.PathLike, name: str) -> None:
@@ -88,8 +94,12 @@ class AnnIndex:
             os.replace(tmp, folder / f"{name}{suffix}")
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, name: str) -> AnnIndex | None:
-        """Load an index written by :meth:`save`; None if absent or inconsistent."""
+    def load(cls, folder: str | os.PathLike, name: str, config: AnnConfig | None = None) -> AnnIndex | None:
+        """Load an index written by :meth:`save`; None if absent or inconsistent.
+
+        The graph keeps the ``m`` and ``ef_construction`` it was built with; search-time
+        settings (``ef_search``, ``threads``) come from ``config``.
+        """
         folder = Path(folder)
         try:
             meta = json.loads((folder / f"{name}.json").read_text())
@@ -98,7 +108,9 @@ class AnnIndex:
             return None
         if meta.get("n") != len(ids):
             return None
-        config = AnnConfig(**{k: meta[k] for k in ("m", "ef_construction", "ef_search", "threads") if k in meta})
+        config = config or AnnConfig()
+        config = AnnConfig(m=meta.get("m", config.m), ef_construction=meta.get("ef_construction", config.ef_construction),
+                           ef_search=config.ef_search, threads=config.threads)
         self = cls.__new__(cls)
         self.dim, self.config, self.ids = meta["dim"], config, ids
         self._position = {id_: j for j, id_ in enumerate(ids)}
@@ -109,7 +121,7 @@ class AnnIndex:
             return None
         if self._index.get_current_count() != len(ids):
             return None
-        self._index.set_num_threads(config.threads)
+        self._index.set_num_threads(_threads(config))
         return self
 
 

@@ -360,7 +360,7 @@ class Store:
         index = self._ann.get(fp)
         folder = self._ann_folder()
         if index is None and folder is not None:
-            index = AnnIndex.load(folder, fp)
+            index = AnnIndex.load(folder, fp, self.ann_config)
         if index is None:
             index = AnnIndex(version["dim"], self.ann_config)
         if len(index) != self._version_table(version).count_rows():

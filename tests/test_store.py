@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -212,3 +213,14 @@ def test_killed_run_resumes_to_the_exact_row_set(tmp_path, tiny_model, embedder,
     vec_ids = _row_set(tmp_path / "db")[1]
     assert len(vec_ids) == len(set(vec_ids)) == 15
     assert sorted(vec_ids) == sorted(_row_set(tmp_path / "clean")[1])
+
+
+def test_ann_search_settings_come_from_the_current_config(tmp_path):
+    from clipfuse.store import AnnConfig
+
+    store = Store(tmp_path / "db", ann_threshold=10, ann_config=AnnConfig(m=8, ef_search=16, threads=-1))
+    _fake_version(store, 200, dim=8)
+    store.ann_index()
+    reopened = Store(tmp_path / "db", ann_threshold=10, ann_config=AnnConfig(m=48, ef_search=99)).ann_index()
+    assert (reopened.config.m, reopened.config.ef_search) == (8, 99)  # graph kept, search settings new
+    assert reopened._index.num_threads == (os.cpu_count() or 1)
