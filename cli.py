@@ -68,10 +68,9 @@ def _runtime_errors(func):
 def _quiet_libraries() -> None:
     # open_clip and the hub client log through the root logger; their failures reach the
     # user as our own error messages instead.
-    logging.basicConfig(level=logging.ERROR)
-    for name in ("open_clip", "huggingface_hub", "root", "timm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.CRITICAL)
+    for name in ("open_clip", "huggingface_hub", "timm"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _open_store(db: Path, *, must_exist: bool = True):
@@ -461,7 +460,7 @@ def demo(
     try:
         embedder = _load_embedder(config)
     except PretrainedWeightsError as e:
-        err_console.print(f"[yellow]{e}[/]", highlight=False)
+        err_console.print(f"[yellow]{str(e).splitlines()[0]}[/]", highlight=False, soft_wrap=True)
         embedder = _load_embedder(EmbedderConfig(**{**vars(config), "allow_random_weights": True}))
     folders = scan_folders(paths["labeled"], unlabeled=paths["unlabeled"])
     summary = _run_index(store, embedder, folders)
@@ -475,13 +474,16 @@ def demo(
     rows = _describe(store, found[0][1:], sims[0][1:])
     table = Table(title=f"{k} nearest neighbours of {Path(query_path).name} (true class: {truth[query_path]})")
     for col in ("rank", "path", "label / true class", "similarity"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
+    agree = 0
     for r in rows:
         path = r["paths"][0] if r["paths"] else ""
         cls = r["label"] or truth.get(path, "?")
+        agree += cls == truth[query_path]
         table.add_row(str(r["rank"]), os.path.relpath(path), f"{cls}{'' if r['label'] else ' (unlabeled)'}",
                       f"{r['similarity']:.4f}")
     console.print(table)
+    console.print(f"{agree} of {len(rows)} neighbours are of the query's true class ({truth[query_path]}).")
     console.print(f"demo done: {summary.found} images in {db} (version {embedder.fingerprint}, "
                   f"{'RANDOM weights' if embedder.info.random_weights else embedder.config.pretrained}). "
                   f"Try: clipfuse neighbors {os.path.relpath(query_path)} --db {db}")
