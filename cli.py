@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,7 +38,19 @@ PretrainedOpt = Annotated[Optional[str], typer.Option(
     "--pretrained", help="open_clip pretrained tag (laion2b_s34b_b79k) or a local checkpoint file "
     "(.safetensors / .pt); ignored for hf-hub: and local-dir: models.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32, or fp16 / bf16 on GPU.")]
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Split(str, Enum):
+    labeled = "labeled"
+    unlabeled = "unlabeled"
+    test = "test"
+
+
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or fp16 / bf16 on GPU.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=0, help="Decode/resize worker processes (default: 1 on CPU, up to 8 on GPU).")]
@@ -136,7 +149,7 @@ def _run_index(store, embedder, folders, *, commit_every: int = 512):
 
     with _progress() as progress:
         task = progress.add_task("indexing", total=len(folders.files))
-        summary = index_images(store, embedder, folders.files, folders.classes,
+        summary = index_images(store, embedder, folders.files, folders.classes, roots=folders.roots,
                                config=IndexConfig(commit_every=commit_every),
                                progress=lambda done, total: progress.update(task, completed=done))
     return summary
@@ -146,7 +159,8 @@ def _print_index_summary(summary, db: Path, *, show_errors: int = 20) -> None:
     table = Table(title=f"index summary ({db})", show_header=False)
     for name, value in (("image files found", summary.found), ("newly embedded", summary.embedded),
                         ("skipped as unchanged", summary.unchanged), ("duplicates (same content)", summary.duplicates),
-                        ("split/label updated", summary.relabeled), ("errors", len(summary.errors)),
+                        ("split/label updated", summary.relabeled),
+                        ("removed (file gone)", summary.removed), ("errors", len(summary.errors)),
                         ("embedding version", summary.fingerprint),
                         ("time", f"{summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)")):
         table.add_row(name, str(value))
@@ -175,7 +189,7 @@ def index(
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = Precision.fp32,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     allow_random_weights: RandomOpt = False,
@@ -201,7 +215,7 @@ def index(
     store = _open_store(db, must_exist=False)
     folders = scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
                            known_classes=None if store.is_empty else store.classes())
-    config = _embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision,
+    config = _embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision.value,
                               batch_size=batch_size, workers=workers, allow_random=allow_random_weights)
     embedder = _load_embedder(config)
     summary = _run_index(store, embedder, folders, commit_every=commit_every)
@@ -295,6 +309,8 @@ def neighbors(
         raise typer.BadParameter("give either an IMAGE_OR_ID argument or --text, not both or neither.")
     store = _open_store(db)
     ver = store.get_version(version)
+    if model == ver["model"] and pretrained is None:
+        pretrained = ver["pretrained"]
     model_config = EmbedderConfig(model=model, pretrained=pretrained, device=device) if model else None
     vector, described = _resolve_query(store, ver, query, text, model_config, device)
     found, sims = store.search(vector, k=k, fingerprint=ver["fingerprint"], exact=exact)
@@ -383,7 +399,7 @@ def import_embeddings(
         exists=True, dir_okay=False, help="With a .npy SOURCE: parquet/CSV with one row per vector and a "
         "path (or image_path) and/or id column, optional label and split columns.")] = None,
     image_root: Annotated[Optional[Path], typer.Option(help="Folder that relative image paths are resolved against.")] = None,
-    split: Annotated[str, typer.Option(help="Split of rows without a split or label column.")] = "unlabeled",
+    split: Annotated[Split, typer.Option(help="Split of rows without a split or label column.")] = Split.unlabeled,
     db: DbOpt = Path("clipfuse.lance"),
     model: Annotated[Optional[str], typer.Option(
         "--model", help="The open_clip model that made the vectors, if it can be loaded here; enables "
@@ -421,7 +437,7 @@ def import_embeddings(
         embedder = _load_embedder(EmbedderConfig(model=model, pretrained=pretrained, device=device))
         model_info = embedder.info.to_dict()
     store = _open_store(db, must_exist=False)
-    result = run_import(store, data, model_info=model_info, image_root=image_root, split=split)
+    result = run_import(store, data, model_info=model_info, image_root=image_root, split=split.value)
     console.print(f"imported {result['rows']} vectors ({data.vectors.shape[1]}-d) for {result['images']} images "
                   f"as version {result['fingerprint']} ({result['hashed']} ids hashed from files) into {db}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTENSIONS = frozenset(
@@ -28,6 +28,7 @@ class ImageFolders:
 
     files: list[ImageFile]
     classes: list[str]
+    roots: list[str] = field(default_factory=list)  # absolute folders that were scanned
 
 
 def hash_bytes(data: bytes) -> str:
@@ -166,4 +167,12 @@ def scan_folders(
             files += [ImageFile(p, "test", None) for p in list_images(root)]
     if not files:
         raise ValueError("the given folders hold no image files; check the paths and extensions.")
-    return ImageFolders(files=files, classes=classes)
+    # A file reached through two of the folders (e.g. --unlabeled pointing at a parent of the
+    # labeled folder) keeps one entry, the most informative: labeled, then test, then unlabeled.
+    rank = {"labeled": 0, "test": 1, "unlabeled": 2}
+    unique: dict[str, ImageFile] = {}
+    for f in files:
+        if f.path not in unique or rank[f.split] < rank[unique[f.path].split]:
+            unique[f.path] = f
+    roots = [str(Path(r).absolute()) for r in (labeled, unlabeled, test) if r is not None]
+    return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes, roots=roots)

@@ -130,6 +130,9 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
 
     kwargs = dict(device=device, precision=config.precision, cache_dir=config.cache_dir)
     has_schema = config.model.startswith(("hf-hub:", "local-dir:"))
+    if not has_schema and config.model.replace("/", "-") not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {config.model!r}; use a built-in name such as ViT-B-32 "
+                         "(see open_clip.list_models()), hf-hub:org/repo or local-dir:/path/to/model.")
     pretrained = None if has_schema else config.pretrained
     if pretrained is None and not has_schema and not config.allow_random_weights:
         raise PretrainedWeightsError(_describe_weights_error(config, ValueError("no pretrained weights given")))

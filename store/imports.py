@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from clipfuse.data import SPLITS, hash_bytes
 
@@ -33,11 +34,14 @@ def _shard_key(path: Path) -> tuple:
 
 
 def _read_table(path: Path) -> pl.DataFrame:
-    if path.suffix == ".parquet":
-        return pl.read_parquet(path)
-    if path.suffix in (".csv", ".tsv"):
+    if path.suffix not in (".parquet", ".csv", ".tsv"):
+        raise ValueError(f"metadata file {str(path)!r} must be .parquet, .csv or .tsv.")
+    try:
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
         return pl.read_csv(path, separator="\t" if path.suffix == ".tsv" else ",", infer_schema_length=0)
-    raise ValueError(f"metadata file {str(path)!r} must be .parquet, .csv or .tsv.")
+    except (pl.exceptions.PolarsError, pa.ArrowException) as e:
+        raise ValueError(f"can't read metadata file {str(path)!r}: {e}") from e
 
 
 def _normalise_meta(meta: pl.DataFrame, where: str) -> pl.DataFrame:

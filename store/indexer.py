@@ -31,6 +31,7 @@ class IndexSummary:
     unchanged: int = 0  # skipped: same path, size and mtime, vector present
     duplicates: int = 0  # content already embedded under another path (or earlier in the run)
     relabeled: int = 0  # unchanged files whose split or label changed
+    removed: int = 0  # rows of files no longer found under the scanned folders
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
     fingerprint: str = ""
@@ -56,15 +57,17 @@ class _Writer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipfuse-writer")
         self._pending: Future | None = None
 
-    def submit(self, ids, vectors, image_rows, error_rows, cleared_paths) -> None:
+    def submit(self, ids, vectors, image_rows, error_rows, cleared_paths, dropped_paths) -> None:
         self.wait()
-        self._pending = self._pool.submit(self._commit, ids, vectors, image_rows, error_rows, cleared_paths)
+        self._pending = self._pool.submit(self._commit, ids, vectors, image_rows, error_rows, cleared_paths,
+                                          dropped_paths)
 
-    def _commit(self, ids, vectors, image_rows, error_rows, cleared_paths) -> None:
+    def _commit(self, ids, vectors, image_rows, error_rows, cleared_paths, dropped_paths) -> None:
         # Vectors first: an image row must never point at a vector that is not there yet.
         self.store.add_embeddings(self.fingerprint, ids, vectors)
         self.store.upsert_images(image_rows)
         self.store.record_errors(error_rows)
+        self.store.delete_images(dropped_paths)  # files that became unreadable lose their old row
         self.store.clear_errors(cleared_paths)
 
     def wait(self) -> None:
@@ -79,7 +82,8 @@ class _Writer:
             self._pool.shutdown(wait=True)
 
 
-def index_images(store: Store, embedder, files, classes: list[str], *, config: IndexConfig | None = None,
+def index_images(store: Store, embedder, files, classes: list[str], *, roots: list[str] | None = None,
+                 config: IndexConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> IndexSummary:
     """Embed every new or changed image of ``files`` into the store.
 
@@ -91,6 +95,10 @@ def index_images(store: Store, embedder, files, classes: list[str], *, config: I
     files : list of clipfuse.data.ImageFile
     classes : list of str
         Class names of the labeled files, added to the store's class list.
+    roots : list of str, optional
+        Absolute folders that ``files`` were found under. Rows of files under these
+        folders that are no longer among ``files`` (moved or deleted) are removed at the
+        end of the run; rows under other folders are never touched.
     config : IndexConfig, optional
     progress : callable(done, total), optional
         Called after each batch with the number of files handled so far.
@@ -129,11 +137,14 @@ def index_images(store: Store, embedder, files, classes: list[str], *, config: I
             todo.append(f)
     summary.relabeled = len(relabel_rows)
     store.upsert_images(relabel_rows)
+    todo_paths = {f.path for f in todo}
+    # Errors of files that are fine now and need no reading (e.g. a run killed before it cleared them).
+    store.clear_errors([f.path for f in files if f.path in previous_errors and f.path not in todo_paths])
 
     by_path = {f.path: f for f in todo}
     seen = set(embedded)
     writer = _Writer(store, fp)
-    ids, vectors, image_rows, error_rows, cleared = [], [], [], [], []
+    ids, vectors, image_rows, error_rows, cleared, dropped = [], [], [], [], [], []
     done = summary.found - len(todo)
     if progress:
         progress(done, summary.found)
@@ -157,6 +168,8 @@ def index_images(store: Store, embedder, files, classes: list[str], *, config: I
                     summary.errors.append((rec.path, rec.error))
                     error_rows.append({"path": rec.path, "reason": rec.error, "bytes": rec.bytes,
                                        "mtime": rec.mtime, "at": now})
+                    if rec.path in known:
+                        dropped.append(rec.path)
                     continue
                 f = by_path[rec.path]
                 image_rows.append({"id": rec.id, "path": rec.path, "split": f.split, "label": f.label,
@@ -166,13 +179,22 @@ def index_images(store: Store, embedder, files, classes: list[str], *, config: I
                     cleared.append(rec.path)
             done += len(batch.records)
             if len(image_rows) + len(error_rows) >= config.commit_every:
-                writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared)
-                ids, vectors, image_rows, error_rows, cleared = [], [], [], [], []
+                writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared, dropped)
+                ids, vectors, image_rows, error_rows, cleared, dropped = [], [], [], [], [], []
             if progress:
                 progress(done, summary.found)
-        writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared)
+        writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared, dropped)
     finally:
         writer.close()
+    if roots:
+        # Last, so a killed run never loses a row it still needs: moved or deleted files.
+        found = {f.path for f in files}
+        prefixes = tuple(os.path.join(r, "") for r in roots)
+        gone = [p for p in known if p.startswith(prefixes) and p not in found]
+        stale_errors = [p for p in previous_errors if p.startswith(prefixes) and p not in found]
+        store.delete_images(gone)
+        store.clear_errors(stale_errors)
+        summary.removed = len(gone)
     store.activate(fp)
     if config.optimize:
         store.optimize()

@@ -102,6 +102,8 @@ class Store:
 
     def __init__(self, uri: str | Path = DEFAULT_DB, *, ann_threshold: int = 50_000, ann_config: AnnConfig | None = None):
         self.uri = str(uri)
+        if "://" not in self.uri and Path(self.uri).is_file():
+            raise NotADirectoryError(f"--db {self.uri!r} is a file; a store is a folder (e.g. clipfuse.lance).")
         self.ann_threshold = ann_threshold
         self.ann_config = ann_config or AnnConfig()
         self.db = lancedb.connect(self.uri)
@@ -257,11 +259,22 @@ class Store:
 
     # ---- images and errors ------------------------------------------------------------------
     def upsert_images(self, rows: list[dict]) -> None:
-        """Insert or replace image rows by path, in one commit."""
+        """Insert or replace image rows by path, in one commit (the last row of a path wins)."""
+        rows = list({r["path"]: r for r in rows}.values())  # merge_insert would insert a repeated path twice
         if rows:
             data = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
             (self._table(IMAGES, IMAGES_SCHEMA).merge_insert("path")
              .when_matched_update_all().when_not_matched_insert_all().execute(data))
+
+    def _delete_paths(self, name: str, paths: list[str]) -> None:
+        table = self._table(name)
+        if table is not None and paths:
+            for start in range(0, len(paths), 500):
+                table.delete(f"path IN ({_sql_list(paths[start:start + 500])})")
+
+    def delete_images(self, paths: list[str]) -> None:
+        """Remove the image rows of some paths (their vectors stay: content may be shared)."""
+        self._delete_paths(IMAGES, paths)
 
     def images(self) -> pa.Table:
         """Every image row (one per path)."""
@@ -275,10 +288,8 @@ class Store:
              .when_matched_update_all().when_not_matched_insert_all().execute(data))
 
     def clear_errors(self, paths: list[str]) -> None:
-        table = self._table(ERRORS)
-        if table is not None and paths:
-            for start in range(0, len(paths), 500):
-                table.delete(f"path IN ({_sql_list(paths[start:start + 500])})")
+        """Forget the index errors of some paths."""
+        self._delete_paths(ERRORS, paths)
 
     def errors(self) -> pa.Table:
         t = self._read(ERRORS)

@@ -155,3 +155,20 @@ def test_import_generic_npy_with_labels(tmp_path):
     bad = invoke("import-embeddings", tmp_path / "w.npy", "--metadata", tmp_path / "rows.csv", "--db", db)
     assert bad.exit_code == 1 and "5 vectors but rows.csv has 6 rows" in bad.output
     assert invoke("import-embeddings", tmp_path / "v.npy", "--db", db).exit_code == 2
+
+
+def test_bad_values_and_unreadable_inputs(tmp_path, indexed, shapes_dir):
+    np.save(tmp_path / "v.npy", np.ones((2, 4), dtype=np.float32))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1garbage")
+    bad = invoke("import-embeddings", tmp_path / "v.npy", "--metadata", tmp_path / "bad.parquet", "--db", indexed)
+    assert bad.exit_code == 1 and "can't read metadata file" in bad.output
+    pl.DataFrame({"id": ["a", "b"]}).write_csv(tmp_path / "rows.csv")
+    assert invoke("import-embeddings", tmp_path / "v.npy", "--metadata", tmp_path / "rows.csv",
+                  "--split", "bogus").exit_code == 2
+    assert invoke("index", shapes_dir, "--db", indexed, "--precision", "fp64").exit_code == 2
+    unknown = invoke("index", shapes_dir, "--db", tmp_path / "n.lance", "--model", "NoSuchModel",
+                     "--allow-random-weights")
+    assert unknown.exit_code == 1 and "unknown open_clip model 'NoSuchModel'" in unknown.output
+    (tmp_path / "afile").write_text("x")
+    as_file = invoke("info", "--db", tmp_path / "afile")
+    assert as_file.exit_code == 1 and "is a file" in as_file.output

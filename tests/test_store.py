@@ -224,3 +224,47 @@ def test_ann_search_settings_come_from_the_current_config(tmp_path):
     reopened = Store(tmp_path / "db", ann_threshold=10, ann_config=AnnConfig(m=48, ef_search=99)).ann_index()
     assert (reopened.config.m, reopened.config.ef_search) == (8, 99)  # graph kept, search settings new
     assert reopened._index.num_threads == (os.cpu_count() or 1)
+
+
+def _index_roots(db, embedder, labeled=None, **kw):
+    folders = scan_folders(labeled, **kw)
+    return index_images(Store(db), embedder, folders.files, folders.classes, roots=folders.roots,
+                        config=IndexConfig(commit_every=5))
+
+
+def test_a_file_reached_through_two_folders_keeps_one_labeled_row(tmp_path, embedder, shapes_dir):
+    for _ in range(2):  # stable across runs, not flipping between splits
+        summary = _index_roots(tmp_path / "db", embedder, shapes_dir, unlabeled=shapes_dir)
+        assert summary.relabeled == 0
+    rows = Store(tmp_path / "db").images().to_pylist()
+    assert len(rows) == 12 and {r["split"] for r in rows} == {"labeled"}
+
+
+def test_moved_deleted_and_spoiled_files_leave_no_stale_rows(tmp_path, embedder, shapes_dir):
+    db = tmp_path / "db"
+    _index_roots(db, embedder, shapes_dir)
+    shutil.move(shapes_dir / "red" / "000.png", shapes_dir / "blue" / "moved.png")  # relabel by moving
+    (shapes_dir / "green" / "000.png").unlink()
+    (shapes_dir / "green" / "001.png").write_text("no longer an image")
+    summary = _index_roots(db, embedder, shapes_dir)
+    assert summary.removed == 2 and summary.duplicates == 1 and len(summary.errors) == 1
+    store = Store(db)
+    paths = set(store.images()["path"].to_pylist())
+    assert str(shapes_dir / "red" / "000.png") not in paths and str(shapes_dir / "green" / "000.png") not in paths
+    assert str(shapes_dir / "green" / "001.png") not in paths  # its old content is gone too
+    assert store.errors()["path"].to_pylist() == [str(shapes_dir / "green" / "001.png")]
+    es = store.load_embeddings()
+    assert es.conflicts == [] and (es.labels >= 0).sum() == 10
+    # Folders not scanned in a run are never pruned.
+    _index_roots(db, embedder, unlabeled=shapes_dir / "blue")
+    assert len(Store(db).images().to_pylist()) == 10
+
+
+def test_stale_error_of_an_unchanged_file_is_cleared(tmp_path, embedder, shapes_dir):
+    _index(tmp_path / "db", embedder, shapes_dir)
+    path = str(shapes_dir / "red" / "001.png")
+    # As a run killed between recording an error and clearing it would leave things.
+    Store(tmp_path / "db").record_errors([{"path": path, "reason": "corrupt image", "bytes": 0, "mtime": 0.0,
+                                           "at": 0.0}])
+    summary = _index(tmp_path / "db", embedder, shapes_dir)
+    assert summary.unchanged == 12 and Store(tmp_path / "db").errors().num_rows == 0
