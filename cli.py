@@ -29,15 +29,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-# ---- shared options -------------------------------------------------------------------------
-DbOpt = Annotated[Path, typer.Option("--db", help="LanceDB folder of the store (created on first index).")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="open_clip model: a built-in name (ViT-B-32), `hf-hub:org/repo` or `local-dir:/path`. "
-    "Default: the store's model, else ViT-B-32.")]
-PretrainedOpt = Annotated[Optional[str], typer.Option(
-    "--pretrained", help="open_clip pretrained tag (laion2b_s34b_b79k) or a local checkpoint file "
-    "(.safetensors / .pt); ignored for hf-hub: and local-dir: models.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -50,6 +42,15 @@ class Split(str, Enum):
     test = "test"
 
 
+# ---- shared options -------------------------------------------------------------------------
+DbOpt = Annotated[Path, typer.Option("--db", help="LanceDB folder of the store (created on first index).")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="open_clip model: a built-in name (ViT-B-32), `hf-hub:org/repo` or `local-dir:/path`. "
+    "Default: the store's model, else ViT-B-32.")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(
+    "--pretrained", help="open_clip pretrained tag (laion2b_s34b_b79k) or a local checkpoint file "
+    "(.safetensors / .pt); ignored for hf-hub: and local-dir: models.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or fp16 / bf16 on GPU.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
@@ -97,7 +98,7 @@ def _open_store(db: Path, *, must_exist: bool = True):
 
 def _embedder_config(store, *, model, pretrained, device, precision, batch_size, workers, allow_random):
     """Config of the model to run: the one asked for, else the store's active one, else the default."""
-    from clipfuse.embed import DEFAULT_PRETRAINED, EmbedderConfig
+    from clipfuse.embed import DEFAULT_MODEL, DEFAULT_PRETRAINED, EmbedderConfig
 
     if model is None and store is not None and not store.is_empty:
         try:
@@ -109,7 +110,7 @@ def _embedder_config(store, *, model, pretrained, device, precision, batch_size,
             pretrained = pretrained or active["pretrained"]
             allow_random = allow_random or bool(active["random_weights"])
     if model is None:
-        model, pretrained = "ViT-B-32", pretrained or DEFAULT_PRETRAINED
+        model, pretrained = DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED
     return EmbedderConfig(model=model, pretrained=pretrained, device=device, precision=precision,
                           batch_size=batch_size, workers=workers, allow_random_weights=allow_random)
 
@@ -230,7 +231,7 @@ def _resolve_query(store, version: dict, query: Optional[str], text: Optional[st
 
     ``model_config`` names the model to embed the query with; None means the version's own.
     """
-    from clipfuse.data import hash_bytes
+    from clipfuse.data import IMAGE_EXTENSIONS, hash_bytes
 
     if text is not None:
         if version["model"].startswith("imported:"):
@@ -253,8 +254,6 @@ def _resolve_query(store, version: dict, query: Optional[str], text: Optional[st
         if img is None:
             raise ValueError(f"can't read query image {str(path)!r}: {record.error}.")
         return embedder.encode_images([img]), f"{path} (embedded now)"
-    from clipfuse.data import IMAGE_EXTENSIONS
-
     if not path.exists() and (path.suffix.lower() in IMAGE_EXTENSIONS or os.sep in query):
         raise FileNotFoundError(f"query image {query!r} does not exist; pass an existing image file or an image id.")
     return store.vectors_for([query], version["fingerprint"]), f"id {query}"

@@ -11,6 +11,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
 SPLITS = ("labeled", "unlabeled", "test")
+SPLIT_PRIORITY = {"labeled": 0, "test": 1, "unlabeled": 2}  # one file or id in several splits takes the first
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,9 @@ def scan_folders(
         raise ValueError("the given folders hold no image files; check the paths and extensions.")
     # A file reached through two of the folders (e.g. --unlabeled pointing at a parent of the
     # labeled folder) keeps one entry, the most informative: labeled, then test, then unlabeled.
-    rank = {"labeled": 0, "test": 1, "unlabeled": 2}
     unique: dict[str, ImageFile] = {}
     for f in files:
-        if f.path not in unique or rank[f.split] < rank[unique[f.path].split]:
+        if f.path not in unique or SPLIT_PRIORITY[f.split] < SPLIT_PRIORITY[unique[f.path].split]:
             unique[f.path] = f
     roots = [str(Path(r).absolute()) for r in (labeled, unlabeled, test) if r is not None]
     return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes, roots=roots)

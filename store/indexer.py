@@ -49,26 +49,41 @@ def _stat(path: str) -> tuple[int, float] | None:
     return st.st_size, st.st_mtime
 
 
+@dataclass
+class _Pending:
+    """What one commit writes; filled batch by batch until ``commit_every`` is reached."""
+
+    ids: list[str] = field(default_factory=list)  # ids of the new vectors
+    vectors: list[np.ndarray] = field(default_factory=list)  # their (n, dim) blocks
+    image_rows: list[dict] = field(default_factory=list)
+    error_rows: list[dict] = field(default_factory=list)
+    cleared: list[str] = field(default_factory=list)  # paths whose earlier error is fixed
+    dropped: list[str] = field(default_factory=list)  # paths whose file became unreadable
+
+    def __len__(self) -> int:
+        return len(self.image_rows) + len(self.error_rows)
+
+
 class _Writer:
     """Commits batches on one background thread, in order, so writes overlap the model."""
 
-    def __init__(self, store: Store, fingerprint: str):
-        self.store, self.fingerprint = store, fingerprint
+    def __init__(self, store: Store, fingerprint: str, dim: int):
+        self.store, self.fingerprint, self.dim = store, fingerprint, dim
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipfuse-writer")
         self._pending: Future | None = None
 
-    def submit(self, ids, vectors, image_rows, error_rows, cleared_paths, dropped_paths) -> None:
+    def submit(self, pending: _Pending) -> None:
         self.wait()
-        self._pending = self._pool.submit(self._commit, ids, vectors, image_rows, error_rows, cleared_paths,
-                                          dropped_paths)
+        self._pending = self._pool.submit(self._commit, pending)
 
-    def _commit(self, ids, vectors, image_rows, error_rows, cleared_paths, dropped_paths) -> None:
+    def _commit(self, p: _Pending) -> None:
+        vectors = np.concatenate(p.vectors) if p.vectors else np.zeros((0, self.dim), dtype=np.float32)
         # Vectors first: an image row must never point at a vector that is not there yet.
-        self.store.add_embeddings(self.fingerprint, ids, vectors)
-        self.store.upsert_images(image_rows)
-        self.store.record_errors(error_rows)
-        self.store.delete_images(dropped_paths)  # files that became unreadable lose their old row
-        self.store.clear_errors(cleared_paths)
+        self.store.add_embeddings(self.fingerprint, p.ids, vectors)
+        self.store.upsert_images(p.image_rows)
+        self.store.record_errors(p.error_rows)
+        self.store.delete_images(p.dropped)  # files that became unreadable lose their old row
+        self.store.clear_errors(p.cleared)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -137,14 +152,13 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
             todo.append(f)
     summary.relabeled = len(relabel_rows)
     store.upsert_images(relabel_rows)
-    todo_paths = {f.path for f in todo}
-    # Errors of files that are fine now and need no reading (e.g. a run killed before it cleared them).
-    store.clear_errors([f.path for f in files if f.path in previous_errors and f.path not in todo_paths])
-
     by_path = {f.path: f for f in todo}
+    # Errors of files that are fine now and need no reading (e.g. a run killed before it cleared them).
+    store.clear_errors([f.path for f in files if f.path in previous_errors and f.path not in by_path])
+
     seen = set(embedded)
-    writer = _Writer(store, fp)
-    ids, vectors, image_rows, error_rows, cleared, dropped = [], [], [], [], [], []
+    writer = _Writer(store, fp, info.dim)
+    pending = _Pending()
     done = summary.found - len(todo)
     if progress:
         progress(done, summary.found)
@@ -159,31 +173,30 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
                     seen.add(rec.id)
                     forward.append(j)
             if forward:
-                vecs = embedder.encode_pixels(batch.pixels[forward])
-                ids += [batch.records[batch.ok[j]].id for j in forward]
-                vectors.append(vecs)
+                pending.vectors.append(embedder.encode_pixels(batch.pixels[forward]))
+                pending.ids += [batch.records[batch.ok[j]].id for j in forward]
                 summary.embedded += len(forward)
             for rec in batch.records:
                 if rec.error is not None:
                     summary.errors.append((rec.path, rec.error))
-                    error_rows.append({"path": rec.path, "reason": rec.error, "bytes": rec.bytes,
-                                       "mtime": rec.mtime, "at": now})
+                    pending.error_rows.append({"path": rec.path, "reason": rec.error, "bytes": rec.bytes,
+                                               "mtime": rec.mtime, "at": now})
                     if rec.path in known:
-                        dropped.append(rec.path)
+                        pending.dropped.append(rec.path)
                     continue
                 f = by_path[rec.path]
-                image_rows.append({"id": rec.id, "path": rec.path, "split": f.split, "label": f.label,
-                                   "width": rec.width, "height": rec.height, "bytes": rec.bytes,
-                                   "mtime": rec.mtime, "indexed_at": now})
+                pending.image_rows.append({"id": rec.id, "path": rec.path, "split": f.split, "label": f.label,
+                                           "width": rec.width, "height": rec.height, "bytes": rec.bytes,
+                                           "mtime": rec.mtime, "indexed_at": now})
                 if rec.path in previous_errors:
-                    cleared.append(rec.path)
+                    pending.cleared.append(rec.path)
             done += len(batch.records)
-            if len(image_rows) + len(error_rows) >= config.commit_every:
-                writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared, dropped)
-                ids, vectors, image_rows, error_rows, cleared, dropped = [], [], [], [], [], []
+            if len(pending) >= config.commit_every:
+                writer.submit(pending)
+                pending = _Pending()
             if progress:
                 progress(done, summary.found)
-        writer.submit(ids, _stack(vectors, info.dim), image_rows, error_rows, cleared, dropped)
+        writer.submit(pending)
     finally:
         writer.close()
     if roots:
@@ -203,6 +216,3 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
     summary.seconds = time.perf_counter() - started
     return summary
 
-
-def _stack(vectors: list[np.ndarray], dim: int) -> np.ndarray:
-    return np.concatenate(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)

@@ -10,11 +10,12 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from clipfuse.data import SPLIT_PRIORITY
+
 from .ann import AnnConfig, AnnIndex
 
 DEFAULT_DB = "clipfuse.lance"
 IMAGES, ERRORS, VERSIONS, CLASSES = "images", "index_errors", "embedding_versions", "classes"
-SPLIT_PRIORITY = {"labeled": 0, "test": 1, "unlabeled": 2}  # an id seen in several splits takes the first
 
 IMAGES_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),  # content hash of the file
@@ -374,7 +375,7 @@ class Store:
             index = AnnIndex.load(folder, fp, self.ann_config)
         if index is None:
             index = AnnIndex(version["dim"], self.ann_config)
-        if len(index) != self._version_table(version).count_rows():
+        if len(index) != version["rows"]:
             ids, X = self._read_vectors(version)
             if index.extend(ids, X) and folder is not None:
                 index.save(folder, fp)
