@@ -1,1 +1,32 @@
 """Classifier heads and their fusion: numpy arrays in, class probabilities out."""
+
+from clipfuse.classify.base import UNLABELED, create_head, get_head_class, list_heads, register_head
+from clipfuse.classify.ensemble import (
+    Ensemble,
+    WeightedFusion,
+    create_ensemble,
+    head_proba,
+    load_ensemble,
+    save_ensemble,
+)
+from clipfuse.classify.graph import knn_graph
+from clipfuse.classify.linear import HeadUnavailableError, LinearProbeHead, ZeroShotHead
+from clipfuse.classify.metrics import (
+    class_similarity,
+    expected_calibration_error,
+    plot_class_similarity,
+    plot_confusion,
+    score_predictions,
+)
+from clipfuse.classify.neighbors import KMeansVoteHead, KnnCacheHead
+from clipfuse.classify.propagation import LabelPropagationHead
+from clipfuse.classify.selftrain import MeanTeacherHead, PseudoLabelHead
+
+__all__ = [
+    "UNLABELED", "Ensemble", "HeadUnavailableError", "KMeansVoteHead", "KnnCacheHead",
+    "LabelPropagationHead", "LinearProbeHead", "MeanTeacherHead", "PseudoLabelHead",
+    "WeightedFusion", "ZeroShotHead", "class_similarity", "create_ensemble", "create_head",
+    "expected_calibration_error", "get_head_class", "head_proba", "knn_graph", "list_heads",
+    "load_ensemble", "plot_class_similarity", "plot_confusion", "register_head",
+    "save_ensemble", "score_predictions",
+]

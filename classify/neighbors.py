@@ -1,0 +1,215 @@
+"""Heads that vote with nearby embeddings: the Tip-Adapter kNN cache and k-means cluster voting."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from clipfuse.classify.base import (
+    array_digest,
+    fit_temperature,
+    l2_normalize,
+    normalize_rows,
+    one_hot,
+    register_head,
+    softmax,
+    validate_semi_supervised,
+)
+from clipfuse.classify.linear import _labeled_in_range, check_class_embeddings
+
+BETA_GRID = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 25.0)
+BLEND_GRID = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+@register_head("knn")
+class KnnCacheHead(ClassifierMixin, BaseEstimator):
+    """Tip-Adapter's training-free cache: affinity to every labeled embedding.
+
+    The labeled rows form a key/value cache. A query's class scores are
+    ``sum_i exp(-beta * (1 - cos(x, key_i))) * onehot(label_i)``, normalised by class
+    size, and, when ``class_embeddings`` are given, added to the zero-shot logits with
+    weight ``blend``. ``beta`` and ``blend`` are tuned by leave-one-out accuracy on the
+    cache itself (each labeled row queried without its own entry), so no label is spent
+    on a separate validation set; a temperature fitted on the same scores makes the
+    probabilities calibrated.
+
+    Parameters
+    ----------
+    class_embeddings : array-like of shape (n_classes, n_features), default=None
+        Zero-shot class embeddings; without them the head is a pure soft-kNN.
+    beta : float or "auto", default="auto"
+        Sharpness of the affinity; ``"auto"`` searches ``BETA_GRID``.
+    blend : float or "auto", default="auto"
+        Weight of the cache relative to the zero-shot logits; ``"auto"`` searches
+        ``BLEND_GRID`` (ignored without class embeddings).
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    keys_ : ndarray of shape (n_labeled, n_features)
+    values_ : ndarray of shape (n_labeled, n_classes)
+    beta_, blend_, scale_ : float
+    """
+
+    def __init__(self, class_embeddings=None, beta="auto", blend="auto"):
+        self.class_embeddings = class_embeddings
+        self.beta = beta
+        self.blend = blend
+
+    def _scores(self, S: np.ndarray, zs: np.ndarray | None, beta: float, blend: float) -> np.ndarray:
+        cache = np.exp(-beta * (1.0 - S)) @ self.values_
+        cache /= np.maximum(cache.sum(axis=1, keepdims=True), 1e-12)
+        return cache if zs is None else blend * cache + zs
+
+    def fit(self, X, y):
+        X, y, y_index = validate_semi_supervised(self, X, y)
+        X = l2_normalize(X)
+        labeled = y_index >= 0
+        self.keys_ = X[labeled]
+        yl = y_index[labeled]
+        counts = np.bincount(yl, minlength=len(self.classes_)).astype(np.float32)
+        self.values_ = one_hot(yl, len(self.classes_)) / counts
+        zs = None
+        if self.class_embeddings is not None:
+            T = check_class_embeddings(self, self.class_embeddings, X.shape[1])
+            _labeled_in_range(self, y, len(T))
+            self.text_embeddings_ = T[self.classes_]
+            zs_logits = self.keys_ @ self.text_embeddings_.T
+            self.zs_scale_ = fit_temperature(zs_logits, yl)
+            zs = softmax(self.zs_scale_ * zs_logits.astype(np.float64))
+        S = self.keys_ @ self.keys_.T
+        np.fill_diagonal(S, -np.inf)  # leave-one-out: exp(-inf) drops a row's own entry
+        betas = BETA_GRID if self.beta == "auto" else (float(self.beta),)
+        blends = (BLEND_GRID if self.blend == "auto" else (float(self.blend),)) if zs is not None else (1.0,)
+        best = None
+        for beta in betas:
+            for blend in blends:
+                scores = self._scores(S, zs, beta, blend)
+                acc = float(np.mean(np.argmax(scores, axis=1) == yl))
+                if best is None or acc > best[0]:
+                    best = (acc, beta, blend, scores)
+        _, self.beta_, self.blend_, scores = best
+        self.scale_ = fit_temperature(np.log(np.maximum(scores, 1e-12)), yl)
+        return self
+
+    def predict_proba(self, X):
+        """Class probabilities, shape (n_samples, n_classes)."""
+        check_is_fitted(self)
+        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        zs = None
+        if hasattr(self, "text_embeddings_"):
+            zs = softmax(self.zs_scale_ * (X @ self.text_embeddings_.T).astype(np.float64))
+        out = np.empty((len(X), len(self.classes_)))
+        for start in range(0, len(X), 8192):
+            scores = self._scores(X[start:start + 8192] @ self.keys_.T,
+                                  None if zs is None else zs[start:start + 8192], self.beta_, self.blend_)
+            out[start:start + 8192] = softmax(self.scale_ * np.log(np.maximum(scores, 1e-12)))
+        return out
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+@register_head("kmeans")
+class KMeansVoteHead(ClassifierMixin, BaseEstimator):
+    """k-means cluster voting: an image takes the class mix of the clusters it falls in.
+
+    Clusters all rows (labeled and unlabeled) with k-means++ (MiniBatchKMeans above
+    10,000 rows). Each cluster's class distribution counts its labeled members (divided
+    by class size), then is smoothed by label propagation over the graph of centroids,
+    so a cluster without labels inherits from similar clusters. A row's vote mixes the
+    distributions of its ``n_nearest`` centroids, weighted by a softmax of cosine
+    similarity with temperature ``temperature``.
+
+    Parameters
+    ----------
+    n_clusters : int or "auto", default="auto"
+        ``"auto"``: ``sqrt(n_samples)``, at least twice the number of classes, at most
+        ``n_samples // 2`` and 4096.
+    n_nearest : int, default=3
+        Centroids mixed in a row's vote.
+    temperature : float, default=0.05
+        Softmax temperature over centroid similarities.
+    alpha : float, default=0.9
+        Strength of the propagation between centroids.
+    random_state : int, default=0
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    cluster_centers_ : ndarray of shape (n_clusters, n_features)
+    cluster_distributions_ : ndarray of shape (n_clusters, n_classes)
+    label_distributions_ : ndarray of shape (n_samples, n_classes)
+        Votes of the fitted rows.
+    """
+
+    def __init__(self, n_clusters="auto", n_nearest=3, temperature=0.05, alpha=0.9, random_state=0):
+        self.n_clusters = n_clusters
+        self.n_nearest = n_nearest
+        self.temperature = temperature
+        self.alpha = alpha
+        self.random_state = random_state
+
+    def _centroids(self, X: np.ndarray, n_classes: int) -> np.ndarray:
+        """Unit-length k-means centroids of ``X``, reused when the same rows are fitted again."""
+        n = len(X)
+        k = self.n_clusters
+        if k == "auto":
+            k = int(min(max(np.sqrt(n), 2 * n_classes), n // 2, 4096))
+        k = max(1, min(int(k), n))
+        key = (k, self.random_state, array_digest(X))
+        cached = getattr(self, "_centroid_cache", None)
+        if cached is None or cached[0] != key:
+            if n > 10_000:
+                km = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=1, max_iter=20,
+                                     random_state=self.random_state).fit(X)
+            else:
+                km = KMeans(n_clusters=k, n_init=1, random_state=self.random_state).fit(X)
+            self._centroid_cache = (key, l2_normalize(km.cluster_centers_))
+        return self._centroid_cache[1]
+
+    def _votes(self, X: np.ndarray) -> np.ndarray:
+        m = min(self.n_nearest, len(self.cluster_centers_))
+        out = np.empty((len(X), len(self.classes_)))
+        for start in range(0, len(X), 16_384):
+            S = X[start:start + 16_384] @ self.cluster_centers_.T
+            top = np.argpartition(-S, m - 1, axis=1)[:, :m]
+            w = softmax(np.take_along_axis(S, top, axis=1).astype(np.float64) / self.temperature)
+            out[start:start + 16_384] = np.einsum("nm,nmc->nc", w, self.cluster_distributions_[top])
+        return normalize_rows(out)
+
+    def fit(self, X, y):
+        X, y, y_index = validate_semi_supervised(self, X, y)
+        X = l2_normalize(X)
+        n_classes = len(self.classes_)
+        C = self._centroids(X, n_classes)
+        assign = np.argmax(X @ C.T, axis=1)
+        labeled = y_index >= 0
+        counts = np.bincount(y_index[labeled], minlength=n_classes)
+        seeds = np.zeros((len(C), n_classes))
+        np.add.at(seeds, (assign[labeled], y_index[labeled]), 1.0 / counts[y_index[labeled]])
+        if len(C) > 1:  # propagate over the centroid kNN graph, solved exactly (few centroids)
+            S = np.maximum(C @ C.T, 0.0).astype(np.float64) ** 3
+            np.fill_diagonal(S, 0.0)
+            kk = min(10, len(C) - 1)
+            weak = np.argpartition(-S, kk - 1, axis=1)[:, kk:]
+            np.put_along_axis(S, weak, 0.0, axis=1)
+            S = np.maximum(S, S.T)
+            d = 1.0 / np.sqrt(np.maximum(S.sum(axis=1), 1e-12))
+            W = S * d[:, None] * d[None, :]
+            seeds = np.linalg.solve(np.eye(len(C)) - self.alpha * W, seeds)
+        self.cluster_centers_ = C
+        self.cluster_distributions_ = normalize_rows(seeds)
+        self.label_distributions_ = self._votes(X)
+        return self
+
+    def predict_proba(self, X):
+        """Class probabilities, shape (n_samples, n_classes)."""
+        check_is_fitted(self)
+        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        return self._votes(X)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
