@@ -79,21 +79,15 @@ def normalize_rows(P: np.ndarray) -> np.ndarray:
 def validate_semi_supervised(estimator, X, y):
     """Check ``X, y`` for ``fit`` (``-1`` marks unlabeled rows) and set ``classes_``.
 
-    Returns ``X`` as float32, ``y`` as int64 and the index of each labeled row's class in
+    Labels may be any sortable values (as in scikit-learn); ``-1`` means unlabeled when
+    they are numbers. Returns ``X`` as float32, ``y`` and the index of each labeled row's class in
     ``classes_`` (``-1`` for unlabeled rows).
     """
     X, y = validate_data(estimator, X, y, dtype=[np.float64, np.float32], reset=True)
     check_classification_targets(y)
     y = np.asarray(y)
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
-            y = y.astype(np.int64)
-        else:
-            raise ValueError(
-                f"{type(estimator).__name__} needs integer class labels with -1 for unlabeled rows; "
-                f"got labels of dtype {y.dtype}. Encode class names as indices first."
-            )
-    classes = np.unique(y[y != UNLABELED])
+    unlabeled = (y == UNLABELED) if np.issubdtype(y.dtype, np.number) else np.zeros(len(y), bool)
+    classes = np.unique(y[~unlabeled])
     if len(classes) < 1:
         raise ValueError(
             f"{type(estimator).__name__} needs at least one labeled row (label != -1); all "
@@ -101,9 +95,8 @@ def validate_semi_supervised(estimator, X, y):
         )
     estimator.classes_ = classes
     y_index = np.full(len(y), UNLABELED, dtype=np.int64)
-    labeled = y != UNLABELED
-    y_index[labeled] = np.searchsorted(classes, y[labeled])
-    return X.astype(np.float32, copy=False), y.astype(np.int64), y_index
+    y_index[~unlabeled] = np.searchsorted(classes, y[~unlabeled])
+    return X.astype(np.float32, copy=False), y, y_index
 
 
 def one_hot(y_index: np.ndarray, n_classes: int) -> np.ndarray:

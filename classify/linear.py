@@ -96,14 +96,15 @@ class ZeroShotHead(ClassifierMixin, BaseEstimator):
     def _logits(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self.scale_ * (l2_normalize(X) @ self.text_embeddings_.T)
+        return self.scale_ * (l2_normalize(X).astype(np.float64) @ self.text_embeddings_.T.astype(np.float64))
 
     def predict_proba(self, X):
         """Softmax of the scaled cosine logits, shape (n_samples, n_classes)."""
         return softmax(self._logits(X).astype(np.float64))
 
     def predict(self, X):
-        return self.classes_[np.argmax(self._logits(X), axis=1)]
+        logits = self._logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]
 
 
 def _multinomial_loss(params, X, Y, W0, b0_shape, reg):
@@ -150,6 +151,8 @@ class LinearProbeHead(ClassifierMixin, BaseEstimator):
     intercept_ : ndarray of shape (n_classes,)
     C_ : float
         The regularisation used.
+    n_iter_ : int
+        Optimiser iterations of the final fit.
     """
 
     def __init__(self, C="auto", class_embeddings=None, zero_shot_prior=False, max_iter=1000):
@@ -169,12 +172,11 @@ class LinearProbeHead(ClassifierMixin, BaseEstimator):
                                   cv=cv).mean() for c in PROBE_C_GRID]
         return float(PROBE_C_GRID[int(np.argmax(scores))])
 
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y):
         X, y, y_index = validate_semi_supervised(self, X, y)
         labeled = y_index >= 0
         Xl, yl = l2_normalize(X[labeled]).astype(np.float64), y_index[labeled]
         n_classes = len(self.classes_)
-        weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)[labeled]
         self.C_ = self._select_C(Xl, yl) if n_classes > 1 else 1.0
         if self.zero_shot_prior:
             T = check_class_embeddings(self, self.class_embeddings, X.shape[1])
@@ -183,33 +185,35 @@ class LinearProbeHead(ClassifierMixin, BaseEstimator):
             scale = fit_temperature(Xl @ T.T, yl)
             W0 = scale * T
             Y = one_hot(yl, n_classes).astype(np.float64)
-            if weights is not None:
-                Y *= weights[:, None]
             x0 = np.concatenate([W0.ravel(), np.zeros(n_classes)])
             res = minimize(_multinomial_loss, x0, args=(Xl, Y, W0, n_classes, 1.0 / self.C_),
                            jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter})
             self.coef_ = res.x[: W0.size].reshape(W0.shape).astype(np.float32)
             self.intercept_ = res.x[W0.size:].astype(np.float32)
+            self.n_iter_ = int(res.nit)
         elif n_classes == 1:
             self.coef_ = np.zeros((1, X.shape[1]), dtype=np.float32)
             self.intercept_ = np.zeros(1, dtype=np.float32)
+            self.n_iter_ = 0
         else:
-            lr = LogisticRegression(C=self.C_, max_iter=self.max_iter).fit(Xl, yl, sample_weight=weights)
+            lr = LogisticRegression(C=self.C_, max_iter=self.max_iter).fit(Xl, yl)
             coef, intercept = lr.coef_, lr.intercept_
             if n_classes == 2:  # sklearn keeps one row for binary problems
                 coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
             self.coef_ = coef.astype(np.float32)
             self.intercept_ = intercept.astype(np.float32)
+            self.n_iter_ = int(np.max(lr.n_iter_))
         return self
 
     def _logits(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return l2_normalize(X) @ self.coef_.T + self.intercept_
+        return l2_normalize(X).astype(np.float64) @ self.coef_.T.astype(np.float64) + self.intercept_
 
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes)."""
         return softmax(self._logits(X).astype(np.float64))
 
     def predict(self, X):
-        return self.classes_[np.argmax(self._logits(X), axis=1)]
+        logits = self._logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]

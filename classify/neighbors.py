@@ -97,19 +97,20 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes)."""
         check_is_fitted(self)
-        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False)).astype(np.float64)
         zs = None
         if hasattr(self, "text_embeddings_"):
-            zs = softmax(self.zs_scale_ * (X @ self.text_embeddings_.T).astype(np.float64))
+            zs = softmax(self.zs_scale_ * (X @ self.text_embeddings_.T.astype(np.float64)))
         out = np.empty((len(X), len(self.classes_)))
         for start in range(0, len(X), 8192):
-            scores = self._scores(X[start:start + 8192] @ self.keys_.T,
+            scores = self._scores(X[start:start + 8192] @ self.keys_.T.astype(np.float64),
                                   None if zs is None else zs[start:start + 8192], self.beta_, self.blend_)
             out[start:start + 8192] = softmax(self.scale_ * np.log(np.maximum(scores, 1e-12)))
         return out
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
 
 
 @register_head("kmeans")
@@ -212,4 +213,5 @@ class KMeansVoteHead(ClassifierMixin, BaseEstimator):
         return self._votes(X)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]

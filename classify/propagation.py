@@ -156,6 +156,11 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        if getattr(self, "X_fit_", None) is None:
+            raise ValueError(
+                "This LabelPropagationHead was loaded without its fitted embeddings, so it can only "
+                "answer for the rows it was fitted on. Pass them to load_ensemble(external={'X_fit_': X})."
+            )
         k = max(1, min(10, len(self.X_fit_)))
         out = np.empty((len(X), len(self.classes_)), dtype=np.float64)
         for start in range(0, len(X), 1024):
@@ -166,4 +171,5 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         return normalize_rows(out)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]

@@ -29,7 +29,8 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
         over ``max_rounds`` rounds (at least 5).
     max_rounds : int, default=10
     patience : int, default=2
-        Rounds without a better held-out accuracy before stopping.
+        Consecutive rounds below the best held-out accuracy before stopping; the rounds
+        after the last best one (ties count as best) are dropped.
     min_confidence : float, default=0.0
         Pseudo-labels below this probability are never added.
     val_fraction : float, default=0.2
@@ -111,7 +112,7 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
             grown = np.flatnonzero(taken >= 0)
             model = train(grown, taken[grown], train_idx)
             history.append(accuracy(model))
-            if history[-1] > history[best_round]:
+            if history[-1] >= history[best_round]:  # ties keep growing: same accuracy, more coverage
                 best_round, stale = round_, 0
             else:
                 stale += 1
@@ -131,10 +132,12 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
         """Class probabilities of the final probe, shape (n_samples, n_classes)."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return softmax((l2_normalize(X) @ self.coef_.T + self.intercept_).astype(np.float64))
+        logits = l2_normalize(X).astype(np.float64) @ self.coef_.T.astype(np.float64) + self.intercept_
+        return softmax(logits)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
 
 
 def _mlp_forward(params: dict, X: np.ndarray):
@@ -258,4 +261,5 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
         return softmax(_mlp_forward(self.teacher_, X)[1].astype(np.float64))
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]

@@ -1,0 +1,317 @@
+"""Heads, graph, fusion, metrics and persistence of clipfuse.classify, on data with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits, make_blobs, make_moons
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from clipfuse.classify import (
+    HeadUnavailableError,
+    KMeansVoteHead,
+    KnnCacheHead,
+    LabelPropagationHead,
+    LinearProbeHead,
+    MeanTeacherHead,
+    PseudoLabelHead,
+    WeightedFusion,
+    ZeroShotHead,
+    create_ensemble,
+    create_head,
+    expected_calibration_error,
+    knn_graph,
+    list_heads,
+    load_ensemble,
+    plot_class_similarity,
+    plot_confusion,
+    save_ensemble,
+    score_predictions,
+)
+from clipfuse.classify.base import l2_normalize
+
+SEMI_SUPERVISED_XFAIL = {
+    "check_classifiers_classes": "-1 marks unlabeled rows, the semi-supervised convention "
+    "(scikit-learn exempts its own LabelSpreading from this check by name)",
+}
+
+
+@parametrize_with_checks(
+    [LinearProbeHead(), KnnCacheHead(), KMeansVoteHead(), LabelPropagationHead(),
+     PseudoLabelHead(max_rounds=2), MeanTeacherHead(steps=300)],
+    expected_failed_checks=lambda est: SEMI_SUPERVISED_XFAIL,
+)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def _hide_labels(y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """A copy of ``y`` with all but ``per_class`` random labels per class set to -1."""
+    rng = np.random.default_rng(seed)
+    out = np.full_like(y, -1)
+    for c in np.unique(y):
+        keep = rng.choice(np.flatnonzero(y == c), per_class, replace=False)
+        out[keep] = c
+    return out
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    centers = l2_normalize(np.random.default_rng(3).standard_normal((4, 16)))
+    X, y = make_blobs(n_samples=400, centers=centers, cluster_std=0.05, random_state=0)
+    return l2_normalize(X), y, centers
+
+
+@pytest.mark.parametrize("name", [n for n in list_heads() if n != "zero-shot"])
+def test_every_head_separates_blobs(blobs, name):
+    X, y, _ = blobs
+    y_semi = _hide_labels(y, 5)
+    head = create_head(name).fit(X, y_semi)
+    unlabeled = y_semi == -1
+    proba = head.predict_proba(X[unlabeled])
+    assert proba.shape == (unlabeled.sum(), 4)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    assert np.mean(head.predict(X[unlabeled]) == y[unlabeled]) >= 0.98
+
+
+def test_zero_shot_uses_class_embeddings_not_labels(blobs):
+    X, y, centers = blobs
+    no_labels = np.full_like(y, -1)
+    head = ZeroShotHead(class_embeddings=centers).fit(X, no_labels)
+    assert head.scale_ == 100.0  # CLIP's own scale when nothing calibrates it
+    assert np.mean(head.predict(X) == y) >= 0.98
+    calibrated = ZeroShotHead(class_embeddings=centers).fit(X, _hide_labels(y, 5))
+    assert calibrated.scale_ != 100.0
+    np.testing.assert_array_equal(calibrated.predict(X), head.predict(X))
+
+
+def test_zero_shot_errors_name_the_problem(blobs):
+    X, y, centers = blobs
+    with pytest.raises(HeadUnavailableError, match="class_embeddings"):
+        ZeroShotHead().fit(X, y)
+    with pytest.raises(ValueError, match=r"shape \(n_classes, 16\)"):
+        ZeroShotHead(class_embeddings=centers[:, :8]).fit(X, y)
+    with pytest.raises(ValueError, match="must index the 4 class embeddings"):
+        ZeroShotHead(class_embeddings=centers).fit(X, np.where(y == 3, 7, y))
+
+
+def test_probe_zero_shot_prior_pulls_toward_text_weights(blobs):
+    X, y, centers = blobs
+    one_label = _hide_labels(y, 1)
+    plain = LinearProbeHead(C=1e-3).fit(X, one_label)
+    prior = LinearProbeHead(C=1e-3, class_embeddings=centers, zero_shot_prior=True).fit(X, one_label)
+    cos = np.sum(l2_normalize(prior.coef_) * centers, axis=1)
+    assert np.all(cos > 0.99)  # strong regularisation keeps the zero-shot directions
+    assert np.mean(prior.predict(X) == y) >= np.mean(plain.predict(X) == y)
+
+
+def test_knn_cache_blends_zero_shot_and_tunes_on_leave_one_out(blobs):
+    X, y, centers = blobs
+    head = KnnCacheHead(class_embeddings=centers).fit(X, _hide_labels(y, 5))
+    assert head.beta_ in (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 25.0)
+    assert head.keys_.shape == (20, 16)
+    assert np.mean(head.predict(X) == y) >= 0.98
+
+
+def _moons():
+    X2, y = make_moons(n_samples=600, noise=0.06, random_state=0)
+    # lift onto the sphere: a constant third coordinate keeps the 2-D geometry under L2 norm
+    return l2_normalize(np.column_stack([X2, np.full(len(X2), 4.0)])), y
+
+
+def test_propagation_follows_the_two_moons_where_a_linear_probe_cannot():
+    X, y = _moons()
+    y_semi = _hide_labels(y, 3)
+    unlabeled = y_semi == -1
+    prop = LabelPropagationHead(n_neighbors=10).fit(X, y_semi)
+    probe = LinearProbeHead().fit(X, y_semi)
+    prop_acc = np.mean(prop.transduction_[unlabeled] == y[unlabeled])
+    probe_acc = np.mean(probe.predict(X[unlabeled]) == y[unlabeled])
+    assert prop_acc >= 0.97
+    assert probe_acc < 0.9  # the moons are not linearly separable
+    assert prop.label_distributions_.shape == (600, 2)
+    assert 0 < prop.n_iter_ <= prop.max_iter
+    assert np.all((prop.certainty_ >= 0) & (prop.certainty_ <= 1 + 1e-6))
+    # a new point near a labeled region takes that moon's label
+    assert np.mean(prop.predict(X[unlabeled][:50]) == y[unlabeled][:50]) >= 0.95
+
+
+def test_propagation_seeds_are_class_size_normalised():
+    # one class with 10x more labels must not swallow the rows between the two
+    X, y = _moons()
+    y_semi = _hide_labels(y, 3)
+    extra = np.flatnonzero((y == 0) & (y_semi == -1))[:27]
+    y_semi[extra] = 0
+    prop = LabelPropagationHead(n_neighbors=10).fit(X, y_semi)
+    unlabeled = y_semi == -1
+    assert np.mean(prop.transduction_[unlabeled][y[unlabeled] == 1] == 1) >= 0.95
+
+
+def test_pseudo_labels_respect_the_per_class_cap_with_a_hard_class():
+    rng = np.random.default_rng(0)
+    easy = rng.normal([5, 0, 0], 0.3, size=(400, 3))
+    medium = rng.normal([0, 5, 0], 0.8, size=(400, 3))
+    hard = rng.normal([0.5, 4.0, 0], 1.5, size=(400, 3))  # overlaps the medium class
+    X = l2_normalize(np.vstack([easy, medium, hard]) + [0, 0, 3])
+    y = np.repeat([0, 1, 2], 400)
+    y_semi = _hide_labels(y, 10)
+    head = PseudoLabelHead(per_class=20, max_rounds=6, patience=6).fit(X, y_semi)
+    assert head.pseudo_counts_.shape[1] == 3
+    assert head.pseudo_counts_.max() <= 20  # the cap holds for every class in every round
+    assert head.pseudo_counts_.shape[0] == head.n_rounds_ >= 1
+    added = np.bincount(head.pseudo_labels_[head.pseudo_labels_ >= 0], minlength=3)
+    np.testing.assert_array_equal(added, head.pseudo_counts_.sum(axis=0))
+    assert added[2] > 0  # the hard class still grows
+    assert np.all(head.pseudo_labels_[y_semi >= 0] == -1)
+    assert len(head.history_) >= head.n_rounds_ + 1
+
+
+def test_mean_teacher_learns():
+    X, y = make_blobs(n_samples=300, centers=3, n_features=8, cluster_std=1.0, random_state=1)
+    head = MeanTeacherHead(steps=400).fit(X, _hide_labels(y, 5))
+    assert head.loss_curve_[-50:].mean() < head.loss_curve_[:50].mean() / 3
+    assert np.mean(head.predict(X) == y) >= 0.95
+
+
+def test_kmeans_votes_reach_clusters_without_labels(blobs):
+    X, y, _ = blobs
+    y_semi = _hide_labels(y, 2)
+    head = KMeansVoteHead(n_clusters=40).fit(X, y_semi)
+    assert head.cluster_distributions_.shape == (40, 4)
+    np.testing.assert_allclose(head.cluster_distributions_.sum(axis=1), 1.0, rtol=1e-6)
+    assert np.mean(np.argmax(head.label_distributions_, axis=1) == y) >= 0.98
+
+
+def test_registry_creates_heads_by_name():
+    assert set(list_heads()) >= {"zero-shot", "probe", "knn", "propagation", "kmeans", "pseudo", "mean-teacher"}
+    assert isinstance(create_head("propagation", alpha=0.5), LabelPropagationHead)
+    with pytest.raises(ValueError, match="Unknown head 'nope'; choose from"):
+        create_head("nope")
+
+
+@pytest.mark.parametrize("method", ["ivf", "hnsw"])
+def test_approximate_graphs_find_the_exact_neighbours(method):
+    X, _ = make_blobs(n_samples=3000, centers=30, n_features=32, cluster_std=1.0, random_state=0)
+    X = l2_normalize(X)
+    exact_idx, exact_sim = knn_graph(X, 10, method="exact")
+    idx, sim = knn_graph(X, 10, method=method)
+    assert idx.shape == (3000, 10)
+    assert not np.any(idx == np.arange(3000)[:, None])  # no self-loops
+    recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(idx, exact_idx)])
+    assert recall >= 0.9
+    assert np.all(np.diff(sim, axis=1) <= 1e-6)  # best first
+    np.testing.assert_allclose(exact_sim[:, 0], np.max(X @ X.T - 2 * np.eye(3000), axis=1), rtol=1e-5)
+
+
+def test_graph_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        knn_graph(np.ones((1, 4)), 5)
+    with pytest.raises(ValueError, match="Unknown graph method 'faiss'"):
+        knn_graph(np.eye(4), 2, method="faiss")
+
+
+def test_metrics_on_known_values(tmp_path):
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    y = np.array([0, 1, 1, 0])
+    s = score_predictions(y, proba)
+    assert s["accuracy"] == 0.75 and s["n"] == 4
+    assert s["per_class_accuracy"] == [1.0, 0.5]
+    np.testing.assert_allclose(s["nll"], -np.mean(np.log([0.9, 0.2, 0.7, 0.6])))
+    # bins: {0.6}, {0.7}, {0.8 wrong}, {0.9}: |1-.6|+|1-.7|+|0-.8|+|1-.9| over 4
+    np.testing.assert_allclose(expected_calibration_error(proba, y), (0.4 + 0.3 + 0.8 + 0.1) / 4)
+    cm = plot_confusion(y, proba.argmax(1), ["a", "b"], tmp_path / "cm.png")
+    heat = plot_class_similarity(np.eye(4, 3), y, ["a", "b"], tmp_path / "sim.png")
+    assert cm.read_bytes()[:4] == b"\x89PNG" and heat.stat().st_size > 1000
+
+
+def test_fusion_ignores_a_useless_head_and_keeps_a_good_one():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    good = np.full((300, 5), 0.05)
+    good[np.arange(300), y] = 0.8
+    good[:30] = np.roll(good[:30], 1, axis=1)  # 90% right
+    noise = rng.dirichlet(np.ones(5), 300)
+    L = np.log(np.stack([noise, good], axis=1))
+    fusion = WeightedFusion().fit(L, y)
+    assert fusion.best_head_ == 1
+    assert fusion.weights_[0] < 0.05 < fusion.weights_[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    X = l2_normalize(d.data)
+    return X, d.target, _hide_labels(d.target, 15)
+
+
+@pytest.fixture(scope="module")
+def digits_ensemble(digits):
+    X, _, y_semi = digits
+    names = ["zero-shot", "probe", "knn", "propagation", "kmeans", "pseudo", "mean-teacher"]
+    return create_ensemble(names, 10).fit(X, y_semi)
+
+
+def test_digits_acceptance(digits, digits_ensemble, capsys):
+    """Raw digit pixels as embeddings, 15 labels per class: the issue's acceptance numbers."""
+    X, y, y_semi = digits
+    ens = digits_ensemble
+    unlabeled = y_semi == -1
+    fused, per_head = ens.predict_proba(X, fit_rows=np.arange(len(X)))
+    acc = {h: float(np.mean(P[unlabeled].argmax(1) == y[unlabeled])) for h, P in per_head.items()}
+    acc["fused"] = float(np.mean(fused[unlabeled].argmax(1) == y[unlabeled]))
+    supervised = LinearProbeHead().fit(X[~unlabeled], y[~unlabeled])
+    acc["supervised probe"] = float(np.mean(supervised.predict(X[unlabeled]) == y[unlabeled]))
+    with capsys.disabled():
+        print("\ndigits, unlabeled accuracy: " + ", ".join(f"{h} {a:.3f}" for h, a in acc.items()))
+    assert acc["propagation"] >= 0.93
+    best = max(v for h, v in acc.items() if h not in ("fused", "supervised probe"))
+    assert acc["fused"] >= best - 0.005
+    assert acc["propagation"] > acc["supervised probe"]  # unlabeled rows help
+
+
+def test_ensemble_reports_unavailable_heads_and_weights(digits_ensemble):
+    ens = digits_ensemble
+    assert "zero-shot" in ens.unavailable_ and "text" in ens.unavailable_["zero-shot"]
+    assert "zero-shot" not in ens.heads
+    assert set(ens.weights_) == set(ens.head_names_)
+    assert all(w >= 0 for w in ens.weights_.values())
+    assert set(ens.val_scores_) == set(ens.head_names_) | {"fused"}
+    assert len(ens.val_idx_) == 30 and not set(ens.val_idx_) & set(ens.train_idx_)
+
+
+def test_ensemble_degrades_to_the_heads_asked_for(digits, digits_ensemble):
+    X, y, _ = digits
+    fused, per_head = digits_ensemble.predict_proba(X[:100], heads=["probe", "knn"])
+    assert set(per_head) == {"probe", "knn"}
+    assert np.mean(fused.argmax(1) == y[:100]) >= 0.85
+    with pytest.raises(ValueError, match="None of the heads"):
+        digits_ensemble.predict_proba(X[:5], heads=["zero-shot"])
+
+
+def test_saved_ensemble_predicts_the_same(tmp_path, digits, digits_ensemble):
+    X, _, _ = digits
+    rows = np.arange(len(X))
+    save_ensemble(digits_ensemble, tmp_path, extra={"classes": list("0123456789")})
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded, meta = load_ensemble(tmp_path, external={"X_fit_": X})
+    assert meta["classes"] == list("0123456789")
+    expected, _ = digits_ensemble.predict_proba(X, fit_rows=rows)
+    got, _ = loaded.predict_proba(X, fit_rows=rows)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    new_rows, _ = loaded.predict_proba(X[:20])
+    assert new_rows.shape == (20, 10)
+    without_x, _ = load_ensemble(tmp_path)
+    with pytest.raises(ValueError, match="loaded without its fitted embeddings"):
+        without_x.predict_proba(X[:5])
+    with pytest.raises(FileNotFoundError, match="train-heads"):
+        load_ensemble(tmp_path / "missing")
+
+
+def test_ensemble_input_errors():
+    X = l2_normalize(np.random.default_rng(0).standard_normal((20, 4)))
+    with pytest.raises(ValueError, match="No labeled rows"):
+        create_ensemble(["probe"], 2).fit(X, np.full(20, -1))
+    with pytest.raises(ValueError, match="No validation rows"):
+        create_ensemble(["probe"], 2).fit(X, np.r_[0, 1, np.full(18, -1)])
+    with pytest.raises(ValueError, match="n_classes is 2"):
+        create_ensemble(["probe"], 2).fit(X, np.r_[0, 0, 5, 5, np.full(16, -1)])
