@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import os
+import time
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -439,6 +441,356 @@ def import_embeddings(
     result = run_import(store, data, model_info=model_info, image_root=image_root, split=split.value)
     console.print(f"imported {result['rows']} vectors ({data.vectors.shape[1]}-d) for {result['images']} images "
                   f"as version {result['fingerprint']} ({result['hashed']} ids hashed from files) into {db}")
+
+
+# ---- classifier stack ---------------------------------------------------------------------------
+class ExportSplit(str, Enum):
+    unlabeled = "unlabeled"
+    test = "test"
+    all = "all"
+
+
+def _text_embeddings(version: dict, classes: list[str], class_words: Optional[Path], device: str):
+    """Class text embeddings of the version's model, or (None, reason) when it has no usable text tower."""
+    from clipfuse.data import default_class_words, load_class_words
+    from clipfuse.embed import PretrainedWeightsError, class_text_embeddings
+
+    if class_words is not None:
+        words, defaulted = load_class_words(class_words, classes)
+        if defaulted:
+            err_console.print(f"[yellow]{len(defaulted)} class(es) not in {class_words} use their folder name: "
+                              f"{', '.join(defaulted[:10])}{' ...' if len(defaulted) > 10 else ''}[/]")
+    else:
+        words = default_class_words(classes)
+    if version["model"].startswith("imported:"):
+        return None, f"version {version['fingerprint'][:12]} was imported without a model, so there is no text tower"
+    try:
+        embedder = _query_embedder(version, None, device)
+        return class_text_embeddings(embedder, classes, words), None
+    except (PretrainedWeightsError, ValueError, OSError) as e:
+        return None, str(e).splitlines()[0]
+
+
+def _scores_table(title: str, scores: dict, weights: dict | None = None, seconds: dict | None = None) -> Table:
+    table = Table(title=title)
+    for col in ("head", "accuracy", "macro-F1", "NLL", "ECE"):
+        table.add_column(col, justify="left" if col == "head" else "right")
+    if weights is not None:
+        table.add_column("fusion weight", justify="right")
+    if seconds is not None:
+        table.add_column("fit s", justify="right")
+    for head, s in scores.items():
+        row = [f"[bold]{head}[/]" if head == "fused" else head, f"{s['accuracy']:.3f}", f"{s['macro_f1']:.3f}",
+               f"{s['nll']:.3f}", f"{s['ece']:.3f}"]
+        if weights is not None:
+            row.append(f"{weights[head]:.3f}" if head in weights else "")
+        if seconds is not None:
+            row.append(f"{seconds[head]:.1f}" if head in seconds else "")
+        table.add_row(*row)
+    return table
+
+
+def _train_heads(store, version: dict, config, *, device: str):
+    """Fit the configured heads and fusion on a version and save them beside the store."""
+    import numpy as np
+
+    from clipfuse.classify import create_ensemble_from_config, save_ensemble
+
+    es = store.load_embeddings(version["fingerprint"])
+    if es.conflicts:
+        err_console.print(f"[yellow]{len(es.conflicts)} image(s) are filed under two classes and count as "
+                          f"unlabeled, e.g. id {es.conflicts[0]}[/]")
+    n_labeled = int(np.sum(es.labels >= 0))
+    if n_labeled == 0:
+        raise ValueError(f"store {store.uri!r} has no labeled images; index a folder with one sub-folder per class.")
+    wants_text = any(h in config.heads for h in ("zero-shot", "knn", "probe"))
+    text, reason = _text_embeddings(version, es.classes, config.class_words and Path(config.class_words),
+                                    device) if wants_text else (None, None)
+    ensemble = create_ensemble_from_config(config, len(es.classes), text)
+    total = len(config.heads) * (config.n_folds + 1 + int(config.refit))
+    done = 0
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console) as progress:
+        task = progress.add_task("fitting heads", total=total)
+
+        def report(head, stage, step, steps):
+            nonlocal done
+            done += 1
+            progress.update(task, completed=done - 1, description=f"{head}: {stage}")
+
+        ensemble.fit(es.X, es.labels, progress=report)
+        progress.update(task, completed=total, description="heads fitted")
+    if reason and "zero-shot" in ensemble.unavailable_:
+        ensemble.unavailable_["zero-shot"] = reason
+    folder = store.heads_folder(version["fingerprint"])
+    resolved = {**dataclasses.asdict(config), "fingerprint": version["fingerprint"], "model": version["model"],
+                "pretrained": version["pretrained"], "rows": len(es.ids), "labeled": n_labeled,
+                "classes": es.classes, "trained_at": time.time(), "text_embeddings": text is not None}
+    save_ensemble(ensemble, folder, extra={"classes": es.classes, "fingerprint": version["fingerprint"]})
+    np.save(folder / "fit_ids.npy", es.ids.astype("U"), allow_pickle=False)
+    (folder / "config.json").write_text(json.dumps(resolved, indent=2))
+    return ensemble, es, folder
+
+
+def _load_trained(store, version: dict, es=None):
+    """The saved ensemble of a version with its fitted rows mapped onto the store's current rows."""
+    import numpy as np
+
+    from clipfuse.classify import load_ensemble
+
+    folder = store.heads_folder(version["fingerprint"])
+    if not (folder / "ensemble.json").exists():
+        raise FileNotFoundError(f"no trained heads for version {version['fingerprint'][:12]} in {store.uri}; "
+                                "run `clipfuse train-heads` first.")
+    es = es or store.load_embeddings(version["fingerprint"])
+    fit_ids = np.load(folder / "fit_ids.npy", allow_pickle=False)
+    position = {id_: i for i, id_ in enumerate(es.ids)}
+    rows = np.array([position.get(i, -1) for i in fit_ids], dtype=np.int64)
+    X_fit = np.zeros((len(fit_ids), es.X.shape[1]), dtype=np.float32)  # a removed image never wins a vote
+    X_fit[rows >= 0] = es.X[rows[rows >= 0]]
+    ensemble, meta = load_ensemble(folder, external={"X_fit_": X_fit})
+    if meta["classes"] != es.classes[:len(meta["classes"])]:
+        raise ValueError(f"the store's classes changed since train-heads ({len(meta['classes'])} then, "
+                         f"{len(es.classes)} now); run `clipfuse train-heads` again.")
+    fit_position = {id_: i for i, id_ in enumerate(fit_ids)}
+    fit_rows = np.array([fit_position.get(i, -1) for i in es.ids], dtype=np.int64)
+    return ensemble, meta, es, fit_rows, folder
+
+
+HeadsOpt = Annotated[Optional[str], typer.Option(
+    "--heads", help="Comma-separated heads: zero-shot, probe, knn, propagation, kmeans, pseudo, mean-teacher "
+    "(default: all).")]
+
+
+@app.command("train-heads")
+@_runtime_errors
+def train_heads(
+    db: DbOpt = Path("clipfuse.lance"),
+    version: VersionOpt = None,
+    heads: HeadsOpt = None,
+    class_words: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="YAML/JSON file mapping class -> words or phrases for the zero-shot "
+        "prompts (default: the folder names).")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each class's labels held out.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the folds and the heads.")] = 0,
+    folds: Annotated[int, typer.Option(min=2, help="Folds of the out-of-fold predictions the fusion learns from.")] = 5,
+    graph: Annotated[str, typer.Option(help="kNN graph of label propagation: auto, exact, ivf or hnsw.")] = "auto",
+    probe_zero_shot_prior: Annotated[bool, typer.Option(
+        help="Regularise the linear probe toward the zero-shot classifier.")] = False,
+    device: DeviceOpt = "auto",
+):
+    """Fit the classifier heads and their fusion on the store; save them beside it.
+
+    Every head is fitted on the seeded 80/20 split's train labels, scored on its
+    validation labels, and refitted on all labels. The fusion weights are learned on
+    out-of-fold predictions. Prints the validation table.
+
+    Examples:
+
+        clipfuse train-heads
+
+        clipfuse train-heads --heads propagation,knn,probe --class-words words.yaml
+    """
+    from clipfuse.classify import DEFAULT_HEADS, HeadsConfig
+
+    names = tuple(h.strip() for h in heads.split(",") if h.strip()) if heads else DEFAULT_HEADS
+    if graph not in ("auto", "exact", "ivf", "hnsw"):
+        raise typer.BadParameter(f"--graph must be auto, exact, ivf or hnsw; got {graph!r}.")
+    try:
+        config = HeadsConfig(heads=names, val_fraction=val_fraction, seed=seed, n_folds=folds, graph=graph,
+                             probe_zero_shot_prior=probe_zero_shot_prior,
+                             class_words=str(class_words) if class_words else None)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--heads") from e
+    store = _open_store(db)
+    v = store.get_version(version)
+    ensemble, es, folder = _train_heads(store, v, config, device=device)
+    _print_training(ensemble, folder)
+
+
+def _print_training(ensemble, folder: Path) -> None:
+    console.print(_scores_table(f"validation ({len(ensemble.val_idx_)} held-out labels; heads trained on "
+                                f"{len(ensemble.train_idx_)})", ensemble.val_scores_, ensemble.weights_,
+                                ensemble.fit_seconds_))
+    for head, why in ensemble.unavailable_.items():
+        console.print(f"[yellow]{head} skipped:[/] {why}", highlight=False, soft_wrap=True)
+    fused = ensemble.val_scores_["fused"]["accuracy"]
+    best = max(ensemble.head_names_, key=lambda h: ensemble.val_scores_[h]["accuracy"])
+    console.print(f"trained {len(ensemble.head_names_)} heads into {folder}: fused validation accuracy "
+                  f"{fused:.3f} (best single head: {best} {ensemble.val_scores_[best]['accuracy']:.3f})")
+
+
+def _predictions_table(es, fused, per_head, classes):
+    import numpy as np
+    import pyarrow as pa
+
+    n_classes = len(classes)
+
+    def probs(P):
+        return pa.FixedSizeListArray.from_arrays(pa.array(P.astype(np.float32).reshape(-1)), n_classes)
+
+    pred = fused.argmax(axis=1)
+    known = [classes[i] if i >= 0 else None for i in es.labels]
+    columns = {
+        "id": pa.array(es.ids, pa.string()),
+        "split": pa.array(es.splits, pa.string()),
+        "label": pa.array([classes[i] for i in pred], pa.string()),
+        "label_index": pa.array(pred.astype(np.int32)),
+        "confidence": pa.array(fused.max(axis=1).astype(np.float32)),
+        "known_label": pa.array(known, pa.string()),
+        "probs": probs(fused),
+    }
+    for head, P in per_head.items():
+        columns[f"probs_{head.replace('-', '_')}"] = probs(P)
+    return pa.table(columns)
+
+
+@app.command()
+@_runtime_errors
+def predict(
+    db: DbOpt = Path("clipfuse.lance"),
+    version: VersionOpt = None,
+    heads: HeadsOpt = None,
+):
+    """Run the trained heads and fusion over every image; write the predictions table.
+
+    Images indexed after `train-heads` are predicted too (propagation answers for them
+    through their nearest fitted neighbours). `--heads` fuses a subset.
+
+    Examples:
+
+        clipfuse predict
+
+        clipfuse predict --heads propagation,knn
+    """
+    import numpy as np
+
+    store = _open_store(db)
+    v = store.get_version(version)
+    ensemble, meta, es, fit_rows, _ = _load_trained(store, v)
+    names = [h.strip() for h in heads.split(",")] if heads else None
+    with console.status(f"predicting {len(es.ids)} images ..."):
+        fused, per_head = ensemble.predict_proba(es.X, fit_rows=fit_rows, heads=names)
+    table = _predictions_table(es, fused, per_head, meta["classes"])
+    name = store.write_predictions(table, v["fingerprint"])
+    new = int(np.sum(fit_rows < 0))
+    console.print(f"predicted {len(es.ids)} images ({new} new since train-heads) with "
+                  f"{', '.join(per_head)}; mean confidence {float(fused.max(axis=1).mean()):.3f}; "
+                  f"table {name} in {db}")
+
+
+@app.command()
+@_runtime_errors
+def evaluate(
+    db: DbOpt = Path("clipfuse.lance"),
+    version: VersionOpt = None,
+    out: Annotated[Path, typer.Option(file_okay=False, help="Folder for metrics.json and the PNG plots.")] = Path("clipfuse-eval"),
+):
+    """Score the trained heads: validation metrics per head, confusion matrix, class similarity.
+
+    Validation scores come from heads fitted without the validation labels. When the store
+    has labeled test images and `predict` has run, they are scored too.
+
+    Examples:
+
+        clipfuse evaluate --out eval/
+    """
+    import numpy as np
+
+    from clipfuse.classify import plot_class_similarity, plot_confusion, score_predictions
+
+    store = _open_store(db)
+    v = store.get_version(version)
+    ensemble, meta, es, fit_rows, _ = _load_trained(store, v)
+    classes = meta["classes"]
+    fit_ids = np.load(store.heads_folder(v["fingerprint"]) / "fit_ids.npy", allow_pickle=False)
+    position = {id_: i for i, id_ in enumerate(es.ids)}
+    val_rows = np.array([position.get(i, -1) for i in fit_ids[ensemble.val_idx_]])
+    y_val = es.labels[val_rows]
+    scores = {h: score_predictions(y_val, P) for h, P in ensemble.val_proba_.items()}
+    order = [h for h in ensemble.head_names_ if h in scores] + ["fused"]
+    scores = {h: scores[h] for h in order}
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot_confusion(y_val, ensemble.val_proba_["fused"].argmax(1), classes, out / "confusion_val.png"),
+             plot_class_similarity(es.X[es.labels >= 0], es.labels[es.labels >= 0], classes,
+                                   out / "class_similarity.png")]
+    report = {"fingerprint": v["fingerprint"], "classes": classes, "validation": scores,
+              "weights": ensemble.weights_, "unavailable": ensemble.unavailable_}
+    console.print(_scores_table(f"validation ({len(y_val)} held-out labels)", scores, ensemble.weights_))
+    test = es.test_labels >= 0
+    predictions = store.predictions(v["fingerprint"])
+    if test.any() and predictions is not None:
+        pred_index = {id_: i for i, id_ in enumerate(predictions["id"].to_pylist())}
+        rows = [pred_index.get(i) for i in es.ids[test]]
+        have = np.array([r is not None for r in rows])
+        P = predictions["probs"].combine_chunks().flatten().to_numpy().reshape(-1, len(classes))
+        test_scores = score_predictions(es.test_labels[test][have], P[[r for r in rows if r is not None]])
+        report["test"] = test_scores
+        plots.append(plot_confusion(es.test_labels[test][have], P[[r for r in rows if r is not None]].argmax(1),
+                                    classes, out / "confusion_test.png"))
+        console.print(_scores_table(f"test ({int(have.sum())} labeled test images, fused predictions)",
+                                    {"fused": test_scores}))
+    per_class = Table(title="per-class validation accuracy (fused)")
+    per_class.add_column("class")
+    per_class.add_column("accuracy", justify="right")
+    per_class.add_column("n", justify="right")
+    for i, c in enumerate(classes):
+        acc = scores["fused"]["per_class_accuracy"][i]
+        per_class.add_row(c, "-" if np.isnan(acc) else f"{acc:.3f}", str(int(np.sum(y_val == i))))
+    console.print(per_class)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    console.print(f"fused validation accuracy {scores['fused']['accuracy']:.3f}; wrote metrics.json, "
+                  + ", ".join(p.name for p in plots) + f" to {out}")
+
+
+@app.command()
+@_runtime_errors
+def export(
+    path: Annotated[Path, typer.Argument(dir_okay=False, help="CSV file to write, e.g. predictions.csv.")],
+    db: DbOpt = Path("clipfuse.lance"),
+    version: VersionOpt = None,
+    split: Annotated[ExportSplit, typer.Option(help="Images to export: unlabeled, test or all.")] = ExportSplit.unlabeled,
+    probs: Annotated[bool, typer.Option("--probs", help="Add one probability column per class.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+):
+    """Write the predictions as a CSV: path, id, label, confidence [, one column per class].
+
+    One row per image file of the chosen split, in path order, ready for a Kaggle-style
+    submission. Run `clipfuse predict` first.
+
+    Examples:
+
+        clipfuse export predictions.csv --split test
+
+        clipfuse export all.csv --split all --probs --force
+    """
+    import polars as pl
+
+    if path.exists() and not force:
+        raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
+    store = _open_store(db)
+    v = store.get_version(version)
+    predictions = store.predictions(v["fingerprint"])
+    if predictions is None:
+        raise LookupError(f"no predictions for version {v['fingerprint'][:12]}; run `clipfuse predict` first.")
+    classes = store.classes()
+    pred = pl.from_arrow(predictions.select(["id", "label", "confidence", "probs"]))
+    images = pl.from_arrow(store.images().select(["path", "id", "split"]))
+    if split != ExportSplit.all:
+        images = images.filter(pl.col("split") == split.value)
+    df = images.join(pred, on="id", how="inner").sort("path")
+    missing = images.height - df.height
+    if probs:
+        df = df.with_columns(pl.col("probs").arr.to_struct(fields=[f"p_{c}" for c in classes])).unnest("probs")
+    else:
+        df = df.drop("probs")
+    df = df.drop("split")
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.write_csv(tmp)
+    tmp.replace(path)
+    console.print(f"wrote {df.height} rows ({split.value}) to {path}"
+                  + (f"; {missing} image(s) have no prediction yet: run `clipfuse predict` again" if missing else ""))
 
 
 @app.command()

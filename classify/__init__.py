@@ -2,9 +2,12 @@
 
 from clipfuse.classify.base import UNLABELED, create_head, get_head_class, list_heads, register_head
 from clipfuse.classify.ensemble import (
+    DEFAULT_HEADS,
     Ensemble,
+    HeadsConfig,
     WeightedFusion,
     create_ensemble,
+    create_ensemble_from_config,
     head_proba,
     load_ensemble,
     save_ensemble,
@@ -23,9 +26,9 @@ from clipfuse.classify.propagation import LabelPropagationHead
 from clipfuse.classify.selftrain import MeanTeacherHead, PseudoLabelHead
 
 __all__ = [
-    "UNLABELED", "Ensemble", "HeadUnavailableError", "KMeansVoteHead", "KnnCacheHead",
+    "DEFAULT_HEADS", "UNLABELED", "Ensemble", "HeadsConfig", "HeadUnavailableError", "KMeansVoteHead", "KnnCacheHead",
     "LabelPropagationHead", "LinearProbeHead", "MeanTeacherHead", "PseudoLabelHead",
-    "WeightedFusion", "ZeroShotHead", "class_similarity", "create_ensemble", "create_head",
+    "WeightedFusion", "ZeroShotHead", "class_similarity", "create_ensemble", "create_ensemble_from_config", "create_head",
     "expected_calibration_error", "get_head_class", "head_proba", "knn_graph", "list_heads",
     "load_ensemble", "plot_class_similarity", "plot_confusion", "register_head",
     "save_ensemble", "score_predictions",

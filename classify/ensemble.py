@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -241,10 +242,60 @@ class Ensemble:
         return self.fusion_.predict_proba(L, w), per_head
 
 
-def create_ensemble(names: list[str], n_classes: int, *, params: dict | None = None, **kwargs) -> Ensemble:
+def create_ensemble(names, n_classes: int, *, params: dict | None = None, **kwargs) -> Ensemble:
     """An :class:`Ensemble` of the registered heads ``names``; ``params[name]`` goes to that head."""
     params = params or {}
     return Ensemble({name: create_head(name, **params.get(name, {})) for name in names}, n_classes, **kwargs)
+
+
+DEFAULT_HEADS = ("zero-shot", "probe", "knn", "propagation", "kmeans", "pseudo", "mean-teacher")
+_TEXT_HEADS = ("zero-shot", "probe", "knn")  # heads that take class text embeddings
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Everything `train-heads` decides; written as config.json beside the saved heads."""
+
+    heads: tuple[str, ...] = DEFAULT_HEADS  # registered head names to fit
+    val_fraction: float = 0.2  # share of each class's labels held out for validation
+    seed: int = 0  # seed of the validation split, the folds and every head
+    n_folds: int = 5  # folds of the out-of-fold predictions the fusion learns from
+    refit: bool = True  # refit the heads on every label once validated
+    fusion_l2: float = 0.03  # pull of the fusion weights toward the best single head
+    graph: str = "auto"  # neighbour graph of label propagation: auto, exact, ivf, hnsw
+    n_neighbors: int | str = "auto"  # neighbours per row in that graph
+    probe_zero_shot_prior: bool = False  # regularise the linear probe toward the zero-shot weights
+    class_words: str | None = None  # YAML/JSON file of class words; None = folder names
+
+    def __post_init__(self):
+        from clipfuse.classify.base import list_heads
+
+        unknown = [h for h in self.heads if h not in list_heads()]
+        if unknown or not self.heads:
+            raise ValueError(f"unknown head(s) {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(list_heads())}.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1); got {self.val_fraction}.")
+
+
+def create_ensemble_from_config(config: HeadsConfig, n_classes: int,
+                                class_embeddings: np.ndarray | None = None) -> Ensemble:
+    """The :class:`Ensemble` a config describes; text-aware heads get ``class_embeddings``."""
+    params: dict[str, dict] = {name: {} for name in config.heads}
+    for name in _TEXT_HEADS:
+        if name in params:
+            params[name]["class_embeddings"] = class_embeddings
+    if "probe" in params:
+        params["probe"]["zero_shot_prior"] = config.probe_zero_shot_prior and class_embeddings is not None
+    if "propagation" in params:
+        params["propagation"].update(graph=config.graph, n_neighbors=config.n_neighbors,
+                                     random_state=config.seed)
+    for name in ("kmeans", "pseudo", "mean-teacher"):
+        if name in params:
+            params[name]["random_state"] = config.seed
+    return create_ensemble(list(config.heads), n_classes, params=params, val_fraction=config.val_fraction,
+                           seed=config.seed, n_folds=config.n_folds, refit=config.refit,
+                           fusion_l2=config.fusion_l2)
 
 
 # --- persistence: parameters as JSON, arrays as safetensors; nothing is unpickled -------------
@@ -284,6 +335,10 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
     arrays: dict[str, np.ndarray] = {}
     heads = {name: {"head": name, "state": _split_state(head, f"{name}.", arrays)}
              for name, head in ensemble.heads.items()}
+    for name, proba in ensemble.val_proba_.items():
+        arrays[f"_val.{name}"] = np.ascontiguousarray(proba)
+    arrays["_val_rows"] = np.asarray(ensemble.val_idx_, dtype=np.int64)
+    arrays["_train_rows"] = np.asarray(ensemble.train_idx_, dtype=np.int64)
     meta = {
         "format": 1,
         "n_classes": ensemble.n_classes,
@@ -348,4 +403,6 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
     ens.unavailable_ = meta["unavailable"]
     ens.val_scores_ = meta["val_scores"]
     ens.fit_seconds_ = meta["fit_seconds"]
+    ens.val_proba_ = {k[len("_val."):]: v for k, v in arrays.items() if k.startswith("_val.")}
+    ens.val_idx_, ens.train_idx_ = arrays["_val_rows"], arrays["_train_rows"]
     return ens, meta

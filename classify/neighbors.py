@@ -28,8 +28,8 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
     """Tip-Adapter's training-free cache: affinity to every labeled embedding.
 
     The labeled rows form a key/value cache. A query's class scores are
-    ``sum_i exp(-beta * (1 - cos(x, key_i))) * onehot(label_i)``, normalised by class
-    size, and, when ``class_embeddings`` are given, added to the zero-shot logits with
+    ``sum_i exp(-beta * (1 - cos(x, key_i)) / d) * onehot(label_i)``, normalised by class
+    size, where ``d`` is the mean cosine distance between labeled rows, and, when ``class_embeddings`` are given, added to the zero-shot logits with
     weight ``blend``. ``beta`` and ``blend`` are tuned by leave-one-out accuracy on the
     cache itself (each labeled row queried without its own entry), so no label is spent
     on a separate validation set; a temperature fitted on the same scores makes the
@@ -51,6 +51,8 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
     keys_ : ndarray of shape (n_labeled, n_features)
     values_ : ndarray of shape (n_labeled, n_classes)
     beta_, blend_, scale_ : float
+    distance_scale_ : float
+        Mean cosine distance between labeled rows (the unit of ``beta``).
     """
 
     def __init__(self, class_embeddings=None, beta="auto", blend="auto"):
@@ -59,7 +61,7 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
         self.blend = blend
 
     def _scores(self, S: np.ndarray, zs: np.ndarray | None, beta: float, blend: float) -> np.ndarray:
-        cache = np.exp(-beta * (1.0 - S)) @ self.values_
+        cache = np.exp(-beta * (1.0 - S) / self.distance_scale_) @ self.values_
         cache /= np.maximum(cache.sum(axis=1, keepdims=True), 1e-12)
         return cache if zs is None else blend * cache + zs
 
@@ -79,7 +81,11 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
             zs_logits = self.keys_ @ self.text_embeddings_.T
             self.zs_scale_ = fit_temperature(zs_logits, yl)
             zs = softmax(self.zs_scale_ * zs_logits.astype(np.float64))
-        S = self.keys_ @ self.keys_.T
+        S = self.keys_.astype(np.float64) @ self.keys_.T.astype(np.float64)
+        off_diagonal = 1.0 - S[~np.eye(len(S), dtype=bool)]
+        # beta is relative to the typical distance between labeled rows, so the same grid
+        # suits CLIP features (cosines spread over 0..1) and features packed in a narrow cone
+        self.distance_scale_ = float(max(np.mean(off_diagonal), 1e-6)) if off_diagonal.size else 1.0
         np.fill_diagonal(S, -np.inf)  # leave-one-out: exp(-inf) drops a row's own entry
         betas = BETA_GRID if self.beta == "auto" else (float(self.beta),)
         blends = (BLEND_GRID if self.blend == "auto" else (float(self.blend),)) if zs is not None else (1.0,)

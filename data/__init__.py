@@ -1,5 +1,6 @@
 """Find images and labels: folder layouts, the seeded 80/20 split, the demo sample."""
 
+from .classwords import default_class_words, load_class_words, readable_name
 from .demo import write_digits_dataset
 from .folders import (
     IMAGE_EXTENSIONS,
@@ -15,7 +16,7 @@ from .folders import (
 from .split import split_labeled
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SPLITS", "SPLIT_PRIORITY", "hash_bytes", "ImageFile", "ImageFolders", "list_images",
+    "IMAGE_EXTENSIONS", "SPLITS", "default_class_words", "load_class_words", "readable_name", "SPLIT_PRIORITY", "hash_bytes", "ImageFile", "ImageFolders", "list_images",
     "scan_folders",
     "scan_labeled", "split_labeled", "write_digits_dataset",
 ]

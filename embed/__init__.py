@@ -12,9 +12,10 @@ from .model import (
     hash_state_dict,
 )
 from .pipeline import ImageBatch, iter_image_batches
+from .prompts import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
+    "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_TEMPLATES", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
     "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image",
-    "hash_state_dict", "iter_image_batches", "read_image", "to_rgb",
+    "build_prompts", "class_text_embeddings", "hash_state_dict", "iter_image_batches", "read_image", "to_rgb",
 ]

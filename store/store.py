@@ -426,6 +426,38 @@ class Store:
         top = np.take_along_axis(top, order, axis=1)
         return ids[top].astype(str), np.take_along_axis(sims, top, axis=1).astype(np.float32)
 
+    # ---- classifier outputs ---------------------------------------------------------------------
+    def heads_folder(self, fingerprint: str | None = None) -> Path:
+        """Folder beside the tables where the heads fitted on a version are saved."""
+        if "://" in self.uri:
+            raise ValueError(f"store {self.uri!r} is not on disk, so trained heads can't be saved beside it; "
+                             "use a folder for --db.")
+        return Path(self.uri) / "_heads" / self.get_version(fingerprint)["fingerprint"]
+
+    def _predictions_name(self, version: dict) -> str:
+        return "predictions_" + version["table"].removeprefix("embeddings_")
+
+    def write_predictions(self, predictions: pa.Table, fingerprint: str | None = None) -> str:
+        """Replace the version's predictions table (one LanceDB commit); returns the table name.
+
+        ``predictions`` needs an ``id`` column; the other columns are the caller's.
+        """
+        if "id" not in predictions.column_names:
+            raise ValueError("a predictions table needs an 'id' column.")
+        name = self._predictions_name(self.get_version(fingerprint))
+        table = self._table(name)
+        if table is None:
+            self.db.create_table(name, predictions)
+        elif table.schema != predictions.schema:  # other heads, other columns
+            self.db.create_table(name, predictions, mode="overwrite")
+        else:
+            table.add(predictions, mode="overwrite")
+        return name
+
+    def predictions(self, fingerprint: str | None = None) -> pa.Table | None:
+        """The version's predictions table, or None before `clipfuse predict`."""
+        return self._read(self._predictions_name(self.get_version(fingerprint)))
+
     # ---- maintenance and summary ------------------------------------------------------------------
     def optimize(self) -> None:
         """Compact the small fragments that batched commits leave behind."""
