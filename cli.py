@@ -806,8 +806,10 @@ def demo(
     """Run the whole job on a real sample: sklearn's handwritten digits as PNG files.
 
     Writes 15 labeled images per class and the rest unlabeled into WORKDIR, indexes them
-    into WORKDIR/clipfuse.lance, and shows the neighbours of an unlabeled image. Uses
-    pretrained weights when they can be loaded, else says so loudly and uses random ones.
+    into WORKDIR/clipfuse.lance, shows the neighbours of an unlabeled image, trains every
+    classifier head and the fusion, scores them against the true classes of the unlabeled
+    images, and exports WORKDIR/predictions.csv. Uses pretrained weights when they can be
+    loaded, else says so loudly and uses random ones.
 
     Examples:
 
@@ -815,6 +817,8 @@ def demo(
 
         clipfuse demo --model ViT-B-32 --pretrained ~/weights/vit-b-32.safetensors
     """
+    import numpy as np
+
     from clipfuse.data import scan_folders, write_digits_dataset
     from clipfuse.embed import EmbedderConfig, PretrainedWeightsError
 
@@ -851,9 +855,39 @@ def demo(
                       f"{r['similarity']:.4f}")
     console.print(table)
     console.print(f"{agree} of {len(rows)} neighbours are of the query's true class ({truth[query_path]}).")
+
+    console.rule("[bold]classifier heads")
+    from clipfuse.classify import HeadsConfig
+
+    ensemble, es, folder = _train_heads(store, version, HeadsConfig(), device=device)
+    _print_training(ensemble, folder)
+    fused, per_head = ensemble.predict_proba(es.X, fit_rows=np.arange(len(es.ids)))
+    store.write_predictions(_predictions_table(es, fused, per_head, es.classes), version["fingerprint"])
+    _print_demo_accuracy(store, es, fused, per_head, truth)
+    export_path = workdir / "predictions.csv"
+    export(export_path, db=db, version=version["fingerprint"], split=ExportSplit.unlabeled, probs=False, force=True)
     console.print(f"demo done: {summary.found} images in {db} (version {embedder.fingerprint}, "
                   f"{'RANDOM weights' if embedder.info.random_weights else embedder.config.pretrained}). "
-                  f"Try: clipfuse neighbors {os.path.relpath(query_path)} --db {db}")
+                  f"Try: clipfuse neighbors {os.path.relpath(query_path)} --db {db}; "
+                  f"clipfuse evaluate --db {db}")
+
+
+def _print_demo_accuracy(store, es, fused, per_head, truth: dict) -> None:
+    """Accuracy of each head on the demo's unlabeled images, whose true classes the sample knows."""
+    import numpy as np
+
+    id_of = {r["path"]: r["id"] for r in store.images().select(["path", "id"]).to_pylist()}
+    row_of = {id_: i for i, id_ in enumerate(es.ids)}
+    class_index = {c: i for i, c in enumerate(es.classes)}
+    pairs = [(row_of[id_of[p]], class_index[c]) for p, c in truth.items() if id_of.get(p) in row_of]
+    rows, y = np.array([r for r, _ in pairs]), np.array([c for _, c in pairs])
+    table = Table(title=f"accuracy on the {len(rows)} unlabeled demo images (true classes from unlabeled_labels.csv)")
+    table.add_column("head")
+    table.add_column("accuracy", justify="right")
+    for head, P in {**per_head, "fused": fused}.items():
+        acc = float(np.mean(P[rows].argmax(axis=1) == y))
+        table.add_row(f"[bold]{head}[/]" if head == "fused" else head, f"{acc:.3f}")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _heatmap(matrix: np.ndarray, classes: list[str], path: Path, *, title: str, 
     ax.set_yticks(range(n), labels=classes, fontsize=max(5, 10 - n // 10))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if fmt is not None and n <= 20:
-        threshold = np.nanmax(matrix) / 2 if matrix.size else 0
+        threshold = (np.nanmin(matrix) + np.nanmax(matrix)) / 2 if matrix.size else 0
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,

@@ -172,3 +172,121 @@ def test_bad_values_and_unreadable_inputs(tmp_path, indexed, shapes_dir):
     (tmp_path / "afile").write_text("x")
     as_file = invoke("info", "--db", tmp_path / "afile")
     assert as_file.exit_code == 1 and "is a file" in as_file.output
+
+
+# ---- classifier stack -------------------------------------------------------------------------
+@pytest.fixture
+def three_splits(tmp_path, tiny_model):
+    """A store with labeled (8 per class), unlabeled (6 per class) and labeled test (3 per class) shapes."""
+    from conftest import write_shapes_folder
+
+    write_shapes_folder(tmp_path / "labeled", n_per_class=8, seed=0)
+    write_shapes_folder(tmp_path / "unlabeled", n_per_class=6, seed=1)
+    write_shapes_folder(tmp_path / "test", n_per_class=3, seed=2)
+    db = tmp_path / "store.lance"
+    result = invoke("index", tmp_path / "labeled", "--unlabeled", tmp_path / "unlabeled", "--test",
+                    tmp_path / "test", "--db", db, "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    return tmp_path, db
+
+
+def test_train_predict_evaluate_export(three_splits):
+    root, db = three_splits
+    result = invoke("train-heads", "--db", db, "--folds", 3)
+    assert result.exit_code == 0, result.output
+    for head in ("zero-shot", "probe", "knn", "propagation", "kmeans", "pseudo", "mean-teacher", "fused"):
+        assert head in result.output
+    assert "fused validation accuracy" in result.output
+    store = Store(db)
+    folder = store.heads_folder()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["n_folds"] == 3 and config["classes"] == ["blue", "green", "red"] and config["text_embeddings"]
+    assert (folder / "ensemble.safetensors").exists() and (folder / "fit_ids.npy").exists()
+
+    result = invoke("predict", "--db", db)
+    assert result.exit_code == 0, result.output
+    predictions = store.predictions()
+    assert predictions.num_rows == 24 + 18 + 9
+    assert {"id", "label", "confidence", "probs", "probs_propagation", "probs_zero_shot"} <= set(predictions.column_names)
+    probs = predictions["probs"].combine_chunks().flatten().to_numpy().reshape(-1, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+    out = root / "eval"
+    result = invoke("evaluate", "--db", db, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["validation"]) >= {"propagation", "fused"}
+    assert metrics["test"]["n"] == 9  # the labeled test folder is scored from the predictions
+    for png in ("confusion_val.png", "class_similarity.png", "confusion_test.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    csv = root / "predictions.csv"
+    result = invoke("export", csv, "--db", db)
+    assert result.exit_code == 0, result.output
+    df = pl.read_csv(csv)
+    assert df.columns == ["path", "id", "label", "confidence"] and df.height == 18
+    assert set(df["label"]) <= {"blue", "green", "red"}
+    assert all("/unlabeled/" in p for p in df["path"])
+    refused = invoke("export", csv, "--db", db, "--split", "test", "--probs")
+    assert refused.exit_code == 1 and "--force" in refused.output
+    assert pl.read_csv(csv).height == 18  # the existing file is untouched
+    result = invoke("export", csv, "--db", db, "--split", "test", "--probs", "--force")
+    assert result.exit_code == 0, result.output
+    df = pl.read_csv(csv)
+    assert df.height == 9 and df.columns[-3:] == ["p_blue", "p_green", "p_red"]
+    np.testing.assert_allclose(df.select(["p_blue", "p_green", "p_red"]).sum_horizontal(), 1.0, rtol=1e-5)
+
+
+def test_predict_covers_images_indexed_after_training(three_splits):
+    from conftest import write_shapes_folder
+
+    root, db = three_splits
+    assert invoke("train-heads", "--db", db, "--heads", "propagation,knn", "--folds", 2).exit_code == 0
+    write_shapes_folder(root / "later", n_per_class=2, seed=9)
+    assert invoke("index", "--unlabeled", root / "later", "--db", db).exit_code == 0
+    result = invoke("predict", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "(6 new since train-heads)" in result.output
+    assert Store(db).predictions().num_rows == 51 + 6
+
+
+def test_heads_commands_explain_what_is_missing(three_splits, tmp_path):
+    root, db = three_splits
+    result = invoke("predict", "--db", db)
+    assert result.exit_code == 1 and "run `clipfuse train-heads` first" in result.output
+    result = invoke("export", tmp_path / "x.csv", "--db", db)
+    assert result.exit_code == 1 and "run `clipfuse predict` first" in result.output
+    result = invoke("train-heads", "--db", db, "--heads", "probe,magic")
+    assert result.exit_code == 2 and "unknown head(s) magic" in result.output
+    words = tmp_path / "words.yaml"
+    words.write_text("red: [red circle, crimson disc]\npurple: violet\n")
+    result = invoke("train-heads", "--db", db, "--class-words", words)
+    assert result.exit_code == 1 and "purple" in result.output and "Known classes: blue, green, red" in result.output
+    words.write_text("red: [red circle, crimson disc]\nblue: a blue ball\n")
+    result = invoke("train-heads", "--db", db, "--class-words", words, "--heads", "zero-shot,probe", "--folds", 2)
+    assert result.exit_code == 0, result.output
+    assert "1 class(es) not in" in result.output and "green" in result.output
+
+
+def test_imported_vectors_without_a_model_skip_zero_shot(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(2, 8))
+    X = np.vstack([centers[i % 2] + 0.1 * rng.normal(size=8) for i in range(40)]).astype(np.float32)
+    np.save(tmp_path / "v.npy", X)
+    labels = ["a" if i % 2 == 0 else "b" for i in range(10)] + [None] * 30
+    pl.DataFrame({"id": [f"img{i}" for i in range(40)], "label": labels}).write_csv(tmp_path / "rows.csv")
+    db = tmp_path / "db"
+    assert invoke("import-embeddings", tmp_path / "v.npy", "--metadata", tmp_path / "rows.csv", "--db", db).exit_code == 0
+    result = invoke("train-heads", "--db", db, "--folds", 2)
+    assert result.exit_code == 0, result.output
+    assert "zero-shot skipped" in result.output and "imported without a model" in result.output
+    assert "fused validation accuracy 1.000" in result.output
+
+
+def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model):
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps long titles
+    assert "accuracy on the 1647 unlabeled demo images" in text
+    assert "fused" in text and "demo done" in text
+    assert pl.read_csv(tmp_path / "demo" / "predictions.csv").height == 1647

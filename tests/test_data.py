@@ -312,3 +312,36 @@ def test_digits_with_another_seed_leaves_no_stale_files(tmp_path):
     assert labeled_after != labeled_before and len(labeled_after) == 150
     names = [p.name for p in tmp_path.rglob("digit_*.png")]
     assert len(names) == len(set(names)) == 1797  # no digit both labeled and unlabeled
+
+
+def test_class_words_from_folder_names_and_files(tmp_path):
+    from clipfuse.data import default_class_words, load_class_words, readable_name
+
+    assert readable_name("golden_retriever") == "golden retriever"
+    assert readable_name("GoldenRetriever") == "golden retriever"
+    assert readable_name("sea-lion") == "sea lion"
+    classes = ["cat", "dog", "sea_lion"]
+    assert default_class_words(classes)["sea_lion"] == ["sea lion"]
+    yaml_file = tmp_path / "words.yaml"
+    yaml_file.write_text("cat: [cat, kitten]\ndog: puppy\n")
+    words, defaulted = load_class_words(yaml_file, classes)
+    assert words == {"cat": ["cat", "kitten"], "dog": ["puppy"], "sea_lion": ["sea lion"]}
+    assert defaulted == ["sea_lion"]
+    json_file = tmp_path / "words.json"
+    json_file.write_text('{"sea_lion": ["sea lion", "seal"]}')
+    assert load_class_words(json_file, classes)[0]["sea_lion"] == ["sea lion", "seal"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("- cat\n- dog\n", "must map class names to words"),
+    ("cow: [cow]\n", "names classes the store does not have: cow"),
+    ("cat: []\n", "needs a word or a list of non-empty words"),
+    ("cat: [cat\n", "can't parse class words file"),
+])
+def test_class_words_file_errors(tmp_path, content, message):
+    from clipfuse.data import load_class_words
+
+    path = tmp_path / "words.yaml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_class_words(path, ["cat", "dog"])

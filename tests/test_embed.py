@@ -472,3 +472,17 @@ def test_embedder_batches_match_encode_images(tiny_model, mixed_files):
     assert ids == [read_image(p)[0].id for p in good_paths]
     expected = emb.encode_images([read_image(p)[1] for p in good_paths])
     np.testing.assert_allclose(X, expected, atol=1e-5)
+
+
+def test_class_text_embeddings_average_the_prompts(embedder):
+    from clipfuse.embed import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
+
+    prompts = build_prompts(["cat", "kitten"], DEFAULT_TEMPLATES)
+    assert len(prompts) == 2 * len(DEFAULT_TEMPLATES) and prompts[0] == "a photo of a cat."
+    T = class_text_embeddings(embedder, ["cat", "dog"], {"cat": ["cat", "kitten"], "dog": ["dog"]})
+    assert T.shape == (2, 16) and T.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(T, axis=1), 1.0, atol=1e-5)
+    mean = embedder.encode_texts(prompts).mean(axis=0)
+    np.testing.assert_allclose(T[0], mean / np.linalg.norm(mean), atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        build_prompts(["cat"], ("a photo of {} and {}.",))

@@ -268,3 +268,22 @@ def test_stale_error_of_an_unchanged_file_is_cleared(tmp_path, embedder, shapes_
                                            "at": 0.0}])
     summary = _index(tmp_path / "db", embedder, shapes_dir)
     assert summary.unchanged == 12 and Store(tmp_path / "db").errors().num_rows == 0
+
+
+def test_predictions_table_is_replaced_per_version(tmp_path):
+    import pyarrow as pa
+
+    store = Store(tmp_path / "db")
+    _fake_version(store, 10, dim=4)
+    fp = "fake0"
+    assert store.predictions(fp) is None
+    store.write_predictions(pa.table({"id": ["a", "b"], "label": ["x", "y"]}), fp)
+    store.write_predictions(pa.table({"id": ["a"], "label": ["z"]}), fp)
+    assert store.predictions(fp).to_pylist() == [{"id": "a", "label": "z"}]
+    store.write_predictions(pa.table({"id": ["c"], "extra": [1.0]}), fp)  # other columns
+    assert store.predictions(fp).column_names == ["id", "extra"]
+    with pytest.raises(ValueError, match="'id' column"):
+        store.write_predictions(pa.table({"x": [1]}), fp)
+    assert store.heads_folder(fp) == tmp_path / "db" / "_heads" / fp
+    with pytest.raises(ValueError, match="not on disk"):
+        Store("memory://x").heads_folder()
