@@ -573,7 +573,7 @@ def train_heads(
         "prompts (default: the folder names).")] = None,
     val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each class's labels held out.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split, the folds and the heads.")] = 0,
-    folds: Annotated[int, typer.Option(min=2, help="Folds of the out-of-fold predictions the fusion learns from.")] = 5,
+    folds: Annotated[int, typer.Option(min=2, help="Folds of the out-of-fold predictions the fusion learns from.")] = 3,
     graph: Annotated[str, typer.Option(help="kNN graph of label propagation: auto, exact, ivf or hnsw.")] = "auto",
     probe_zero_shot_prior: Annotated[bool, typer.Option(
         help="Regularise the linear probe toward the zero-shot classifier.")] = False,

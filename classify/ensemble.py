@@ -130,7 +130,7 @@ class Ensemble:
     heads : dict of name -> estimator
     n_classes : int
     val_fraction, seed : split of the labeled rows
-    n_folds : int, default=5
+    n_folds : int, default=3
         Folds of the out-of-fold predictions the fusion learns from.
     refit : bool, default=True
     fusion_l2 : float, default=0.03
@@ -138,7 +138,7 @@ class Ensemble:
     """
 
     def __init__(self, heads: dict, n_classes: int, *, val_fraction: float = 0.2, seed: int = 0,
-                 n_folds: int = 5, refit: bool = True, fusion_l2: float = 0.03):
+                 n_folds: int = 3, refit: bool = True, fusion_l2: float = 0.03):
         self.heads = dict(heads)
         self.n_classes = n_classes
         self.val_fraction = val_fraction
@@ -259,7 +259,7 @@ class HeadsConfig:
     heads: tuple[str, ...] = DEFAULT_HEADS  # registered head names to fit
     val_fraction: float = 0.2  # share of each class's labels held out for validation
     seed: int = 0  # seed of the validation split, the folds and every head
-    n_folds: int = 5  # folds of the out-of-fold predictions the fusion learns from
+    n_folds: int = 3  # folds of the out-of-fold predictions the fusion learns from
     refit: bool = True  # refit the heads on every label once validated
     fusion_l2: float = 0.03  # pull of the fusion weights toward the best single head
     graph: str = "auto"  # neighbour graph of label propagation: auto, exact, ivf, hnsw

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
-from clipfuse.classify.base import l2_normalize, register_head, softmax, validate_semi_supervised
-from clipfuse.classify.linear import LinearProbeHead
+from clipfuse.classify.base import l2_normalize, register_head, softmax, to_float32, validate_semi_supervised
+from clipfuse.classify.linear import fit_softmax_regression, select_C
 from clipfuse.data.split import split_labeled
 
 
@@ -15,7 +16,7 @@ from clipfuse.data.split import split_labeled
 class PseudoLabelHead(ClassifierMixin, BaseEstimator):
     """Self-training with class-balanced pseudo-label growth around a linear probe.
 
-    Each round the probe labels the unlabeled rows and, for every class separately,
+    Each round the probe (warm-started from the previous round) labels the unlabeled rows and, for every class separately,
     the ``per_class`` most confident rows predicted as that class join the training set.
     The cap is per class, so an easy class cannot flood the set while a hard one starves.
     A seeded ``val_fraction`` of the labels is held out to watch accuracy; growth stops
@@ -26,8 +27,8 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
     ----------
     per_class : int or "auto", default="auto"
         Rows added per class per round; ``"auto"`` spreads half of the unlabeled rows
-        over ``max_rounds`` rounds (at least 5).
-    max_rounds : int, default=10
+        over ``max_rounds`` rounds, between 5 and 50 per class.
+    max_rounds : int, default=5
     patience : int, default=2
         Consecutive rounds below the best held-out accuracy before stopping; the rounds
         after the last best one (ties count as best) are dropped.
@@ -36,6 +37,9 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
     val_fraction : float, default=0.2
     C : float or "auto", default="auto"
         Regularisation of the probe (chosen once on the labeled rows).
+    round_iter : int, default=50
+        L-BFGS iterations per round; each round starts from the previous solution, so a
+        few dozen suffice.
     random_state : int, default=0
 
     Attributes
@@ -53,22 +57,26 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
         Rounds kept.
     """
 
-    def __init__(self, per_class="auto", max_rounds=10, patience=2, min_confidence=0.0,
-                 val_fraction=0.2, C="auto", random_state=0):
+    def __init__(self, per_class="auto", max_rounds=5, patience=2, min_confidence=0.0,
+                 val_fraction=0.2, C="auto", round_iter=50, random_state=0):
         self.per_class = per_class
         self.max_rounds = max_rounds
         self.patience = patience
         self.min_confidence = min_confidence
         self.val_fraction = val_fraction
         self.C = C
+        self.round_iter = round_iter
         self.random_state = random_state
 
-    def _grow(self, probe, X, pool, taken, per_class):
+    def _grow(self, model, X, pool, taken, per_class):
         """Pick up to ``per_class`` new rows per class from ``pool`` (rows not yet taken)."""
         free = pool[taken[pool] < 0]
         if len(free) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        P = probe.predict_proba(X[free])
+        W, b = model
+        P = np.empty((len(free), len(b)), dtype=np.float32)
+        for start in range(0, len(free), 65_536):
+            P[start:start + 65_536] = softmax((X[free[start:start + 65_536]] @ W.T + b).astype(np.float64))
         pred, conf = np.argmax(P, axis=1), np.max(P, axis=1)
         rows, labels = [], []
         for c in range(P.shape[1]):
@@ -85,23 +93,26 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
         pool = np.flatnonzero(y_index < 0)
         per_class = self.per_class
         if per_class == "auto":
-            per_class = max(5, len(pool) // (2 * n_classes * max(self.max_rounds, 1)))
+            per_class = int(np.clip(len(pool) // (2 * n_classes * max(self.max_rounds, 1)), 5, 50))
         train_idx, val_idx = split_labeled(y_index, val_fraction=self.val_fraction, seed=self.random_state)
-        C_ = LinearProbeHead(C=self.C)._select_C(X[train_idx], y_index[train_idx]) if n_classes > 1 else 1.0
+        C_ = float(self.C) if self.C != "auto" else select_C(X[train_idx], y_index[train_idx], n_classes)
 
-        def train(extra_rows, extra_labels, base_idx):
+        def train(base_idx, extra_rows, extra_labels, init=None):
             rows = np.concatenate([base_idx, extra_rows])
             labels = np.concatenate([y_index[base_idx], extra_labels])
-            return LinearProbeHead(C=C_).fit(X[rows], labels)
+            W, b, _ = fit_softmax_regression(X[rows], labels, n_classes, C=C_, init=init,
+                                             max_iter=500 if init is None else self.round_iter)
+            return W, b
 
         def accuracy(model):
             if len(val_idx) == 0:
                 return 0.0
-            return float(np.mean(model.predict(X[val_idx]) == y_index[val_idx]))
+            W, b = model
+            return float(np.mean(np.argmax(X[val_idx] @ W.T + b, axis=1) == y_index[val_idx]))
 
         taken = np.full(len(X), -1, dtype=np.int64)  # class index given to each grown row
         taken_round = np.zeros(len(X), dtype=np.int64)
-        model = train(np.zeros(0, np.int64), np.zeros(0, np.int64), train_idx)
+        model = train(train_idx, np.zeros(0, np.int64), np.zeros(0, np.int64))
         history, counts, best_round, stale = [accuracy(model)], [], 0, 0
         for round_ in range(1, self.max_rounds + 1):
             rows, labels = self._grow(model, X, pool, taken, per_class)
@@ -110,7 +121,7 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
             taken[rows], taken_round[rows] = labels, round_
             counts.append(np.bincount(labels, minlength=n_classes))
             grown = np.flatnonzero(taken >= 0)
-            model = train(grown, taken[grown], train_idx)
+            model = train(train_idx, grown, taken[grown], init=model)
             history.append(accuracy(model))
             if history[-1] >= history[best_round]:  # ties keep growing: same accuracy, more coverage
                 best_round, stale = round_, 0
@@ -120,8 +131,8 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
                     break
         kept = np.where((taken >= 0) & (taken_round <= best_round), taken, -1)
         labeled, extra = np.flatnonzero(y_index >= 0), np.flatnonzero(kept >= 0)
-        final = train(extra, kept[extra], labeled)
-        self.coef_, self.intercept_, self.C_ = final.coef_, final.intercept_, C_
+        self.coef_, self.intercept_ = train(labeled, extra, kept[extra], init=model)
+        self.C_ = C_
         self.pseudo_labels_ = kept
         self.pseudo_counts_ = np.array(counts[:best_round], dtype=np.int64).reshape(-1, n_classes)
         self.history_ = np.array(history)
@@ -158,8 +169,8 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
 
     Parameters
     ----------
-    hidden : int, default=256
-    steps : int, default=1000
+    hidden : int, default=128
+    steps : int, default=500
         Optimiser steps (Adam).
     batch_size : int, default=128
         Labeled and unlabeled rows per step, each.
@@ -182,7 +193,7 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
         Supervised loss of the student at each step.
     """
 
-    def __init__(self, hidden=256, steps=1000, batch_size=128, learning_rate=1e-3,
+    def __init__(self, hidden=128, steps=500, batch_size=128, learning_rate=1e-3,
                  weight_decay=1e-4, ema=0.99, noise=0.3, consistency=10.0, random_state=0):
         self.hidden = hidden
         self.steps = steps
@@ -214,6 +225,15 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
         sigma = np.float32(self.noise / np.sqrt(dim))
         ramp = max(1, self.steps // 4)
         losses = np.empty(self.steps)
+        with threadpool_limits(1, user_api="blas"):  # small products: spinning BLAS threads cost more
+            self._train(X, y_index, labeled, unlabeled, student, teacher, moments, sigma, ramp, losses, rng)
+        self.teacher_ = teacher
+        self.loss_curve_ = losses
+        return self
+
+    def _train(self, X, y_index, labeled, unlabeled, student, teacher, moments, sigma, ramp, losses, rng):
+        """The optimisation loop: AdamW on the student, EMA into the teacher, in place."""
+        dim, n_classes = X.shape[1], student["b2"].shape[0]
         for step in range(1, self.steps + 1):
             li = rng.choice(labeled, size=self.batch_size)
             ui = rng.choice(unlabeled, size=self.batch_size)
@@ -234,7 +254,7 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
             G[:B] /= B
             g = 2.0 * w * (P[B:] - Q) / (B * n_classes)  # d(mean squared error)/dP
             G[B:] = P[B:] * (g - np.sum(g * P[B:], axis=1, keepdims=True))
-            G = G.astype(np.float32)
+            G = to_float32(G)
             dH = (G @ student["W2"].T) * (H > 0)
             grads = {"W2": H.T @ G, "b2": G.sum(axis=0), "W1": xb.T @ dH, "b1": dH.sum(axis=0)}
             lr = self.learning_rate
@@ -250,9 +270,6 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
             for k in teacher:
                 teacher[k] *= decay
                 teacher[k] += (1.0 - decay) * student[k]
-        self.teacher_ = teacher
-        self.loss_curve_ = losses
-        return self
 
     def predict_proba(self, X):
         """Class probabilities of the teacher, shape (n_samples, n_classes)."""
