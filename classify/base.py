@@ -45,9 +45,14 @@ def create_head(name: str, **params):
 
 
 def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    """Rows scaled to unit length (zero rows stay zero), as float32.
+
+    Rows that already have unit length (the store's vectors) are returned without a copy.
+    """
     X = np.asarray(X, dtype=np.float32)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
+    if np.all(np.abs(norms - 1.0) < 1e-4):
+        return X
     return X / np.maximum(norms, 1e-12)
 
 

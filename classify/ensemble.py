@@ -53,6 +53,7 @@ class WeightedFusion:
         temps = np.array([fit_temperature(L[:, h], y) for h in range(n_heads)])
         nll = [-np.mean(np.log(np.maximum(softmax(temps[h] * L[:, h])[rows, y], 1e-300)))
                for h in range(n_heads)]
+        self.temperatures_ = temps
         self.best_head_ = int(np.argmin(nll))
         prior = np.zeros(n_heads)
         prior[self.best_head_] = temps[self.best_head_]
@@ -67,6 +68,16 @@ class WeightedFusion:
         res = minimize(objective, prior.copy(), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * n_heads)
         self.weights_ = res.x
         return self
+
+    def weights_for(self, heads: list[int]) -> np.ndarray:
+        """Weights to fuse only ``heads`` (indices): the learned ones, unless the heads that
+        carried the weight are missing (the subset holds under half of it); then each head
+        at its own calibrated temperature, averaged."""
+        heads = list(heads)
+        w = self.weights_[heads]
+        if w.sum() >= 0.5 * self.weights_.sum():
+            return w
+        return self.temperatures_[heads] / len(heads)
 
     def predict_proba(self, log_probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         w = self.weights_ if weights is None else weights
@@ -226,7 +237,7 @@ class Ensemble:
 
         ``fit_rows[i]`` is the row of ``X[i]`` in the fitted matrix (-1 for new rows): it
         lets transductive heads answer with their propagated labels. ``heads`` limits the
-        fusion to those heads (the weights of the others are dropped, not renormalised).
+        fusion to those heads (see :meth:`WeightedFusion.weights_for`).
 
         Returns
         -------
@@ -238,7 +249,7 @@ class Ensemble:
             raise ValueError(f"None of the heads {heads} is fitted; fitted heads: {', '.join(self.head_names_)}.")
         per_head = {h: head_proba(self.heads[h], X, self.n_classes, fit_rows) for h in names}
         L = np.stack([_log(per_head[h]) for h in names], axis=1)
-        w = np.array([self.weights_[h] for h in names])
+        w = self.fusion_.weights_for([self.head_names_.index(h) for h in names])
         return self.fusion_.predict_proba(L, w), per_head
 
 
@@ -348,6 +359,7 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
         "refit": ensemble.refit,
         "fusion_l2": ensemble.fusion_l2,
         "weights": ensemble.weights_,
+        "temperatures": dict(zip(ensemble.head_names_, map(float, ensemble.fusion_.temperatures_))),
         "unavailable": ensemble.unavailable_,
         "val_scores": ensemble.val_scores_,
         "fit_seconds": ensemble.fit_seconds_,
@@ -400,6 +412,7 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
     ens.head_names_ = list(heads)
     ens.fusion_ = WeightedFusion(meta["fusion_l2"])
     ens.fusion_.weights_ = np.array([meta["weights"][h] for h in heads])
+    ens.fusion_.temperatures_ = np.array([meta["temperatures"][h] for h in heads])
     ens.unavailable_ = meta["unavailable"]
     ens.val_scores_ = meta["val_scores"]
     ens.fit_seconds_ = meta["fit_seconds"]

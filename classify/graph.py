@@ -30,43 +30,81 @@ def _exact(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, sim
 
 
-def _ivf(X: np.ndarray, k: int, *, n_lists: int | None, n_probe: int, seed: int):
-    """Exact search restricted to the ``n_probe`` k-means cells nearest each cell's centroid.
+_CLUSTER_CACHE: dict = {}
 
-    Rows are grouped by cell, so each cell is one matrix product against its candidate
-    rows: BLAS does the work instead of a per-query loop.
+
+def cluster_rows(X: np.ndarray, n_clusters: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k-means++ centroids of ``X`` and the nearest centroid of every row.
+
+    Lloyd's k-means runs on a seeded sample of at most ``32 * n_clusters`` rows (15
+    iterations); every row is then assigned by one blocked matrix product. The result is
+    cached per (content of ``X``, ``n_clusters``, ``seed``), so the label-propagation graph
+    and the k-means voting head share one clustering, and refits with other labels reuse it.
+
+    Returns
+    -------
+    centroids : ndarray of shape (n_clusters, dim), float32
+    assign : ndarray of shape (n_samples,), int64
     """
-    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.cluster import KMeans
 
+    from clipfuse.classify.base import array_digest
+
+    key = (array_digest(X), int(n_clusters), int(seed))
+    if key in _CLUSTER_CACHE:
+        return _CLUSTER_CACHE[key]
     n = len(X)
-    n_lists = n_lists or int(np.clip(2 * np.sqrt(n), 8, 4096))
-    n_probe = min(n_probe, n_lists)
-    sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * n_lists), replace=False)
-    km = MiniBatchKMeans(n_clusters=n_lists, batch_size=4096, n_init=1, max_iter=20,
-                         random_state=seed).fit(X[sample])
+    n_clusters = max(1, min(int(n_clusters), n))
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 32 * n_clusters), replace=False))
+    km = KMeans(n_clusters=n_clusters, n_init=1, max_iter=15, random_state=seed).fit(X[sample])
     centroids = km.cluster_centers_.astype(np.float32)
+    half_norms = 0.5 * np.sum(centroids ** 2, axis=1)
     assign = np.empty(n, dtype=np.int64)
-    for start in range(0, n, 16_384):  # nearest centroid = largest dot minus half its norm²
-        block = X[start:start + 16_384] @ centroids.T - 0.5 * np.sum(centroids ** 2, axis=1)
-        assign[start:start + 16_384] = np.argmax(block, axis=1)
+    for start in range(0, n, 16_384):  # nearest centroid = largest dot minus half its squared norm
+        assign[start:start + 16_384] = np.argmax(X[start:start + 16_384] @ centroids.T - half_norms, axis=1)
+    _CLUSTER_CACHE.clear()  # keep one clustering: the current store's
+    _CLUSTER_CACHE[key] = (centroids, assign)
+    return centroids, assign
+
+
+def _ivf(X: np.ndarray, k: int, *, n_lists: int | None, candidates: int, seed: int):
+    """Exact search among the rows of the k-means cells nearest each cell's centroid.
+
+    Rows are grouped by cell, so each cell is a few matrix products against its candidate
+    rows: BLAS does the work instead of a per-query loop. A cell's candidates are its own
+    rows plus those of the next-nearest cells until there are at least ``candidates``, so
+    the cost stays near ``n * candidates`` however unevenly the cells fill.
+    """
+    n = len(X)
+    n_lists = n_lists or int(np.clip(np.sqrt(n), 8, 4096))
+    centroids, assign = cluster_rows(X, n_lists, seed=seed)
+    n_lists = len(centroids)
     order = np.argsort(assign, kind="stable")
     bounds = np.searchsorted(assign[order], np.arange(n_lists + 1))
+    sizes = np.diff(bounds)
     cc = centroids @ centroids.T - 0.5 * np.sum(centroids ** 2, axis=1)
-    probes = np.argsort(-cc, axis=1)[:, :n_probe]
+    np.fill_diagonal(cc, np.inf)  # a cell is always its own first probe
+    ranked = np.argsort(-cc, axis=1)
 
     idx = np.full((n, k), -1, dtype=np.int64)
     sim = np.full((n, k), -np.inf, dtype=np.float32)
     for cell in range(n_lists):
-        members = order[bounds[cell]:bounds[cell + 1]]
-        if len(members) == 0:
+        if sizes[cell] == 0:
             continue
-        cand = np.concatenate([order[bounds[c]:bounds[c + 1]] for c in probes[cell]])
-        S = X[members] @ X[cand].T
-        S[members[:, None] == cand[None, :]] = -np.inf
-        kk = min(k, len(cand))
-        pos, vals = _top_k(S, kk)
-        idx[members, :kk] = cand[pos]
-        sim[members, :kk] = vals
+        n_probe = int(np.searchsorted(np.cumsum(sizes[ranked[cell]]), candidates)) + 1
+        cand = np.concatenate([order[bounds[c]:bounds[c + 1]] for c in ranked[cell, :n_probe]])
+        Xc = X[cand]
+        kk = min(k, len(cand) - 1)
+        if kk < 1:
+            continue
+        for lo in range(0, sizes[cell], 1024):  # bounded memory for crowded cells
+            hi = min(lo + 1024, sizes[cell])
+            members = cand[lo:hi]  # the cell's own rows come first among its candidates
+            S = X[members] @ Xc.T
+            S[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # no self-loops
+            pos, vals = _top_k(S, kk)
+            idx[members, :kk] = cand[pos]
+            sim[members, :kk] = vals
     return idx, sim
 
 
@@ -89,7 +127,7 @@ def _hnsw(X: np.ndarray, k: int, *, seed: int, ef: int, m: int):
 
 
 def knn_graph(X: np.ndarray, k: int, *, method: str = "auto", n_lists: int | None = None,
-              n_probe: int = 8, ef: int = 64, m: int = 16, seed: int = 0
+              candidates: int = 2048, ef: int = 64, m: int = 16, seed: int = 0
               ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest other rows of every row of ``X`` by inner product.
 
@@ -101,9 +139,10 @@ def knn_graph(X: np.ndarray, k: int, *, method: str = "auto", n_lists: int | Non
         Neighbours per row; clipped to ``n_samples - 1``.
     method : {"auto", "exact", "ivf", "hnsw"}, default="auto"
         ``exact`` compares all pairs in blocks (cost grows with n²); ``ivf`` searches
-        each k-means cell against its ``n_probe`` nearest cells with one matrix product
-        per cell; ``hnsw`` queries an hnswlib graph. ``auto`` is exact up to 20,000 rows
-        and ``ivf`` above.
+        each of ``n_lists`` (default ``sqrt(n)``) k-means cells against at least
+        ``candidates`` rows of the cells nearest it, with matrix products; ``hnsw``
+        queries an hnswlib graph (``ef``, ``m``). ``auto`` is exact up to 20,000 rows and
+        ``ivf`` above.
 
     Returns
     -------
@@ -125,7 +164,7 @@ def knn_graph(X: np.ndarray, k: int, *, method: str = "auto", n_lists: int | Non
     if method == "exact":
         return _exact(X, k)
     if method == "ivf":
-        return _ivf(X, k, n_lists=n_lists, n_probe=n_probe, seed=seed)
+        return _ivf(X, k, n_lists=n_lists, candidates=max(candidates, k + 1), seed=seed)
     if method == "hnsw":
         return _hnsw(X, k, seed=seed, ef=ef, m=m)
     raise ValueError(f"Unknown graph method {method!r}; choose auto, exact, ivf or hnsw.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from clipfuse.classify.base import (
@@ -17,6 +16,7 @@ from clipfuse.classify.base import (
     softmax,
     validate_semi_supervised,
 )
+from clipfuse.classify.graph import cluster_rows
 from clipfuse.classify.linear import _labeled_in_range, check_class_embeddings
 
 BETA_GRID = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 25.0)
@@ -103,14 +103,14 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes)."""
         check_is_fitted(self)
-        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False)).astype(np.float64)
-        zs = None
-        if hasattr(self, "text_embeddings_"):
-            zs = softmax(self.zs_scale_ * (X @ self.text_embeddings_.T.astype(np.float64)))
+        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        keys = self.keys_.T.astype(np.float64)
+        text = self.text_embeddings_.T.astype(np.float64) if hasattr(self, "text_embeddings_") else None
         out = np.empty((len(X), len(self.classes_)))
-        for start in range(0, len(X), 8192):
-            scores = self._scores(X[start:start + 8192] @ self.keys_.T.astype(np.float64),
-                                  None if zs is None else zs[start:start + 8192], self.beta_, self.blend_)
+        for start in range(0, len(X), 8192):  # float64 in blocks: exact enough, bounded memory
+            Xb = X[start:start + 8192].astype(np.float64)
+            zs = None if text is None else softmax(self.zs_scale_ * (Xb @ text))
+            scores = self._scores(Xb @ keys, zs, self.beta_, self.blend_)
             out[start:start + 8192] = softmax(self.scale_ * np.log(np.maximum(scores, 1e-12)))
         return out
 
@@ -123,8 +123,9 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
 class KMeansVoteHead(ClassifierMixin, BaseEstimator):
     """k-means cluster voting: an image takes the class mix of the clusters it falls in.
 
-    Clusters all rows (labeled and unlabeled) with k-means++ (MiniBatchKMeans above
-    10,000 rows). Each cluster's class distribution counts its labeled members (divided
+    Clusters all rows (labeled and unlabeled) with k-means++ (Lloyd's algorithm on a
+    sample of at most 32 rows per cluster, then every row assigned; the clustering is
+    shared with the label-propagation graph). Each cluster's class distribution counts its labeled members (divided
     by class size), then is smoothed by label propagation over the graph of centroids,
     so a cluster without labels inherits from similar clusters. A row's vote mixes the
     distributions of its ``n_nearest`` centroids, weighted by a softmax of cosine
@@ -159,40 +160,46 @@ class KMeansVoteHead(ClassifierMixin, BaseEstimator):
         self.alpha = alpha
         self.random_state = random_state
 
-    def _centroids(self, X: np.ndarray, n_classes: int) -> np.ndarray:
-        """Unit-length k-means centroids of ``X``, reused when the same rows are fitted again."""
+    def _clusters(self, X: np.ndarray, n_classes: int):
+        """Centroids, row assignment and each row's soft vote weights (label-free, so cached)."""
         n = len(X)
         k = self.n_clusters
         if k == "auto":
             k = int(min(max(np.sqrt(n), 2 * n_classes), n // 2, 4096))
         k = max(1, min(int(k), n))
-        key = (k, self.random_state, array_digest(X))
-        cached = getattr(self, "_centroid_cache", None)
+        key = (k, self.n_nearest, self.temperature, self.random_state, array_digest(X))
+        cached = getattr(self, "_cluster_cache", None)
         if cached is None or cached[0] != key:
-            if n > 10_000:
-                km = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=1, max_iter=20,
-                                     random_state=self.random_state).fit(X)
-            else:
-                km = KMeans(n_clusters=k, n_init=1, random_state=self.random_state).fit(X)
-            self._centroid_cache = (key, l2_normalize(km.cluster_centers_))
-        return self._centroid_cache[1]
+            centroids, assign = cluster_rows(X, k, seed=self.random_state)
+            centroids = l2_normalize(centroids)
+            self._cluster_cache = (key, centroids, assign, *self._soft_assign(X, centroids))
+        return self._cluster_cache[1:]
 
-    def _votes(self, X: np.ndarray) -> np.ndarray:
-        m = min(self.n_nearest, len(self.cluster_centers_))
-        out = np.empty((len(X), len(self.classes_)))
+    def _soft_assign(self, X: np.ndarray, centroids: np.ndarray):
+        """The ``n_nearest`` centroids of each row and their softmax(cos / temperature) weights."""
+        m = min(self.n_nearest, len(centroids))
+        top = np.empty((len(X), m), dtype=np.int64)
+        weights = np.empty((len(X), m))
         for start in range(0, len(X), 16_384):
-            S = X[start:start + 16_384] @ self.cluster_centers_.T
-            top = np.argpartition(-S, m - 1, axis=1)[:, :m]
-            w = softmax(np.take_along_axis(S, top, axis=1).astype(np.float64) / self.temperature)
-            out[start:start + 16_384] = np.einsum("nm,nmc->nc", w, self.cluster_distributions_[top])
+            S = X[start:start + 16_384] @ centroids.T
+            t = np.argpartition(-S, m - 1, axis=1)[:, :m]
+            top[start:start + 16_384] = t
+            weights[start:start + 16_384] = softmax(np.take_along_axis(S, t, axis=1).astype(np.float64)
+                                                    / self.temperature)
+        return top, weights
+
+    def _votes(self, top: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        out = np.empty((len(top), len(self.classes_)))
+        for start in range(0, len(top), 65_536):
+            out[start:start + 65_536] = np.einsum("nm,nmc->nc", weights[start:start + 65_536],
+                                                  self.cluster_distributions_[top[start:start + 65_536]])
         return normalize_rows(out)
 
     def fit(self, X, y):
         X, y, y_index = validate_semi_supervised(self, X, y)
         X = l2_normalize(X)
         n_classes = len(self.classes_)
-        C = self._centroids(X, n_classes)
-        assign = np.argmax(X @ C.T, axis=1)
+        C, assign, top, weights = self._clusters(X, n_classes)
         labeled = y_index >= 0
         counts = np.bincount(y_index[labeled], minlength=n_classes)
         seeds = np.zeros((len(C), n_classes))
@@ -209,14 +216,14 @@ class KMeansVoteHead(ClassifierMixin, BaseEstimator):
             seeds = np.linalg.solve(np.eye(len(C)) - self.alpha * W, seeds)
         self.cluster_centers_ = C
         self.cluster_distributions_ = normalize_rows(seeds)
-        self.label_distributions_ = self._votes(X)
+        self.label_distributions_ = self._votes(top, weights).astype(np.float32)
         return self
 
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes)."""
         check_is_fitted(self)
         X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
-        return self._votes(X)
+        return self._votes(*self._soft_assign(X, self.cluster_centers_))
 
     def predict(self, X):
         proba = self.predict_proba(X)
