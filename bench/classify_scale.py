@@ -40,10 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=48)
     p.add_argument("--labels", type=int, default=15, help="labeled rows per class")
     p.add_argument("--modes", type=int, default=4, help="sub-clusters per class")
-    p.add_argument("--noise", type=float, default=2.6,
+    p.add_argument("--noise", type=float, default=2.4,
                    help="noise norm relative to the sub-cluster centre (higher = harder)")
     p.add_argument("--spreading-n", type=int, default=50_000, help="rows of the LabelSpreading comparison")
     p.add_argument("--skip-spreading", action="store_true")
+    p.add_argument("--skip-stack", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -190,7 +191,8 @@ def run_spreading(args) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rss = PeakRSS()
-    run_stack(args, rss)
+    if not args.skip_stack:
+        run_stack(args, rss)
     if not args.skip_spreading:
         run_spreading(args)
     rss.stop()

@@ -65,6 +65,17 @@ def array_digest(X: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def linear_logits(X: np.ndarray, W: np.ndarray, b: np.ndarray | float = 0.0, *, block: int = 8192) -> np.ndarray:
+    """``X @ W.T + b`` in float64, a block of rows at a time (exact for any batch size, small
+    temporaries), shape (n_samples, n_outputs)."""
+    Wt = np.asarray(W, dtype=np.float64).T
+    out = np.empty((len(X), Wt.shape[1]))
+    for start in range(0, len(X), block):
+        out[start:start + block] = np.asarray(X[start:start + block], dtype=np.float64) @ Wt
+    out += b
+    return out
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, stable for large logits."""
     z = logits - logits.max(axis=1, keepdims=True)

@@ -85,13 +85,13 @@ class WeightedFusion:
 
 
 def head_proba(head, X: np.ndarray, n_classes: int, fit_rows: np.ndarray | None = None) -> np.ndarray:
-    """A head's probabilities over all ``n_classes`` class indices, shape (n_samples, n_classes).
+    """A head's probabilities over all ``n_classes`` class indices, float32 (n_samples, n_classes).
 
     Rows with ``fit_rows >= 0`` take the head's transductive soft label of that fitted row
     when it has one (``label_distributions_``), the others go through ``predict_proba``.
     Classes the head never saw get probability 0.
     """
-    out = np.zeros((len(X), n_classes))
+    out = np.zeros((len(X), n_classes), dtype=np.float32)
     cols = np.asarray(head.classes_)
     done = np.zeros(len(X), dtype=bool)
     if fit_rows is not None and hasattr(head, "label_distributions_"):
@@ -104,7 +104,7 @@ def head_proba(head, X: np.ndarray, n_classes: int, fit_rows: np.ndarray | None 
 
 def _log(P: np.ndarray) -> np.ndarray:
     """Log-probabilities with a floor, renormalised so that zero-probability classes stay finite."""
-    P = np.maximum(P, _EPS)
+    P = np.maximum(np.asarray(P, dtype=np.float64), _EPS)
     return np.log(P / P.sum(axis=1, keepdims=True))
 
 
@@ -241,16 +241,19 @@ class Ensemble:
 
         Returns
         -------
-        fused : ndarray of shape (n_samples, n_classes)
-        per_head : dict of name -> ndarray of shape (n_samples, n_classes)
+        fused : ndarray of shape (n_samples, n_classes), float32
+        per_head : dict of name -> ndarray of shape (n_samples, n_classes), float32
         """
         names = [h for h in self.head_names_ if heads is None or h in heads]
         if not names:
             raise ValueError(f"None of the heads {heads} is fitted; fitted heads: {', '.join(self.head_names_)}.")
         per_head = {h: head_proba(self.heads[h], X, self.n_classes, fit_rows) for h in names}
-        L = np.stack([_log(per_head[h]) for h in names], axis=1)
         w = self.fusion_.weights_for([self.head_names_.index(h) for h in names])
-        return self.fusion_.predict_proba(L, w), per_head
+        fused = np.empty((len(X), self.n_classes), dtype=np.float32)
+        for start in range(0, len(X), 65_536):  # bounded temporaries at store scale
+            L = np.stack([_log(per_head[h][start:start + 65_536]) for h in names], axis=1)
+            fused[start:start + 65_536] = self.fusion_.predict_proba(L, w)
+        return fused, per_head
 
 
 def create_ensemble(names, n_classes: int, *, params: dict | None = None, **kwargs) -> Ensemble:

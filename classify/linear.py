@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from clipfuse.classify.base import (
     fit_temperature,
     l2_normalize,
+    linear_logits,
     one_hot,
     register_head,
     softmax,
@@ -97,7 +98,7 @@ class ZeroShotHead(ClassifierMixin, BaseEstimator):
     def _logits(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return self.scale_ * (l2_normalize(X).astype(np.float64) @ self.text_embeddings_.T.astype(np.float64))
+        return self.scale_ * linear_logits(l2_normalize(X), self.text_embeddings_)
 
     def predict_proba(self, X):
         """Softmax of the scaled cosine logits, shape (n_samples, n_classes)."""
@@ -239,7 +240,7 @@ class LinearProbeHead(ClassifierMixin, BaseEstimator):
     def _logits(self, X):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return l2_normalize(X).astype(np.float64) @ self.coef_.T.astype(np.float64) + self.intercept_
+        return linear_logits(l2_normalize(X), self.coef_, self.intercept_)
 
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes)."""

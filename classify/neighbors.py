@@ -167,10 +167,11 @@ class KMeansVoteHead(ClassifierMixin, BaseEstimator):
         if k == "auto":
             k = int(min(max(np.sqrt(n), 2 * n_classes), n // 2, 4096))
         k = max(1, min(int(k), n))
-        key = (k, self.n_nearest, self.temperature, self.random_state, array_digest(X))
+        digest = array_digest(X)
+        key = (k, self.n_nearest, self.temperature, self.random_state, digest)
         cached = getattr(self, "_cluster_cache", None)
         if cached is None or cached[0] != key:
-            centroids, assign = cluster_rows(X, k, seed=self.random_state)
+            centroids, assign = cluster_rows(X, k, seed=self.random_state, digest=digest)
             centroids = l2_normalize(centroids)
             self._cluster_cache = (key, centroids, assign, *self._soft_assign(X, centroids))
         return self._cluster_cache[1:]

@@ -135,8 +135,9 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
             Z[y_index >= 0, y_index[y_index >= 0]] = 1.0
             self.n_iter_ = 0
         else:
-            indices, sims = self._graph(X, n_classes)
-            W, perm = self._affinity(X, indices, sims)
+            digest = array_digest(X)
+            indices, sims = self._graph(X, n_classes, digest)
+            W, perm = self._affinity(X, indices, sims, digest)
             Y = np.zeros((len(X), n_classes), dtype=np.float32)
             labeled = np.flatnonzero(y_index >= 0)
             counts = np.bincount(y_index[labeled], minlength=n_classes).astype(np.float32)
@@ -156,7 +157,7 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         self.X_fit_ = X
         return self
 
-    def _affinity(self, X: np.ndarray, indices: np.ndarray, sims: np.ndarray):
+    def _affinity(self, X: np.ndarray, indices: np.ndarray, sims: np.ndarray, digest: str):
         """The normalised affinity with rows in k-means cell order, and that order.
 
         Neighbours then sit in nearby rows, which makes the sparse products cache-friendly.
@@ -167,7 +168,8 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         if cached is None or cached[0] != key:
             perm = np.arange(len(X))
             if len(X) > EXACT_MAX_ROWS:
-                _, assign = cluster_rows(X, int(np.clip(np.sqrt(len(X)), 8, 4096)), seed=self.random_state)
+                _, assign = cluster_rows(X, int(np.clip(np.sqrt(len(X)), 8, 4096)), seed=self.random_state,
+                                         digest=digest)
                 perm = np.argsort(assign, kind="stable")
             inverse = np.empty_like(perm)
             inverse[perm] = np.arange(len(perm))
@@ -176,15 +178,15 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
             self._affinity_cache = (key, W, perm)
         return self._affinity_cache[1], self._affinity_cache[2]
 
-    def _graph(self, X: np.ndarray, n_classes: int):
+    def _graph(self, X: np.ndarray, n_classes: int, digest: str):
         """The neighbour graph of ``X``, reused when the same rows are fitted again."""
         k = self.n_neighbors
         if k == "auto":
             k = int(np.clip(len(X) // (20 * n_classes), 10, 50))
-        key = (k, self.graph, self.random_state, array_digest(X))
+        key = (k, self.graph, self.random_state, digest)
         cached = getattr(self, "_graph_cache", None)
         if cached is None or cached[0] != key:
-            self._graph_cache = (key, knn_graph(X, k, method=self.graph, seed=self.random_state))
+            self._graph_cache = (key, knn_graph(X, k, method=self.graph, seed=self.random_state, digest=digest))
         return self._graph_cache[1]
 
     @staticmethod

@@ -7,7 +7,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
-from clipfuse.classify.base import l2_normalize, register_head, softmax, to_float32, validate_semi_supervised
+from clipfuse.classify.base import (
+    l2_normalize,
+    linear_logits,
+    register_head,
+    softmax,
+    to_float32,
+    validate_semi_supervised,
+)
 from clipfuse.classify.linear import fit_softmax_regression, select_C
 from clipfuse.data.split import split_labeled
 
@@ -143,8 +150,7 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
         """Class probabilities of the final probe, shape (n_samples, n_classes)."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        logits = l2_normalize(X).astype(np.float64) @ self.coef_.T.astype(np.float64) + self.intercept_
-        return softmax(logits)
+        return softmax(linear_logits(l2_normalize(X), self.coef_, self.intercept_))
 
     def predict(self, X):
         proba = self.predict_proba(X)
