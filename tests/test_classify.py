@@ -315,3 +315,27 @@ def test_ensemble_input_errors():
         create_ensemble(["probe"], 2).fit(X, np.r_[0, 1, np.full(18, -1)])
     with pytest.raises(ValueError, match="n_classes is 2"):
         create_ensemble(["probe"], 2).fit(X, np.r_[0, 0, 5, 5, np.full(16, -1)])
+
+
+def test_softmax_regression_matches_scikit_learn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    from clipfuse.classify.linear import fit_softmax_regression
+
+    X, y = make_blobs(n_samples=200, centers=4, n_features=8, cluster_std=3.0, random_state=0)
+    X = l2_normalize(X)
+    W, b, _ = fit_softmax_regression(X, y, 4, C=10.0, max_iter=2000)
+    ref = LogisticRegression(C=10.0, max_iter=2000, tol=1e-8).fit(X, y)
+    np.testing.assert_allclose(W, ref.coef_, atol=2e-2)
+    assert np.mean((X @ W.T + b).argmax(1) == ref.predict(X)) >= 0.99
+
+
+def test_fusion_falls_back_to_calibrated_heads_when_the_weighted_ones_are_missing(digits, digits_ensemble):
+    fusion = digits_ensemble.fusion_
+    names = digits_ensemble.head_names_
+    best = int(np.argmax(fusion.weights_))
+    others = [i for i in range(len(names)) if i != best]
+    w = fusion.weights_for(others)
+    if fusion.weights_[others].sum() < 0.5 * fusion.weights_.sum():
+        np.testing.assert_allclose(w, fusion.temperatures_[others] / len(others))
+    np.testing.assert_allclose(fusion.weights_for(list(range(len(names)))), fusion.weights_)
