@@ -450,8 +450,11 @@ class ExportSplit(str, Enum):
     all = "all"
 
 
-def _text_embeddings(version: dict, classes: list[str], class_words: Optional[Path], device: str):
-    """Class text embeddings of the version's model, or (None, reason) when it has no usable text tower."""
+def _text_embeddings(version: dict, classes: list[str], class_words: Optional[Path], device: str, embedder=None):
+    """Class text embeddings of the version's model, or (None, reason) when it has no usable text tower.
+
+    ``embedder`` is the version's model when the caller has it loaded already.
+    """
     from clipfuse.data import default_class_words, load_class_words
     from clipfuse.embed import PretrainedWeightsError, class_text_embeddings
 
@@ -465,7 +468,8 @@ def _text_embeddings(version: dict, classes: list[str], class_words: Optional[Pa
     if version["model"].startswith("imported:"):
         return None, f"version {version['fingerprint'][:12]} was imported without a model, so there is no text tower"
     try:
-        embedder = _query_embedder(version, None, device)
+        if embedder is None or embedder.fingerprint != version["fingerprint"]:
+            embedder = _query_embedder(version, None, device)
         return class_text_embeddings(embedder, classes, words), None
     except (PretrainedWeightsError, ValueError, OSError) as e:
         return None, str(e).splitlines()[0]
@@ -490,7 +494,7 @@ def _scores_table(title: str, scores: dict, weights: dict | None = None, seconds
     return table
 
 
-def _train_heads(store, version: dict, config, *, device: str):
+def _train_heads(store, version: dict, config, *, device: str, embedder=None):
     """Fit the configured heads and fusion on a version and save them beside the store."""
     import numpy as np
 
@@ -505,7 +509,7 @@ def _train_heads(store, version: dict, config, *, device: str):
         raise ValueError(f"store {store.uri!r} has no labeled images; index a folder with one sub-folder per class.")
     wants_text = any(h in config.heads for h in ("zero-shot", "knn", "probe"))
     text, reason = _text_embeddings(version, es.classes, config.class_words and Path(config.class_words),
-                                    device) if wants_text else (None, None)
+                                    device, embedder) if wants_text else (None, None)
     ensemble = create_ensemble_from_config(config, len(es.classes), text)
     total = len(config.heads) * (config.n_folds + 1 + int(config.refit))
     done = 0
@@ -859,7 +863,7 @@ def demo(
     console.rule("[bold]classifier heads")
     from clipfuse.classify import HeadsConfig
 
-    ensemble, es, folder = _train_heads(store, version, HeadsConfig(), device=device)
+    ensemble, es, folder = _train_heads(store, version, HeadsConfig(), device=device, embedder=embedder)
     _print_training(ensemble, folder)
     fused, per_head = ensemble.predict_proba(es.X, fit_rows=np.arange(len(es.ids)))
     store.write_predictions(_predictions_table(es, fused, per_head, es.classes), version["fingerprint"])
@@ -881,13 +885,15 @@ def _print_demo_accuracy(store, es, fused, per_head, truth: dict) -> None:
     class_index = {c: i for i, c in enumerate(es.classes)}
     pairs = [(row_of[id_of[p]], class_index[c]) for p, c in truth.items() if id_of.get(p) in row_of]
     rows, y = np.array([r for r, _ in pairs]), np.array([c for _, c in pairs])
-    table = Table(title=f"accuracy on the {len(rows)} unlabeled demo images (true classes from unlabeled_labels.csv)")
+    table = Table(title="unlabeled images")
     table.add_column("head")
     table.add_column("accuracy", justify="right")
     for head, P in {**per_head, "fused": fused}.items():
         acc = float(np.mean(P[rows].argmax(axis=1) == y))
         table.add_row(f"[bold]{head}[/]" if head == "fused" else head, f"{acc:.3f}")
     console.print(table)
+    console.print(f"accuracy on the {len(rows)} unlabeled demo images, against their true classes "
+                  "in unlabeled_labels.csv")
 
 
 if __name__ == "__main__":
