@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from enum import Enum
@@ -530,9 +531,19 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
     resolved = {**dataclasses.asdict(config), "fingerprint": version["fingerprint"], "model": version["model"],
                 "pretrained": version["pretrained"], "rows": len(es.ids), "labeled": n_labeled,
                 "classes": es.classes, "trained_at": time.time(), "text_embeddings": text is not None}
-    save_ensemble(ensemble, folder, extra={"classes": es.classes, "fingerprint": version["fingerprint"]})
-    np.save(folder / "fit_ids.npy", es.ids.astype("U"), allow_pickle=False)
-    (folder / "config.json").write_text(json.dumps(resolved, indent=2))
+    # everything goes into a fresh folder that then replaces the old one, so a crash leaves
+    # either the previous heads or the new ones, never a mix
+    staging, retired = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_ensemble(ensemble, staging, extra={"classes": es.classes, "fingerprint": version["fingerprint"],
+                                            "n_fit_rows": len(es.ids)})
+    np.save(staging / "fit_ids.npy", es.ids.astype("U"), allow_pickle=False)
+    (staging / "config.json").write_text(json.dumps(resolved, indent=2))
+    shutil.rmtree(retired, ignore_errors=True)
+    if folder.exists():
+        folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
     return ensemble, es, folder
 
 
@@ -543,6 +554,8 @@ def _load_trained(store, version: dict, es=None):
     from clipfuse.classify import load_ensemble
 
     folder = store.heads_folder(version["fingerprint"])
+    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
+        folder.with_name(folder.name + ".old").rename(folder)  # a crash between the two renames
     if not (folder / "ensemble.json").exists():
         raise FileNotFoundError(f"no trained heads for version {version['fingerprint'][:12]} in {store.uri}; "
                                 "run `clipfuse train-heads` first.")
@@ -553,9 +566,16 @@ def _load_trained(store, version: dict, es=None):
     X_fit = np.zeros((len(fit_ids), es.X.shape[1]), dtype=np.float32)  # a removed image never wins a vote
     X_fit[rows >= 0] = es.X[rows[rows >= 0]]
     ensemble, meta = load_ensemble(folder, external={"X_fit_": X_fit})
+    if meta.get("n_fit_rows") != len(fit_ids):
+        raise ValueError(f"the saved heads in {folder} are incomplete (fitted rows and ids disagree); "
+                         "run `clipfuse train-heads` again.")
     if meta["classes"] != es.classes[:len(meta["classes"])]:
         raise ValueError(f"the store's classes changed since train-heads ({len(meta['classes'])} then, "
                          f"{len(es.classes)} now); run `clipfuse train-heads` again.")
+    if len(es.classes) > len(meta["classes"]):
+        err_console.print(f"[yellow]{len(es.classes) - len(meta['classes'])} class(es) were added since "
+                          "train-heads; images are predicted among the old classes until you run "
+                          "`clipfuse train-heads` again.[/]")
     fit_position = {id_: i for i, id_ in enumerate(fit_ids)}
     fit_rows = np.array([fit_position.get(i, -1) for i in es.ids], dtype=np.int64)
     return ensemble, meta, es, fit_rows, folder
@@ -625,6 +645,7 @@ def _print_training(ensemble, folder: Path) -> None:
 
 
 def _predictions_table(es, fused, per_head, classes):
+    """Rows of the predictions table; ``classes`` are the trained classes (the columns of the probabilities)."""
     import numpy as np
     import pyarrow as pa
 
@@ -634,7 +655,7 @@ def _predictions_table(es, fused, per_head, classes):
         return pa.FixedSizeListArray.from_arrays(pa.array(P.astype(np.float32).reshape(-1)), n_classes)
 
     pred = fused.argmax(axis=1)
-    known = [classes[i] if i >= 0 else None for i in es.labels]
+    known = [es.classes[i] if i >= 0 else None for i in es.labels]
     columns = {
         "id": pa.array(es.ids, pa.string()),
         "split": pa.array(es.splits, pa.string()),
@@ -707,10 +728,7 @@ def evaluate(
     v = store.get_version(version)
     ensemble, meta, es, fit_rows, _ = _load_trained(store, v)
     classes = meta["classes"]
-    fit_ids = np.load(store.heads_folder(v["fingerprint"]) / "fit_ids.npy", allow_pickle=False)
-    position = {id_: i for i, id_ in enumerate(es.ids)}
-    val_rows = np.array([position.get(i, -1) for i in fit_ids[ensemble.val_idx_]])
-    y_val = es.labels[val_rows]
+    y_val = ensemble.val_labels_  # the labels as they were at train-heads time
     scores = {h: score_predictions(y_val, P) for h, P in ensemble.val_proba_.items()}
     order = [h for h in ensemble.head_names_ if h in scores] + ["fused"]
     scores = {h: scores[h] for h in order}
@@ -721,7 +739,7 @@ def evaluate(
     report = {"fingerprint": v["fingerprint"], "classes": classes, "validation": scores,
               "weights": ensemble.weights_, "unavailable": ensemble.unavailable_}
     console.print(_scores_table(f"validation ({len(y_val)} held-out labels)", scores, ensemble.weights_))
-    test = es.test_labels >= 0
+    test = (es.test_labels >= 0) & (es.test_labels < len(classes))  # classes added later: not scored
     predictions = store.predictions(v["fingerprint"])
     if test.any() and predictions is not None:
         pred_index = {id_: i for i, id_ in enumerate(predictions["id"].to_pylist())}
@@ -777,7 +795,8 @@ def export(
     predictions = store.predictions(v["fingerprint"])
     if predictions is None:
         raise LookupError(f"no predictions for version {v['fingerprint'][:12]}; run `clipfuse predict` first.")
-    classes = store.classes()
+    width = predictions.schema.field("probs").type.list_size
+    classes = store.classes()[:width]  # the classes the heads were trained on (classes only get appended)
     pred = pl.from_arrow(predictions.select(["id", "label", "confidence", "probs"]))
     images = pl.from_arrow(store.images().select(["path", "id", "split"]))
     if split != ExportSplit.all:

@@ -176,10 +176,13 @@ class Ensemble:
                 "No validation rows: every class has a single labeled image. Label at least two "
                 "images of some classes so heads and fusion can be scored."
             )
+        if len(train_idx) < self.n_folds:
+            raise ValueError(f"{len(train_idx)} training label(s) can't fill {self.n_folds} folds; label more "
+                             "images or lower the number of folds.")
         folds = _fold_ids(y, train_idx, self.n_folds, self.seed)
         y_train = np.full_like(y, -1)
         y_train[train_idx] = y[train_idx]
-        self.train_idx_, self.val_idx_ = train_idx, val_idx
+        self.train_idx_, self.val_idx_, self.val_labels_ = train_idx, val_idx, y[val_idx]
         self.unavailable_: dict[str, str] = {}
         self.fit_seconds_: dict[str, float] = {}
         oof: dict[str, np.ndarray] = {}
@@ -244,6 +247,9 @@ class Ensemble:
         fused : ndarray of shape (n_samples, n_classes), float32
         per_head : dict of name -> ndarray of shape (n_samples, n_classes), float32
         """
+        unknown = [h for h in heads or () if h not in self.head_names_ and h not in self.unavailable_]
+        if unknown:
+            raise ValueError(f"unknown head(s) {', '.join(unknown)}; fitted heads: {', '.join(self.head_names_)}.")
         names = [h for h in self.head_names_ if heads is None or h in heads]
         if not names:
             raise ValueError(f"None of the heads {heads} is fitted; fitted heads: {', '.join(self.head_names_)}.")
@@ -352,6 +358,7 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
     for name, proba in ensemble.val_proba_.items():
         arrays[f"_val.{name}"] = np.ascontiguousarray(proba)
     arrays["_val_rows"] = np.asarray(ensemble.val_idx_, dtype=np.int64)
+    arrays["_val_labels"] = np.asarray(ensemble.val_labels_, dtype=np.int64)
     arrays["_train_rows"] = np.asarray(ensemble.train_idx_, dtype=np.int64)
     meta = {
         "format": 1,
@@ -420,5 +427,5 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
     ens.val_scores_ = meta["val_scores"]
     ens.fit_seconds_ = meta["fit_seconds"]
     ens.val_proba_ = {k[len("_val."):]: v for k, v in arrays.items() if k.startswith("_val.")}
-    ens.val_idx_, ens.train_idx_ = arrays["_val_rows"], arrays["_train_rows"]
+    ens.val_idx_, ens.train_idx_, ens.val_labels_ = arrays["_val_rows"], arrays["_train_rows"], arrays["_val_labels"]
     return ens, meta

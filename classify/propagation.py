@@ -164,7 +164,7 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         Cached with the graph.
         """
         cached = getattr(self, "_affinity_cache", None)
-        key = self._graph_cache[0]
+        key = (self._graph_cache[0], self.gamma)
         if cached is None or cached[0] != key:
             perm = np.arange(len(X))
             if len(X) > EXACT_MAX_ROWS:

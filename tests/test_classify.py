@@ -339,3 +339,12 @@ def test_fusion_falls_back_to_calibrated_heads_when_the_weighted_ones_are_missin
     if fusion.weights_[others].sum() < 0.5 * fusion.weights_.sum():
         np.testing.assert_allclose(w, fusion.temperatures_[others] / len(others))
     np.testing.assert_allclose(fusion.weights_for(list(range(len(names)))), fusion.weights_)
+
+
+def test_propagation_refit_with_other_gamma_rebuilds_the_affinity():
+    X, y = _moons()
+    y_semi = _hide_labels(y, 3)
+    head = LabelPropagationHead(n_neighbors=10).fit(X, y_semi)
+    head.set_params(gamma=1.0).fit(X, y_semi)
+    fresh = LabelPropagationHead(n_neighbors=10, gamma=1.0).fit(X, y_semi)
+    np.testing.assert_allclose(head.label_distributions_, fresh.label_distributions_, atol=1e-6)

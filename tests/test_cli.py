@@ -290,3 +290,39 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model):
     assert "accuracy on the 1647 unlabeled demo images" in text
     assert "fused" in text and "demo done" in text
     assert pl.read_csv(tmp_path / "demo" / "predictions.csv").height == 1647
+
+
+def test_classes_added_after_training_keep_predict_and_export_working(three_splits):
+    from PIL import Image
+
+    root, db = three_splits
+    assert invoke("train-heads", "--db", db, "--heads", "probe,propagation", "--folds", 2).exit_code == 0
+    new_class = root / "more" / "yellow"
+    new_class.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (48, 48), (230, 220, 20 + 10 * i)).save(new_class / f"{i}.png")
+    assert invoke("index", root / "more", "--db", db).exit_code == 0
+    assert Store(db).classes() == ["blue", "green", "red", "yellow"]
+    result = invoke("predict", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "added since train-heads" in " ".join(result.output.split())
+    table = Store(db).predictions()
+    assert "yellow" in table["known_label"].to_pylist()
+    result = invoke("export", root / "all.csv", "--db", db, "--split", "all", "--probs")
+    assert result.exit_code == 0, result.output
+    assert pl.read_csv(root / "all.csv").columns[-3:] == ["p_blue", "p_green", "p_red"]
+    assert invoke("evaluate", "--db", db, "--out", root / "eval").exit_code == 0
+    result = invoke("predict", "--db", db, "--heads", "probe,prop")
+    assert result.exit_code == 1 and "unknown head(s) prop" in result.output
+
+
+def test_retraining_replaces_the_saved_heads_whole(three_splits):
+    root, db = three_splits
+    assert invoke("train-heads", "--db", db, "--heads", "probe,knn", "--folds", 2).exit_code == 0
+    folder = Store(db).heads_folder()
+    assert invoke("train-heads", "--db", db, "--heads", "propagation", "--folds", 2).exit_code == 0
+    assert json.loads((folder / "config.json").read_text())["heads"] == ["propagation"]
+    assert not folder.with_name(folder.name + ".tmp").exists() and not folder.with_name(folder.name + ".old").exists()
+    folder.rename(folder.with_name(folder.name + ".old"))  # as if killed between the two renames
+    result = invoke("predict", "--db", db)
+    assert result.exit_code == 0, result.output
