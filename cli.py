@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -476,6 +477,17 @@ def _text_embeddings(version: dict, classes: list[str], class_words: Optional[Pa
         return None, str(e).splitlines()[0]
 
 
+def _finite(value):
+    """``value`` with NaN/inf floats replaced by None, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _scores_table(title: str, scores: dict, weights: dict | None = None, seconds: dict | None = None) -> Table:
     table = Table(title=title)
     for col in ("head", "accuracy", "macro-F1", "NLL", "ECE"):
@@ -760,7 +772,7 @@ def evaluate(
         acc = scores["fused"]["per_class_accuracy"][i]
         per_class.add_row(c, "-" if np.isnan(acc) else f"{acc:.3f}", str(int(np.sum(y_val == i))))
     console.print(per_class)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "metrics.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
     console.print(f"fused validation accuracy {scores['fused']['accuracy']:.3f}; wrote metrics.json, "
                   + ", ".join(p.name for p in plots) + f" to {out}")
 
