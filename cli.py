@@ -523,7 +523,8 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
     wants_text = any(h in config.heads for h in ("zero-shot", "knn", "probe"))
     text, reason = _text_embeddings(version, es.classes, config.class_words and Path(config.class_words),
                                     device, embedder) if wants_text else (None, None)
-    ensemble = create_ensemble_from_config(config, len(es.classes), text)
+    finetuned, finetuned_reason = _finetuned_head(version, es.classes) if "finetuned" in config.heads else (None, None)
+    ensemble = create_ensemble_from_config(config, len(es.classes), text, finetuned)
     total = len(config.heads) * (config.n_folds + 1 + int(config.refit))
     done = 0
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -539,6 +540,8 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
         progress.update(task, completed=total, description="heads fitted")
     if reason and "zero-shot" in ensemble.unavailable_:
         ensemble.unavailable_["zero-shot"] = reason
+    if finetuned_reason and "finetuned" in ensemble.unavailable_:
+        ensemble.unavailable_["finetuned"] = finetuned_reason
     folder = store.heads_folder(version["fingerprint"])
     resolved = {**dataclasses.asdict(config), "fingerprint": version["fingerprint"], "model": version["model"],
                 "pretrained": version["pretrained"], "rows": len(es.ids), "labeled": n_labeled,
@@ -557,6 +560,22 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
     staging.rename(folder)
     shutil.rmtree(retired, ignore_errors=True)
     return ensemble, es, folder
+
+
+def _finetuned_head(version: dict, classes: list[str]):
+    """The classifier saved with the version's model by `clipfuse finetune`/`wise-ft`, or (None, reason)."""
+    if not version["model"].startswith("local-dir:"):
+        return None, f"version {version['fingerprint'][:12]} was not made by a model finetuned with clipfuse"
+    from clipfuse.train import read_model_folder
+
+    try:
+        meta, heads = read_model_folder(version["model"][len("local-dir:"):])
+    except FileNotFoundError:
+        return None, f"version {version['fingerprint'][:12]} was not made by a model finetuned with clipfuse"
+    if "finetuned" not in heads or meta.get("classes") != classes[:len(meta.get("classes", []))] \
+            or len(meta.get("classes", [])) != len(classes):
+        return None, "the finetuned model's classes differ from the store's; finetune again"
+    return heads["finetuned"].numpy(), None
 
 
 def _load_trained(store, version: dict, es=None):
@@ -594,8 +613,8 @@ def _load_trained(store, version: dict, es=None):
 
 
 HeadsOpt = Annotated[Optional[str], typer.Option(
-    "--heads", help="Comma-separated heads: zero-shot, probe, knn, propagation, kmeans, pseudo, mean-teacher "
-    "(default: all).")]
+    "--heads", help="Comma-separated heads: zero-shot, finetuned, probe, knn, propagation, kmeans, pseudo, "
+    "mean-teacher (default: all).")]
 
 
 @app.command("train-heads")
@@ -826,6 +845,206 @@ def export(
     tmp.replace(path)
     console.print(f"wrote {df.height} rows ({split.value}) to {path}"
                   + (f"; {missing} image(s) have no prediction yet: run `clipfuse predict` again" if missing else ""))
+
+
+
+# ---- finetuning ----------------------------------------------------------------------------------
+def _labeled_items(store, es, rows) -> list[tuple[str, int]]:
+    """(path, class index) of embedding rows, using one labeled path per image id."""
+    path_of = {}
+    for r in store.images().select(["id", "path", "split"]).to_pylist():
+        if r["split"] == "labeled" or r["id"] not in path_of:
+            path_of[r["id"]] = r["path"]
+    return [(path_of[es.ids[i]], int(es.labels[i])) for i in rows]
+
+
+@app.command()
+@_runtime_errors
+def finetune(
+    db: DbOpt = Path("clipfuse.lance"),
+    version: VersionOpt = None,
+    out: Annotated[Path, typer.Option(file_okay=False, help="Folder for the finetuned model (a local-dir: model).")] = Path("clipfuse-models/finetuned"),
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the labeled train split.")] = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW peak learning rate (warmup, then cosine).")] = 1e-5,
+    wd: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = 0.01,
+    batch_size: BatchOpt = 32,
+    augment: Annotated[bool, typer.Option(help="Random resized crops and flips.")] = False,
+    train_text: Annotated[bool, typer.Option(help="Also train the text tower.")] = False,
+    mean_teacher: Annotated[bool, typer.Option(help="Add an EMA teacher and a consistency loss on unlabeled images.")] = False,
+    class_words: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="YAML/JSON class words for the initial classifier (default: folder names).")] = None,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation accuracy before stopping.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the split (same as train-heads) and the shuffles.")] = 0,
+    device: DeviceOpt = "auto",
+):
+    """Finetune the version's CLIP image tower on the labeled images (seeded 80/20 split).
+
+    The classifier starts at the zero-shot text embeddings of the class words; the epoch
+    with the best validation accuracy is kept. The result is a `local-dir:` model folder
+    for `clipfuse wise-ft` and `clipfuse reembed`.
+
+    Examples:
+
+        clipfuse finetune --epochs 10 --lr 1e-5 --augment --out models/ft
+    """
+    import torch
+
+    from clipfuse.data import default_class_words, load_class_words, split_labeled
+    from clipfuse.embed import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
+    from clipfuse.train import FinetuneConfig, model_config, save_model_folder
+    from clipfuse.train import finetune as run_finetune
+
+    config = FinetuneConfig(epochs=epochs, lr=lr, weight_decay=wd, batch_size=batch_size, augment=augment,
+                            train_text=train_text, patience=patience, mean_teacher=mean_teacher, seed=seed)
+    store = _open_store(db)
+    v = store.get_version(version)
+    if v["model"].startswith("imported:"):
+        raise ValueError(f"version {v['fingerprint'][:12]} was imported without a model; finetuning needs one. "
+                         "Re-import with --model, or index the images with a model.")
+    es = store.load_embeddings(v["fingerprint"])
+    train_idx, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=seed)
+    train, val = _labeled_items(store, es, train_idx), _labeled_items(store, es, val_idx)
+    words = load_class_words(class_words, es.classes)[0] if class_words else default_class_words(es.classes)
+    embedder = _query_embedder(v, None, device)
+    text = class_text_embeddings(embedder, es.classes, words)
+    unlabeled = [r["path"] for r in store.images().select(["path", "split"]).to_pylist() if r["split"] == "unlabeled"]
+    prompts = [build_prompts(words[c], DEFAULT_TEMPLATES) for c in es.classes]
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), console=err_console) as progress:
+        task = progress.add_task("epoch 1", total=None, status="")
+
+        def report(epoch, step, steps, loss, val_acc):
+            status = f"loss {loss:.4f}" + ("" if val_acc is None else f"  val acc {val_acc:.3f}")
+            progress.update(task, description=f"epoch {epoch}/{epochs}", completed=step, total=steps, status=status)
+
+        result = run_finetune(embedder, train, val, text, config, unlabeled=unlabeled, prompts=prompts,
+                              progress=report)
+    for h in result.history:
+        console.print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}, val accuracy {h['val_accuracy']:.3f} "
+                      f"({h['seconds']:.0f} s)", highlight=False)
+    meta = {"kind": "finetuned", "base_model": v["model"], "base_pretrained": v["pretrained"],
+            "base_fingerprint": v["fingerprint"], "base_random_weights": bool(v["random_weights"]),
+            "classes": es.classes, "class_words": words, "config": dataclasses.asdict(config),
+            "history": result.history, "zero_shot_accuracy": result.zero_shot_accuracy,
+            "best_epoch": result.best_epoch, "val_ids": [str(es.ids[i]) for i in val_idx],
+            "val_labels": [int(es.labels[i]) for i in val_idx], "train_images": len(train)}
+    save_model_folder(out, embedder.model, model_config(v["model"], embedder.preprocess),
+                      heads={"finetuned": result.head, "zero_shot": torch.from_numpy(text)}, meta=meta)
+    best = max([result.zero_shot_accuracy] + [h["val_accuracy"] for h in result.history])
+    console.print(f"finetuned on {len(train)} images: validation accuracy {result.zero_shot_accuracy:.3f} (zero-shot) "
+                  f"-> {best:.3f} (epoch {result.best_epoch}); model in {out}. Next: clipfuse wise-ft --checkpoint {out}")
+
+
+@app.command("wise-ft")
+@_runtime_errors
+def wise_ft(
+    checkpoint: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Folder written by `clipfuse finetune`.")],
+    db: DbOpt = Path("clipfuse.lance"),
+    alphas: Annotated[str, typer.Option(help="Mixing weights: start:stop:step or a comma list; 0 = zero-shot, 1 = finetuned.")] = "0:1:0.1",
+    out: Annotated[Optional[Path], typer.Option(file_okay=False, help="Folder for the chosen model (default: CHECKPOINT-wiseft).")] = None,
+    device: DeviceOpt = "auto",
+):
+    """WiSE-FT: interpolate the zero-shot and finetuned weights, keep the best alpha on validation.
+
+    Writes the chosen model (a `local-dir:` folder) and alpha_curve.png.
+
+    Examples:
+
+        clipfuse wise-ft --checkpoint models/ft --alphas 0:1:0.1
+    """
+    import numpy as np
+    import torch
+
+    from clipfuse.embed import EmbedderConfig, read_image
+    from clipfuse.train import load_state, parse_alphas, plot_alpha_curve, read_model_folder, save_model_folder, sweep
+
+    grid = parse_alphas(alphas)
+    meta, heads = read_model_folder(checkpoint)
+    if meta.get("kind") != "finetuned":
+        raise ValueError(f"{str(checkpoint)!r} holds a {meta.get('kind')} model; pass a `clipfuse finetune` folder.")
+    out = out or checkpoint.with_name(checkpoint.name + "-wiseft")
+    embedder = _load_embedder(EmbedderConfig(model=meta["base_model"], pretrained=meta["base_pretrained"],
+                                             device=device, allow_random_weights=meta["base_random_weights"]))
+    if embedder.fingerprint != meta["base_fingerprint"]:
+        raise ValueError(f"model {meta['base_model']!r} no longer loads as the model that was finetuned "
+                         f"(fingerprint {embedder.fingerprint[:12]}, expected {meta['base_fingerprint'][:12]}).")
+    zero_shot_state = {k: v.detach().clone() for k, v in embedder.model.state_dict().items()}
+    finetuned_state = load_state(checkpoint)
+    store = _open_store(db)
+    paths = {r["id"]: r["path"] for r in store.images().select(["id", "path"]).to_pylist()}
+    val_ids = [i for i in meta["val_ids"] if i in paths]
+    labels = torch.tensor([l for i, l in zip(meta["val_ids"], meta["val_labels"]) if i in paths])
+    pixels = torch.stack([embedder.preprocess(read_image(paths[i])[1]) for i in val_ids])
+    stored = None
+    if meta["base_fingerprint"] in {v["fingerprint"] for v in store.versions()}:
+        stored = store.vectors_for(val_ids, meta["base_fingerprint"])
+
+    def val_features(alpha, model):
+        if alpha == 0.0 and stored is not None:
+            return stored  # the base model made the store's vectors: no need to re-encode
+        with torch.no_grad():
+            model.eval()
+            return torch.cat([model.encode_image(pixels[s:s + 64].to(embedder.device)).cpu()
+                              for s in range(0, len(pixels), 64)])
+
+    with console.status("sweeping alpha ..."):
+        result = sweep(embedder.model, zero_shot_state, finetuned_state, heads["zero_shot"], heads["finetuned"],
+                       grid, val_features, labels)
+    table = Table(title=f"WiSE-FT on {len(val_ids)} validation images")
+    table.add_column("alpha", justify="right")
+    table.add_column("val accuracy", justify="right")
+    for a, acc in zip(result["alphas"], result["accuracies"]):
+        mark = " *" if a == result["best_alpha"] else ""
+        table.add_row(f"{a:g}", f"{acc:.3f}{mark}")
+    console.print(table)
+    from clipfuse.train import model_config
+
+    save_model_folder(out, embedder.model, model_config(meta["base_model"], embedder.preprocess),
+                      heads={"finetuned": result["head"], "zero_shot": heads["zero_shot"]},
+                      meta={**meta, "kind": "wise-ft", "alpha": result["best_alpha"],
+                            "alpha_curve": dict(zip(map(str, result["alphas"]), result["accuracies"]))})
+    plot = plot_alpha_curve(result["alphas"], result["accuracies"], out / "alpha_curve.png",
+                            best_alpha=result["best_alpha"])
+    console.print(f"best alpha {result['best_alpha']:g}: validation accuracy {result['best_accuracy']:.3f} "
+                  f"(zero-shot {result['accuracies'][0] if result['alphas'][0] == 0 else float('nan'):.3f}); "
+                  f"model in {out}, curve in {plot}. Next: clipfuse reembed --model-checkpoint {out}")
+
+
+@app.command()
+@_runtime_errors
+def reembed(
+    model_checkpoint: Annotated[Path, typer.Option(exists=True, file_okay=False,
+                                                   help="Model folder from `clipfuse finetune` or `wise-ft`.")],
+    db: DbOpt = Path("clipfuse.lance"),
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    commit_every: Annotated[int, typer.Option(min=1, help="Images per database commit (work lost on a crash).")] = 512,
+):
+    """Embed every image of the store with a finetuned model, as a new embedding version.
+
+    The previous version stays active and queryable until the new one is complete, then
+    the new one becomes active. A killed run resumes where it stopped.
+
+    Examples:
+
+        clipfuse reembed --model-checkpoint models/ft-wiseft
+    """
+    from clipfuse.data import ImageFile, ImageFolders
+    from clipfuse.embed import EmbedderConfig
+    from clipfuse.train import read_model_folder
+
+    read_model_folder(model_checkpoint)  # fails clearly on a folder that isn't one
+    store = _open_store(db)
+    previous = store.get_version()["fingerprint"]
+    embedder = _load_embedder(EmbedderConfig(model=f"local-dir:{model_checkpoint.resolve()}", device=device,
+                                             batch_size=batch_size, workers=workers))
+    files = [ImageFile(r["path"], r["split"], r["label"]) for r in store.images().select(["path", "split", "label"]).to_pylist()]
+    summary = _run_index(store, embedder, ImageFolders(files, store.classes(), []), commit_every=commit_every)
+    _print_index_summary(summary, db)
+    console.print(f"re-embedded {summary.embedded} images ({summary.unchanged} already done) as version "
+                  f"{summary.fingerprint[:12]}, now active; previous version {previous[:12]} is kept "
+                  "(select it with --version).")
 
 
 @app.command()

@@ -268,7 +268,7 @@ def create_ensemble(names, n_classes: int, *, params: dict | None = None, **kwar
     return Ensemble({name: create_head(name, **params.get(name, {})) for name in names}, n_classes, **kwargs)
 
 
-DEFAULT_HEADS = ("zero-shot", "probe", "knn", "propagation", "kmeans", "pseudo", "mean-teacher")
+DEFAULT_HEADS = ("zero-shot", "finetuned", "probe", "knn", "propagation", "kmeans", "pseudo", "mean-teacher")
 _TEXT_HEADS = ("zero-shot", "probe", "knn")  # heads that take class text embeddings
 
 
@@ -299,9 +299,13 @@ class HeadsConfig:
 
 
 def create_ensemble_from_config(config: HeadsConfig, n_classes: int,
-                                class_embeddings: np.ndarray | None = None) -> Ensemble:
-    """The :class:`Ensemble` a config describes; text-aware heads get ``class_embeddings``."""
+                                class_embeddings: np.ndarray | None = None,
+                                finetuned_head: np.ndarray | None = None) -> Ensemble:
+    """The :class:`Ensemble` a config describes; text-aware heads get ``class_embeddings``,
+    the ``finetuned`` head the classifier saved with a finetuned model."""
     params: dict[str, dict] = {name: {} for name in config.heads}
+    if "finetuned" in params:
+        params["finetuned"]["class_embeddings"] = finetuned_head
     for name in _TEXT_HEADS:
         if name in params:
             params[name]["class_embeddings"] = class_embeddings

@@ -109,6 +109,16 @@ class ZeroShotHead(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(logits, axis=1)]
 
 
+@register_head("finetuned")
+class FinetunedClipHead(ZeroShotHead):
+    """The classifier of a CLIP model finetuned (and WiSE-FT interpolated) by `clipfuse finetune`.
+
+    Same cosine scoring as :class:`ZeroShotHead`, with ``class_embeddings`` set to the
+    finetuned classifier that was saved with the model; unavailable for versions made by
+    any other model.
+    """
+
+
 def fit_softmax_regression(X: np.ndarray, y_index: np.ndarray, n_classes: int, *, C: float,
                            W0: np.ndarray | None = None, init: tuple | None = None,
                            max_iter: int = 500) -> tuple[np.ndarray, np.ndarray, int]:

@@ -1,0 +1,149 @@
+"""Finetuning, WiSE-FT and re-embedding on the tiny model and generated shape images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clipfuse.cli import app
+from clipfuse.store import Store
+from clipfuse.train import interpolate, parse_alphas, read_model_folder, sweep
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, tiny_model):
+    """A store of coloured shapes (12 labeled per class, 6 unlabeled) and a model finetuned on it."""
+    from conftest import write_shapes_folder
+
+    root = tmp_path_factory.mktemp("ft")
+    write_shapes_folder(root / "labeled", n_per_class=12, seed=0)
+    write_shapes_folder(root / "unlabeled", n_per_class=6, seed=1)
+    db = root / "store.lance"
+    assert invoke("index", root / "labeled", "--unlabeled", root / "unlabeled", "--db", db,
+                  "--model", tiny_model).exit_code == 0
+    result = invoke("finetune", "--db", db, "--out", root / "ft", "--epochs", 15, "--lr", 3e-3,
+                    "--batch-size", 8, "--patience", 15)
+    assert result.exit_code == 0, result.output
+    return root, db, result.output
+
+
+def test_finetune_lowers_loss_and_beats_zero_shot(finetuned):
+    root, db, output = finetuned
+    meta, heads = read_model_folder(root / "ft")
+    history = meta["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    best = max(h["val_accuracy"] for h in history)
+    assert best > meta["zero_shot_accuracy"]
+    assert meta["best_epoch"] >= 1 and heads["finetuned"].shape == heads["zero_shot"].shape == (3, 16)
+    assert meta["config"]["epochs"] == 15 and meta["train_images"] == 30
+    assert "validation accuracy" in output and (root / "ft" / "open_clip_config.json").exists()
+
+
+def test_interpolation_ends_are_exact_and_the_sweep_takes_the_argmax():
+    torch.manual_seed(0)
+    a = {"w": torch.randn(4, 3), "b": torch.randn(3), "n": torch.tensor(7)}
+    b = {"w": torch.randn(4, 3), "b": torch.randn(3), "n": torch.tensor(9)}
+    for k in a:
+        assert torch.equal(interpolate(a, b, 0.0)[k], a[k]) or k == "n"
+        assert torch.equal(interpolate(a, b, 1.0)[k], b[k])
+    with pytest.raises(ValueError, match="different parameters"):
+        interpolate(a, {"w": a["w"]}, 0.5)
+
+    model = torch.nn.Linear(3, 2)
+    zs, ft = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, \
+        {k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    labels = torch.tensor([0, 1, 1])
+    accuracy_at = {0.0: 0, 0.5: 3, 1.0: 2}  # correct answers per alpha: the peak is in the middle
+
+    def features(alpha, m):
+        out = torch.tensor([[1.0, 0.0]] * 3)
+        out[:accuracy_at[alpha], :] = torch.eye(2)[labels[:accuracy_at[alpha]]]
+        return out
+
+    result = sweep(model, zs, ft, torch.eye(2), torch.eye(2), [0.0, 0.5, 1.0], features, labels)
+    assert result["best_alpha"] == 0.5 and result["accuracies"][1] == 1.0
+    assert torch.all(model.weight == 0.5)  # the best alpha is left loaded
+    assert parse_alphas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="start:stop:step"):
+        parse_alphas("0:1")
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        parse_alphas("0,2")
+
+
+def test_wise_ft_endpoints_reproduce_both_models(finetuned, tiny_model):
+    root, db, _ = finetuned
+    result = invoke("wise-ft", "--checkpoint", root / "ft", "--db", db, "--alphas", "0:1:0.5", "--out", root / "w")
+    assert result.exit_code == 0, result.output
+    meta, heads = read_model_folder(root / "w")
+    curve = meta["alpha_curve"]
+    assert list(curve) == ["0.0", "0.5", "1.0"] and meta["alpha"] == float(max(curve, key=curve.get))
+    assert (root / "w" / "alpha_curve.png").read_bytes()[:4] == b"\x89PNG"
+    from clipfuse.train import load_state
+
+    tiny_state = load_state(tiny_model[len("local-dir:"):])
+    ft_state = load_state(root / "ft")
+    w_state = load_state(root / "w")
+    alpha = meta["alpha"]
+    expected = interpolate(tiny_state, ft_state, alpha)
+    for k in expected:
+        assert torch.equal(w_state[k], expected[k])
+    # the alpha-0 accuracy equals the finetune run's zero-shot accuracy (store vectors, base model)
+    assert curve["0.0"] == pytest.approx(read_model_folder(root / "ft")[0]["zero_shot_accuracy"])
+
+
+def test_reembed_adds_a_version_with_the_same_ids_and_resumes_after_a_crash(finetuned):
+    root, db, _ = finetuned
+    store = Store(db)
+    old = store.get_version()
+    old_ids = set(store.load_embeddings(old["fingerprint"]).ids)
+
+    # a crash midway: kill the process right after its first commit (8 images)
+    code = (
+        "import os, sys; import clipfuse.store.indexer as ix; real = ix._Writer.submit\n"
+        "def submit(self, pending):\n"
+        "    real(self, pending); self.close(); os._exit(9) if len(pending) else None\n"
+        "ix._Writer.submit = submit\n"
+        "from clipfuse.cli import app; sys.argv = ['clipfuse', 'reembed', '--model-checkpoint', sys.argv[1],"
+        " '--db', sys.argv[2], '--batch-size', '4', '--commit-every', '8']; app()\n"
+    )
+    crashed = subprocess.run([sys.executable, "-c", code, str(root / "ft"), str(db)], capture_output=True, text=True)
+    assert crashed.returncode == 9, crashed.stderr
+    store = Store(db)
+    assert store.get_version()["fingerprint"] == old["fingerprint"]  # old version still active
+    partial = [v for v in store.versions() if v["fingerprint"] != old["fingerprint"]]
+    assert len(partial) == 1 and 0 < partial[0]["rows"] < len(old_ids)
+
+    result = invoke("reembed", "--model-checkpoint", root / "ft", "--db", db, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    store = Store(db)
+    new = store.get_version()
+    assert new["fingerprint"] == partial[0]["fingerprint"] != old["fingerprint"]
+    es = store.load_embeddings(new["fingerprint"])
+    assert set(es.ids) == old_ids and len(es.ids) == len(set(es.ids)) == new["rows"]
+    assert len(store.load_embeddings(old["fingerprint"]).ids) == len(old_ids)  # old version still readable
+    assert not np.allclose(es.X[np.argsort(es.ids)], store.load_embeddings(old["fingerprint"]).X[
+        np.argsort(store.load_embeddings(old["fingerprint"]).ids)])
+
+    heads = invoke("train-heads", "--db", db, "--folds", 2)
+    assert heads.exit_code == 0, heads.output
+    assert "finetuned" in heads.output and "finetuned skipped" not in heads.output
+
+
+def test_finetune_explains_bad_inputs(tmp_path):
+    result = invoke("wise-ft", "--checkpoint", tmp_path, "--db", tmp_path / "db")
+    assert result.exit_code == 1 and "not a clipfuse model folder" in result.output
+    result = invoke("wise-ft", "--checkpoint", tmp_path, "--alphas", "1:0")
+    assert result.exit_code == 1

@@ -1,0 +1,85 @@
+"""Finetuned models as open_clip `local-dir:` folders: config, safetensors weights, our metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+MODEL_CONFIG = "open_clip_config.json"
+MODEL_WEIGHTS = "open_clip_model.safetensors"
+HEAD_WEIGHTS = "classifier.safetensors"
+META = "clipfuse.json"
+
+
+def model_config(model_name: str, preprocess) -> dict:
+    """``{"model_cfg": ..., "preprocess_cfg": ...}`` of an open_clip model, for a local-dir folder.
+
+    The architecture comes from the built-in config, the hub's ``open_clip_config.json`` or
+    the local folder; the preprocessing from the transforms the model was loaded with.
+    """
+    import open_clip
+    from open_clip import factory
+
+    if model_name.startswith("local-dir:"):
+        cfg = json.loads((Path(model_name[len("local-dir:"):]) / MODEL_CONFIG).read_text())
+        model_cfg = cfg["model_cfg"]
+    elif model_name.startswith("hf-hub:"):
+        model_cfg = factory._get_hf_config(model_name[len("hf-hub:"):])["model_cfg"]
+    else:
+        model_cfg = open_clip.get_model_config(model_name)
+        if model_cfg is None:
+            raise ValueError(f"no open_clip config for model {model_name!r}.")
+    preprocess_cfg = {}
+    for t in getattr(preprocess, "transforms", []):
+        if type(t).__name__ == "Normalize":
+            preprocess_cfg.update(mean=list(map(float, t.mean)), std=list(map(float, t.std)))
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict, *,
+                      heads: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> Path:
+    """Write a model as a `local-dir:` folder (replacing ``folder`` as a whole).
+
+    Weights go to safetensors only; loading them never unpickles code.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(staging / MODEL_WEIGHTS))
+    if heads:
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in heads.items()}, str(staging / HEAD_WEIGHTS))
+    (staging / META).write_text(json.dumps(meta or {}, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and the classifier heads (``finetuned``, ``zero_shot``) of a model folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / MODEL_WEIGHTS).exists() or not (folder / META).exists():
+        raise FileNotFoundError(f"{str(folder)!r} is not a clipfuse model folder (no {MODEL_WEIGHTS} / {META}); "
+                                "pass the folder `clipfuse finetune` or `clipfuse wise-ft` wrote.")
+    heads = load_file(str(folder / HEAD_WEIGHTS)) if (folder / HEAD_WEIGHTS).exists() else {}
+    return json.loads((folder / META).read_text()), heads
+
+
+def load_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a model folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / MODEL_WEIGHTS))

@@ -1,0 +1,227 @@
+"""Finetune the CLIP image tower on the labeled images, with a classifier started from zero-shot."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a finetuning run decides; written beside the checkpoint."""
+
+    epochs: int = 10  # passes over the labeled train split
+    lr: float = 1e-5  # AdamW peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    batch_size: int = 32  # images per step
+    warmup: float = 0.1  # share of the steps with a linear warmup, then cosine decay to 0
+    augment: bool = False  # random resized crop (scale 0.6-1) and horizontal flip
+    train_text: bool = False  # also train the text tower (class embeddings recomputed each step)
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    patience: int = 3  # epochs without a better validation accuracy before stopping
+    mean_teacher: bool = False  # EMA teacher and a consistency loss on unlabeled images
+    ema: float = 0.999  # teacher decay per step
+    consistency: float = 1.0  # weight of the consistency loss
+    seed: int = 0  # seed of the shuffles, augmentation and unlabeled batches
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0; got {self}.")
+
+
+@dataclass
+class FinetuneResult:
+    head: torch.Tensor  # (n_classes, dim) finetuned classifier, unit rows
+    history: list  # per epoch: {"epoch", "train_loss", "val_accuracy", "seconds"}
+    zero_shot_accuracy: float  # validation accuracy before training
+    best_epoch: int  # 0 = no epoch beat zero-shot (the model is unchanged)
+
+
+def _train_transform(preprocess, augment: bool):
+    """The eval preprocessing, or random resized crop + flip followed by its normalisation."""
+    if not augment:
+        return preprocess
+    from torchvision import transforms
+
+    size = next((t.size for t in preprocess.transforms if type(t).__name__ == "CenterCrop"), (224, 224))
+    normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+    return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.6, 1.0)),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+
+
+def _load_images(paths: list[str]):
+    from clipfuse.embed import read_image
+
+    images = []
+    for path in paths:
+        record, img = read_image(path)
+        if img is None:
+            raise ValueError(f"can't read training image {path!r}: {record.error}. Re-index to drop it.")
+        images.append(img)
+    return images
+
+
+def _cosine_logits(features: torch.Tensor, head: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return scale * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
+
+
+def _lr_lambda(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model, head: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64,
+             device=None) -> float:
+    """Accuracy of ``model`` + cosine ``head`` on preprocessed images."""
+    if len(labels) == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = pixels[start:start + batch_size].to(device)
+        logits = F.normalize(model.encode_image(x), dim=-1) @ F.normalize(head.to(device), dim=-1).T
+        correct += int((logits.argmax(dim=1).cpu() == labels[start:start + batch_size]).sum())
+    return correct / len(labels)
+
+
+def _class_head(embedder, prompts: list[list[str]]) -> torch.Tensor:
+    """Class embeddings from the text tower with gradients (for --train-text)."""
+    tokens = embedder.tokenizer([p for group in prompts for p in group]).to(embedder.device)
+    feats = F.normalize(embedder.model.encode_text(tokens), dim=-1)
+    out, start = [], 0
+    for group in prompts:
+        out.append(F.normalize(feats[start:start + len(group)].mean(dim=0), dim=-1))
+        start += len(group)
+    return torch.stack(out)
+
+
+def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]], class_embeddings: np.ndarray,
+             config: FinetuneConfig, *, unlabeled: list[str] = (), prompts: list[list[str]] | None = None,
+             progress=None) -> FinetuneResult:
+    """Finetune ``embedder.model`` in place on labeled images; keep the best epoch's weights.
+
+    Parameters
+    ----------
+    embedder : clipfuse.embed.Embedder
+    train, val : list of (image path, class index)
+    class_embeddings : ndarray of shape (n_classes, dim)
+        Zero-shot text embeddings; the classifier starts there.
+    config : FinetuneConfig
+    unlabeled : list of str
+        Image paths for the Mean Teacher consistency loss.
+    prompts : list of list of str
+        Per-class prompts, needed with ``config.train_text``.
+    progress : callable(epoch, step, steps, loss, val_accuracy), optional
+
+    Returns
+    -------
+    FinetuneResult
+    """
+    if not train:
+        raise ValueError("no labeled training images; index a folder with one sub-folder per class first.")
+    if config.train_text and prompts is None:
+        raise ValueError("train_text needs the class prompts.")
+    model, device = embedder.model, embedder.device
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    transform = _train_transform(embedder.preprocess, config.augment)
+    train_images = _load_images([p for p, _ in train])
+    train_labels = torch.tensor([c for _, c in train])
+    val_pixels = torch.stack([embedder.preprocess(img) for img in _load_images([p for p, _ in val])]) \
+        if val else torch.zeros(0)
+    val_labels = torch.tensor([c for _, c in val], dtype=torch.long)
+    cached = None if config.augment else torch.stack([transform(img) for img in train_images])
+
+    head = torch.nn.Parameter(torch.tensor(class_embeddings, dtype=torch.float32, device=device))
+    for name, p in model.named_parameters():
+        p.requires_grad_(config.train_text or name.startswith("visual."))
+    params = [p for p in model.parameters() if p.requires_grad] + ([] if config.train_text else [head])
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, int(config.warmup * total)))
+    scale = model.logit_scale.exp().detach()
+    teacher = copy.deepcopy(model).eval() if config.mean_teacher and len(unlabeled) else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def current_head():
+        return _class_head(embedder, prompts) if config.train_text else head
+
+    zero_shot = evaluate(model, current_head().detach(), val_pixels, val_labels, device=device)
+    best = (zero_shot, 0, copy.deepcopy(model.state_dict()), current_head().detach().clone())
+    history, stale = [], 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started, losses = time.perf_counter(), []
+        order = rng.permutation(len(train))
+        for step in range(steps_per_epoch):
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            x = cached[idx] if cached is not None else torch.stack([transform(train_images[i]) for i in idx])
+            with amp:
+                logits = _cosine_logits(model.encode_image(x.to(device)), current_head(), scale)
+                loss = F.cross_entropy(logits.float(), train_labels[idx].to(device))
+                if teacher is not None:
+                    loss = loss + config.consistency * _consistency(model, teacher, current_head(), scale,
+                                                                    unlabeled, transform, rng, len(idx), device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if teacher is not None:
+                _ema_update(teacher, model, config.ema)
+            losses.append(float(loss.detach()))
+            if progress:
+                progress(epoch, step + 1, steps_per_epoch, losses[-1], None)
+        val_acc = evaluate(model, current_head().detach(), val_pixels, val_labels, device=device)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_acc,
+                        "seconds": time.perf_counter() - started})
+        if progress:
+            progress(epoch, steps_per_epoch, steps_per_epoch, history[-1]["train_loss"], val_acc)
+        if val_acc > best[0] or (len(val) == 0):
+            best, stale = (val_acc, epoch, copy.deepcopy(model.state_dict()), current_head().detach().clone()), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best[2])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return FinetuneResult(head=F.normalize(best[3], dim=-1).cpu(), history=history,
+                          zero_shot_accuracy=zero_shot, best_epoch=best[1])
+
+
+def _consistency(model, teacher, head, scale, unlabeled, transform, rng, n, device) -> torch.Tensor:
+    """Mean squared difference between student and teacher softmax on two views of unlabeled images."""
+    paths = [unlabeled[i] for i in rng.integers(0, len(unlabeled), n)]
+    images = _load_images(paths)
+    x_student = torch.stack([transform(img) for img in images]).to(device)
+    x_teacher = torch.stack([transform(img) for img in images]).to(device)
+    student = F.softmax(_cosine_logits(model.encode_image(x_student), head, scale).float(), dim=-1)
+    with torch.no_grad():
+        target = F.softmax(_cosine_logits(teacher.encode_image(x_teacher), head.detach(), scale).float(), dim=-1)
+    return F.mse_loss(student, target)
+
+
+@torch.no_grad()
+def _ema_update(teacher, student, decay: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+
+
+def config_dict(config: FinetuneConfig) -> dict:
+    return dataclasses.asdict(config)
