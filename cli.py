@@ -1056,6 +1056,8 @@ def demo(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours to show.")] = 5,
+    with_finetune: Annotated[bool, typer.Option("--finetune", help="Then finetune, WiSE-FT, re-embed and train the "
+                                                "heads again (a few more minutes on CPU).")] = False,
 ):
     """Run the whole job on a real sample: sklearn's handwritten digits as PNG files.
 
@@ -1120,10 +1122,36 @@ def demo(
     _print_demo_accuracy(store, es, fused, per_head, truth)
     export_path = workdir / "predictions.csv"
     export(export_path, db=db, version=version["fingerprint"], split=ExportSplit.unlabeled, probs=False, force=True)
+    if with_finetune:
+        _demo_finetune(workdir, db, store, truth, device=device, batch_size=batch_size)
     console.print(f"demo done: {summary.found} images in {db} (version {embedder.fingerprint}, "
                   f"{'RANDOM weights' if embedder.info.random_weights else embedder.config.pretrained}). "
                   f"Try: clipfuse neighbors {os.path.relpath(query_path)} --db {db}; "
                   f"clipfuse evaluate --db {db}")
+
+
+def _demo_finetune(workdir: Path, db: Path, store, truth: dict, *, device: str, batch_size: int) -> None:
+    """finetune -> wise-ft -> reembed -> train-heads -> export, on the demo store."""
+    import numpy as np
+
+    from clipfuse.classify import HeadsConfig
+
+    console.rule("[bold]finetune -> WiSE-FT -> reembed -> train-heads")
+    models = workdir / "models"
+    finetune(db=db, version=None, out=models / "ft", epochs=3, lr=1e-5, wd=0.01, batch_size=batch_size,
+             augment=False, train_text=False, mean_teacher=False, class_words=None, patience=3, seed=0,
+             device=device)
+    wise_ft(checkpoint=models / "ft", db=db, alphas="0:1:0.25", out=models / "ft-wiseft", device=device)
+    reembed(model_checkpoint=models / "ft-wiseft", db=db, device=device, batch_size=batch_size, workers=None,
+            commit_every=512)
+    version = store.get_version()
+    ensemble, es, folder = _train_heads(store, version, HeadsConfig(), device=device)
+    _print_training(ensemble, folder)
+    fused, per_head = ensemble.predict_proba(es.X, fit_rows=np.arange(len(es.ids)))
+    store.write_predictions(_predictions_table(es, fused, per_head, es.classes), version["fingerprint"])
+    _print_demo_accuracy(store, es, fused, per_head, truth)
+    export(workdir / "predictions.csv", db=db, version=version["fingerprint"], split=ExportSplit.unlabeled,
+           probs=False, force=True)
 
 
 def _print_demo_accuracy(store, es, fused, per_head, truth: dict) -> None:

@@ -147,3 +147,10 @@ def test_finetune_explains_bad_inputs(tmp_path):
     assert result.exit_code == 1 and "not a clipfuse model folder" in result.output
     result = invoke("wise-ft", "--checkpoint", tmp_path, "--alphas", "1:0")
     assert result.exit_code == 1
+
+
+def test_demo_with_finetune_runs_end_to_end(tmp_path, tiny_model):
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--model", tiny_model, "--finetune")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "best alpha" in text and "re-embedded 1797 images" in text and "finetuned" in text
