@@ -858,6 +858,21 @@ def _labeled_items(store, es, rows) -> list[tuple[str, int]]:
     return [(path_of[es.ids[i]], int(es.labels[i])) for i in rows]
 
 
+def _pseudo_items(store, fingerprint: str, per_class: int, min_confidence: float) -> list[tuple[str, int]]:
+    """The most confident unlabeled predictions, at most ``per_class`` per predicted class."""
+    import polars as pl
+
+    predictions = store.predictions(fingerprint)
+    if predictions is None:
+        raise LookupError("--pseudo-labels needs predictions: run `clipfuse train-heads` and `clipfuse predict` first.")
+    pred = pl.from_arrow(predictions.select(["id", "split", "label_index", "confidence"]))
+    paths = pl.from_arrow(store.images().select(["id", "path", "split"])).filter(pl.col("split") == "unlabeled")
+    top = (pred.filter((pl.col("split") == "unlabeled") & (pl.col("confidence") >= min_confidence))
+           .sort("confidence", descending=True).group_by("label_index", maintain_order=True).head(per_class)
+           .join(paths.unique("id", keep="first").select(["id", "path"]), on="id"))
+    return [(r["path"], int(r["label_index"])) for r in top.to_dicts()]
+
+
 @app.command()
 @_runtime_errors
 def finetune(
@@ -875,6 +890,11 @@ def finetune(
         exists=True, dir_okay=False, help="YAML/JSON class words for the initial classifier (default: folder names).")] = None,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation accuracy before stopping.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the split (same as train-heads) and the shuffles.")] = 0,
+    pseudo_labels: Annotated[int, typer.Option(
+        min=0, help="Also train on up to this many pseudo-labeled images per class: the most confident "
+        "unlabeled predictions of `clipfuse predict` (0 = none).")] = 0,
+    pseudo_min_confidence: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Lowest fused confidence a pseudo-label may have.")] = 0.9,
     device: DeviceOpt = "auto",
 ):
     """Finetune the version's CLIP image tower on the labeled images (seeded 80/20 split).
@@ -904,6 +924,11 @@ def finetune(
     es = store.load_embeddings(v["fingerprint"])
     train_idx, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=seed)
     train, val = _labeled_items(store, es, train_idx), _labeled_items(store, es, val_idx)
+    if pseudo_labels:
+        pseudo = _pseudo_items(store, v["fingerprint"], pseudo_labels, pseudo_min_confidence)
+        console.print(f"adding {len(pseudo)} pseudo-labeled images (at most {pseudo_labels} per class, "
+                      f"confidence >= {pseudo_min_confidence})")
+        train = train + pseudo
     words = load_class_words(class_words, es.classes)[0] if class_words else default_class_words(es.classes)
     embedder = _query_embedder(v, None, device)
     text = class_text_embeddings(embedder, es.classes, words)
@@ -927,7 +952,8 @@ def finetune(
             "classes": es.classes, "class_words": words, "config": dataclasses.asdict(config),
             "history": result.history, "zero_shot_accuracy": result.zero_shot_accuracy,
             "best_epoch": result.best_epoch, "val_ids": [str(es.ids[i]) for i in val_idx],
-            "val_labels": [int(es.labels[i]) for i in val_idx], "train_images": len(train)}
+            "val_labels": [int(es.labels[i]) for i in val_idx], "train_images": len(train),
+            "pseudo_labels": pseudo_labels, "pseudo_min_confidence": pseudo_min_confidence}
     save_model_folder(out, embedder.model, model_config(v["model"], embedder.preprocess),
                       heads={"finetuned": result.head, "zero_shot": torch.from_numpy(text)}, meta=meta)
     best = max([result.zero_shot_accuracy] + [h["val_accuracy"] for h in result.history])
@@ -1124,8 +1150,10 @@ def demo(
     export(export_path, db=db, version=version["fingerprint"], split=ExportSplit.unlabeled, probs=False, force=True)
     if with_finetune:
         _demo_finetune(workdir, db, store, truth, device=device, batch_size=batch_size)
-    console.print(f"demo done: {summary.found} images in {db} (version {embedder.fingerprint}, "
-                  f"{'RANDOM weights' if embedder.info.random_weights else embedder.config.pretrained}). "
+    active = store.get_version()
+    console.print(f"demo done: {summary.found} images in {db} (active version {active['fingerprint']}, "
+                  f"{active['model'] if with_finetune else embedder.config.model}"
+                  f"{', RANDOM base weights' if embedder.info.random_weights else ''}). "
                   f"Try: clipfuse neighbors {os.path.relpath(query_path)} --db {db}; "
                   f"clipfuse evaluate --db {db}")
 
@@ -1140,7 +1168,7 @@ def _demo_finetune(workdir: Path, db: Path, store, truth: dict, *, device: str, 
     models = workdir / "models"
     finetune(db=db, version=None, out=models / "ft", epochs=3, lr=1e-5, wd=0.01, batch_size=batch_size,
              augment=False, train_text=False, mean_teacher=False, class_words=None, patience=3, seed=0,
-             device=device)
+             pseudo_labels=0, pseudo_min_confidence=0.9, device=device)
     wise_ft(checkpoint=models / "ft", db=db, alphas="0:1:0.25", out=models / "ft-wiseft", device=device)
     reembed(model_checkpoint=models / "ft-wiseft", db=db, device=device, batch_size=batch_size, workers=None,
             commit_every=512)

@@ -154,3 +154,20 @@ def test_demo_with_finetune_runs_end_to_end(tmp_path, tiny_model):
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "best alpha" in text and "re-embedded 1797 images" in text and "finetuned" in text
+
+
+def test_finetune_options_text_tower_mean_teacher_augment_pseudo_labels(finetuned):
+    root, db, _ = finetuned
+    result = invoke("finetune", "--db", db, "--out", root / "ft2", "--epochs", 2, "--lr", 1e-3, "--batch-size", 8,
+                    "--pseudo-labels", 4)
+    assert result.exit_code == 1 and "run `clipfuse train-heads` and `clipfuse predict` first" in result.output
+    assert invoke("train-heads", "--db", db, "--heads", "probe,propagation", "--folds", 2).exit_code == 0
+    assert invoke("predict", "--db", db).exit_code == 0
+    result = invoke("finetune", "--db", db, "--out", root / "ft2", "--epochs", 2, "--lr", 1e-3, "--batch-size", 8,
+                    "--train-text", "--mean-teacher", "--augment", "--pseudo-labels", 4,
+                    "--pseudo-min-confidence", 0.0)
+    assert result.exit_code == 0, result.output
+    meta, _ = read_model_folder(root / "ft2")
+    assert meta["config"]["train_text"] and meta["config"]["mean_teacher"] and meta["config"]["augment"]
+    assert 30 < meta["train_images"] <= 30 + 12  # at most 4 pseudo-labels for each of the 3 classes
+    assert len(meta["history"]) >= 1 and np.isfinite(meta["history"][0]["train_loss"])
