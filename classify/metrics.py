@@ -75,6 +75,13 @@ def _heatmap(matrix: np.ndarray, classes: list[str], path: Path, *, title: str, 
             for j in range(n):
                 ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,
                         color="white" if matrix[i, j] > threshold else "black")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

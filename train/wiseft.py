@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipfuse.classify.metrics import save_figure
+
 
 def parse_alphas(text: str) -> list[float]:
     """``"0:1:0.1"`` (start:stop:step, stop included) or ``"0,0.5,1"`` -> list of floats in [0, 1]."""
@@ -85,9 +87,4 @@ def plot_alpha_curve(alphas: list[float], accuracies: list[float], path: str | P
     ax.axvline(best_alpha, color="grey", linestyle="--", label=f"best alpha = {best_alpha:g}")
     ax.set(xlabel="alpha (0 = zero-shot, 1 = finetuned)", ylabel="validation accuracy", title="WiSE-FT")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
