@@ -524,6 +524,9 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
     text, reason = _text_embeddings(version, es.classes, config.class_words and Path(config.class_words),
                                     device, embedder) if wants_text else (None, None)
     finetuned, finetuned_reason = _finetuned_head(version, es.classes) if "finetuned" in config.heads else (None, None)
+    if finetuned is not None:
+        err_console.print("[yellow]note: this version's model was finetuned and WiSE-FT-selected on the same "
+                          "validation labels, so validation scores here are optimistic.[/]")
     ensemble = create_ensemble_from_config(config, len(es.classes), text, finetuned)
     total = len(config.heads) * (config.n_folds + 1 + int(config.refit))
     done = 0
@@ -858,6 +861,14 @@ def _labeled_items(store, es, rows) -> list[tuple[str, int]]:
     return [(path_of[es.ids[i]], int(es.labels[i])) for i in rows]
 
 
+def _refuse_model_folder_in_use(store, out: Path) -> None:
+    """A model folder that made one of the store's versions must not be overwritten."""
+    used = [v["fingerprint"][:12] for v in store.versions() if v["model"] == f"local-dir:{out.resolve()}"]
+    if used:
+        raise FileExistsError(f"{str(out)!r} holds the model of embedding version {used[0]}; overwriting it would "
+                              "orphan that version. Choose another --out.")
+
+
 def _pseudo_items(store, fingerprint: str, per_class: int, min_confidence: float) -> list[tuple[str, int]]:
     """The most confident unlabeled predictions, at most ``per_class`` per predicted class."""
     import polars as pl
@@ -921,6 +932,7 @@ def finetune(
     if v["model"].startswith("imported:"):
         raise ValueError(f"version {v['fingerprint'][:12]} was imported without a model; finetuning needs one. "
                          "Re-import with --model, or index the images with a model.")
+    _refuse_model_folder_in_use(store, out)
     es = store.load_embeddings(v["fingerprint"])
     train_idx, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=seed)
     train, val = _labeled_items(store, es, train_idx), _labeled_items(store, es, val_idx)
@@ -931,6 +943,7 @@ def finetune(
         train = train + pseudo
     words = load_class_words(class_words, es.classes)[0] if class_words else default_class_words(es.classes)
     embedder = _query_embedder(v, None, device)
+    folder_config = model_config(v["model"], embedder.model)  # fails now rather than after training
     text = class_text_embeddings(embedder, es.classes, words)
     unlabeled = [r["path"] for r in store.images().select(["path", "split"]).to_pylist() if r["split"] == "unlabeled"]
     prompts = [build_prompts(words[c], DEFAULT_TEMPLATES) for c in es.classes]
@@ -954,8 +967,8 @@ def finetune(
             "best_epoch": result.best_epoch, "val_ids": [str(es.ids[i]) for i in val_idx],
             "val_labels": [int(es.labels[i]) for i in val_idx], "train_images": len(train),
             "pseudo_labels": pseudo_labels, "pseudo_min_confidence": pseudo_min_confidence}
-    save_model_folder(out, embedder.model, model_config(v["model"], embedder.preprocess),
-                      heads={"finetuned": result.head, "zero_shot": torch.from_numpy(text)}, meta=meta)
+    save_model_folder(out, embedder.model, folder_config, heads={"finetuned": result.head,
+                      "zero_shot": torch.from_numpy(text)}, meta=meta, tokenizer=embedder.tokenizer)
     best = max([result.zero_shot_accuracy] + [h["val_accuracy"] for h in result.history])
     console.print(f"finetuned on {len(train)} images: validation accuracy {result.zero_shot_accuracy:.3f} (zero-shot) "
                   f"-> {best:.3f} (epoch {result.best_epoch}); model in {out}. Next: clipfuse wise-ft --checkpoint {out}")
@@ -994,16 +1007,29 @@ def wise_ft(
     if embedder.fingerprint != meta["base_fingerprint"]:
         raise ValueError(f"model {meta['base_model']!r} no longer loads as the model that was finetuned "
                          f"(fingerprint {embedder.fingerprint[:12]}, expected {meta['base_fingerprint'][:12]}).")
-    zero_shot_state = {k: v.detach().clone() for k, v in embedder.model.state_dict().items()}
-    finetuned_state = load_state(checkpoint)
+    zero_shot_state = {k: v.detach().cpu().clone() for k, v in embedder.model.state_dict().items()}
+    finetuned_state = load_state(checkpoint)  # CPU tensors; load_state_dict moves them to the model's device
     store = _open_store(db)
+    _refuse_model_folder_in_use(store, out)
     paths = {r["id"]: r["path"] for r in store.images().select(["id", "path"]).to_pylist()}
-    val_ids = [i for i in meta["val_ids"] if i in paths]
-    labels = torch.tensor([l for i, l in zip(meta["val_ids"], meta["val_labels"]) if i in paths])
-    pixels = torch.stack([embedder.preprocess(read_image(paths[i])[1]) for i in val_ids])
+    val_ids, val_labels, images = [], [], []
+    for id_, label in zip(meta["val_ids"], meta["val_labels"]):
+        img = read_image(paths[id_])[1] if id_ in paths else None
+        if img is not None:  # deleted or unreadable since finetuning: skipped
+            val_ids.append(id_)
+            val_labels.append(label)
+            images.append(img)
+    if not val_ids:
+        raise ValueError(f"none of the {len(meta['val_ids'])} validation images of {checkpoint} can be read from "
+                         f"{db}; run wise-ft against the store the model was finetuned on.")
+    labels = torch.tensor(val_labels)
+    pixels = torch.stack([embedder.preprocess(img) for img in images])
     stored = None
     if meta["base_fingerprint"] in {v["fingerprint"] for v in store.versions()}:
-        stored = store.vectors_for(val_ids, meta["base_fingerprint"])
+        try:
+            stored = store.vectors_for(val_ids, meta["base_fingerprint"])
+        except KeyError:
+            stored = None  # some were never embedded by the base model: encode them all
 
     def val_features(alpha, model):
         if alpha == 0.0 and stored is not None:
@@ -1025,8 +1051,8 @@ def wise_ft(
     console.print(table)
     from clipfuse.train import model_config
 
-    save_model_folder(out, embedder.model, model_config(meta["base_model"], embedder.preprocess),
-                      heads={"finetuned": result["head"], "zero_shot": heads["zero_shot"]},
+    save_model_folder(out, embedder.model, model_config(meta["base_model"], embedder.model),
+                      heads={"finetuned": result["head"], "zero_shot": heads["zero_shot"]}, tokenizer=embedder.tokenizer,
                       meta={**meta, "kind": "wise-ft", "alpha": result["best_alpha"],
                             "alpha_curve": dict(zip(map(str, result["alphas"]), result["accuracies"]))})
     plot = plot_alpha_curve(result["alphas"], result["accuracies"], out / "alpha_curve.png",
@@ -1065,7 +1091,13 @@ def reembed(
     previous = store.get_version()["fingerprint"]
     embedder = _load_embedder(EmbedderConfig(model=f"local-dir:{model_checkpoint.resolve()}", device=device,
                                              batch_size=batch_size, workers=workers))
-    files = [ImageFile(r["path"], r["split"], r["label"]) for r in store.images().select(["path", "split", "label"]).to_pylist()]
+    rows = store.images().select(["path", "split", "label"]).to_pylist()
+    # only files that exist: rows of imported vectors ("id:..." paths) or of files gone since indexing
+    # have nothing to embed, and must not be dropped from the image table the old version still uses
+    files = [ImageFile(r["path"], r["split"], r["label"]) for r in rows if os.path.isfile(r["path"])]
+    if len(files) < len(rows):
+        err_console.print(f"[yellow]{len(rows) - len(files)} image row(s) have no file on disk and are not "
+                          "re-embedded (imported vectors or moved files).[/]")
     summary = _run_index(store, embedder, ImageFolders(files, store.classes(), []), commit_every=commit_every)
     _print_index_summary(summary, db)
     console.print(f"re-embedded {summary.embedded} images ({summary.unchanged} already done) as version "

@@ -49,7 +49,10 @@ def test_finetune_lowers_loss_and_beats_zero_shot(finetuned):
     assert best > meta["zero_shot_accuracy"]
     assert meta["best_epoch"] >= 1 and heads["finetuned"].shape == heads["zero_shot"].shape == (3, 16)
     assert meta["config"]["epochs"] == 15 and meta["train_images"] == 30
-    assert "validation accuracy" in output and (root / "ft" / "open_clip_config.json").exists()
+    assert "validation accuracy" in output
+    preprocess = json.loads((root / "ft" / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert preprocess["size"] == [32, 32] and preprocess["interpolation"] == "bicubic"
+    assert preprocess["resize_mode"] == "shortest" and len(preprocess["mean"]) == 3
 
 
 def test_interpolation_ends_are_exact_and_the_sweep_takes_the_argmax():
@@ -140,6 +143,9 @@ def test_reembed_adds_a_version_with_the_same_ids_and_resumes_after_a_crash(fine
     heads = invoke("train-heads", "--db", db, "--folds", 2)
     assert heads.exit_code == 0, heads.output
     assert "finetuned" in heads.output and "finetuned skipped" not in heads.output
+    # the folder now backs a version: finetuning into it again is refused
+    result = invoke("finetune", "--db", db, "--version", old["fingerprint"], "--out", root / "ft", "--epochs", 1)
+    assert result.exit_code == 1 and "holds the model of embedding version" in result.output
 
 
 def test_finetune_explains_bad_inputs(tmp_path):

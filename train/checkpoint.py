@@ -14,11 +14,13 @@ HEAD_WEIGHTS = "classifier.safetensors"
 META = "clipfuse.json"
 
 
-def model_config(model_name: str, preprocess) -> dict:
+def model_config(model_name: str, model) -> dict:
     """``{"model_cfg": ..., "preprocess_cfg": ...}`` of an open_clip model, for a local-dir folder.
 
     The architecture comes from the built-in config, the hub's ``open_clip_config.json`` or
-    the local folder; the preprocessing from the transforms the model was loaded with.
+    the local folder; the preprocessing (size, mean/std, interpolation, resize mode) from
+    the loaded model's own ``visual.preprocess_cfg``, so the folder preprocesses exactly as
+    the base model did.
     """
     import open_clip
     from open_clip import factory
@@ -29,18 +31,17 @@ def model_config(model_name: str, preprocess) -> dict:
     elif model_name.startswith("hf-hub:"):
         model_cfg = factory._get_hf_config(model_name[len("hf-hub:"):])["model_cfg"]
     else:
-        model_cfg = open_clip.get_model_config(model_name)
+        model_cfg = open_clip.get_model_config(model_name.replace("/", "-"))
         if model_cfg is None:
             raise ValueError(f"no open_clip config for model {model_name!r}.")
-    preprocess_cfg = {}
-    for t in getattr(preprocess, "transforms", []):
-        if type(t).__name__ == "Normalize":
-            preprocess_cfg.update(mean=list(map(float, t.mean)), std=list(map(float, t.std)))
+    preprocess_cfg = {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in dict(getattr(model.visual, "preprocess_cfg", {})).items()}
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
 def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict, *,
-                      heads: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> Path:
+                      heads: dict[str, torch.Tensor] | None = None, meta: dict | None = None,
+                      tokenizer=None) -> Path:
     """Write a model as a `local-dir:` folder (replacing ``folder`` as a whole).
 
     Weights go to safetensors only; loading them never unpickles code.
@@ -57,6 +58,9 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict, 
     if heads:
         save_file({k: v.detach().cpu().float().contiguous() for k, v in heads.items()}, str(staging / HEAD_WEIGHTS))
     (staging / META).write_text(json.dumps(meta or {}, indent=2))
+    hf_tokenizer = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+    if hasattr(hf_tokenizer, "save_pretrained"):
+        hf_tokenizer.save_pretrained(str(staging))  # local-dir models with hf_tokenizer_name load it from here
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():

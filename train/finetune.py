@@ -44,13 +44,13 @@ class FinetuneResult:
     best_epoch: int  # 0 = no epoch beat zero-shot (the model is unchanged)
 
 
-def _train_transform(preprocess, augment: bool):
-    """The eval preprocessing, or random resized crop + flip followed by its normalisation."""
+def _train_transform(preprocess, augment: bool, size):
+    """The eval preprocessing, or random resized crop + flip (to the model's input ``size``)
+    followed by its normalisation."""
     if not augment:
         return preprocess
     from torchvision import transforms
 
-    size = next((t.size for t in preprocess.transforms if type(t).__name__ == "CenterCrop"), (224, 224))
     normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
     return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.6, 1.0)),
                                transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
@@ -136,7 +136,7 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
     model, device = embedder.model, embedder.device
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    transform = _train_transform(embedder.preprocess, config.augment)
+    transform = _train_transform(embedder.preprocess, config.augment, model.visual.image_size)
     train_images = _load_images([p for p, _ in train])
     train_labels = torch.tensor([c for _, c in train])
     val_pixels = torch.stack([embedder.preprocess(img) for img in _load_images([p for p, _ in val])]) \
