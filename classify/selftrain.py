@@ -214,12 +214,17 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         X, y, y_index = validate_semi_supervised(self, X, y)
         X = l2_normalize(X)
-        rng = np.random.default_rng(self.random_state)
-        n, dim = X.shape
-        n_classes = len(self.classes_)
         labeled, unlabeled = np.flatnonzero(y_index >= 0), np.flatnonzero(y_index < 0)
         if len(unlabeled) == 0:
             unlabeled = labeled
+        with threadpool_limits(1, user_api="blas"):  # small products: spinning BLAS threads cost more
+            self.teacher_, self.loss_curve_ = self._train(X, y_index, labeled, unlabeled)
+        return self
+
+    def _train(self, X, y_index, labeled, unlabeled):
+        """The optimisation loop: AdamW on the student, EMA into the teacher; returns (teacher, losses)."""
+        rng = np.random.default_rng(self.random_state)
+        dim, n_classes = X.shape[1], len(self.classes_)
         student = {
             "W1": (rng.standard_normal((dim, self.hidden)) * np.sqrt(2.0 / dim)).astype(np.float32),
             "b1": np.zeros(self.hidden, np.float32),
@@ -231,15 +236,6 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
         sigma = np.float32(self.noise / np.sqrt(dim))
         ramp = max(1, self.steps // 4)
         losses = np.empty(self.steps)
-        with threadpool_limits(1, user_api="blas"):  # small products: spinning BLAS threads cost more
-            self._train(X, y_index, labeled, unlabeled, student, teacher, moments, sigma, ramp, losses, rng)
-        self.teacher_ = teacher
-        self.loss_curve_ = losses
-        return self
-
-    def _train(self, X, y_index, labeled, unlabeled, student, teacher, moments, sigma, ramp, losses, rng):
-        """The optimisation loop: AdamW on the student, EMA into the teacher, in place."""
-        dim, n_classes = X.shape[1], student["b2"].shape[0]
         for step in range(1, self.steps + 1):
             li = rng.choice(labeled, size=self.batch_size)
             ui = rng.choice(unlabeled, size=self.batch_size)
@@ -276,6 +272,7 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
             for k in teacher:
                 teacher[k] *= decay
                 teacher[k] += (1.0 - decay) * student[k]
+        return teacher, losses
 
     def predict_proba(self, X):
         """Class probabilities of the teacher, shape (n_samples, n_classes)."""
