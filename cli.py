@@ -452,21 +452,27 @@ class ExportSplit(str, Enum):
     all = "all"
 
 
+def _class_words(path: Optional[Path], classes: list[str]) -> dict[str, list[str]]:
+    """Class words from a YAML/JSON file (naming the classes it leaves out) or the folder names."""
+    from clipfuse.data import default_class_words, load_class_words
+
+    if path is None:
+        return default_class_words(classes)
+    words, defaulted = load_class_words(path, classes)
+    if defaulted:
+        err_console.print(f"[yellow]{len(defaulted)} class(es) not in {path} use their folder name: "
+                          f"{', '.join(defaulted[:10])}{' ...' if len(defaulted) > 10 else ''}[/]")
+    return words
+
+
 def _text_embeddings(version: dict, classes: list[str], class_words: Optional[Path], device: str, embedder=None):
     """Class text embeddings of the version's model, or (None, reason) when it has no usable text tower.
 
     ``embedder`` is the version's model when the caller has it loaded already.
     """
-    from clipfuse.data import default_class_words, load_class_words
     from clipfuse.embed import PretrainedWeightsError, class_text_embeddings
 
-    if class_words is not None:
-        words, defaulted = load_class_words(class_words, classes)
-        if defaulted:
-            err_console.print(f"[yellow]{len(defaulted)} class(es) not in {class_words} use their folder name: "
-                              f"{', '.join(defaulted[:10])}{' ...' if len(defaulted) > 10 else ''}[/]")
-    else:
-        words = default_class_words(classes)
+    words = _class_words(class_words, classes)
     if version["model"].startswith("imported:"):
         return None, f"version {version['fingerprint'][:12]} was imported without a model, so there is no text tower"
     try:
@@ -780,11 +786,11 @@ def evaluate(
         rows = [pred_index.get(i) for i in es.ids[test]]
         have = np.array([r is not None for r in rows])
         P = predictions["probs"].combine_chunks().flatten().to_numpy().reshape(-1, len(classes))
-        test_scores = score_predictions(es.test_labels[test][have], P[[r for r in rows if r is not None]])
+        y_test, P_test = es.test_labels[test][have], P[[r for r in rows if r is not None]]
+        test_scores = score_predictions(y_test, P_test)
         report["test"] = test_scores
-        plots.append(plot_confusion(es.test_labels[test][have], P[[r for r in rows if r is not None]].argmax(1),
-                                    classes, out / "confusion_test.png"))
-        console.print(_scores_table(f"test ({int(have.sum())} labeled test images, fused predictions)",
+        plots.append(plot_confusion(y_test, P_test.argmax(1), classes, out / "confusion_test.png"))
+        console.print(_scores_table(f"test ({len(y_test)} labeled test images, fused predictions)",
                                     {"fused": test_scores}))
     per_class = Table(title="per-class validation accuracy (fused)")
     per_class.add_column("class")
@@ -920,7 +926,7 @@ def finetune(
     """
     import torch
 
-    from clipfuse.data import default_class_words, load_class_words, split_labeled
+    from clipfuse.data import split_labeled
     from clipfuse.embed import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
     from clipfuse.train import FinetuneConfig, model_config, save_model_folder
     from clipfuse.train import finetune as run_finetune
@@ -941,7 +947,7 @@ def finetune(
         console.print(f"adding {len(pseudo)} pseudo-labeled images (at most {pseudo_labels} per class, "
                       f"confidence >= {pseudo_min_confidence})")
         train = train + pseudo
-    words = load_class_words(class_words, es.classes)[0] if class_words else default_class_words(es.classes)
+    words = _class_words(class_words, es.classes)
     embedder = _query_embedder(v, None, device)
     folder_config = model_config(v["model"], embedder.model)  # fails now rather than after training
     text = class_text_embeddings(embedder, es.classes, words)
@@ -991,7 +997,6 @@ def wise_ft(
 
         clipfuse wise-ft --checkpoint models/ft --alphas 0:1:0.1
     """
-    import numpy as np
     import torch
 
     from clipfuse.embed import EmbedderConfig, read_image
@@ -1131,8 +1136,6 @@ def demo(
 
         clipfuse demo --model ViT-B-32 --pretrained ~/weights/vit-b-32.safetensors
     """
-    import numpy as np
-
     from clipfuse.data import scan_folders, write_digits_dataset
     from clipfuse.embed import EmbedderConfig, PretrainedWeightsError
 
@@ -1171,15 +1174,7 @@ def demo(
     console.print(f"{agree} of {len(rows)} neighbours are of the query's true class ({truth[query_path]}).")
 
     console.rule("[bold]classifier heads")
-    from clipfuse.classify import HeadsConfig
-
-    ensemble, es, folder = _train_heads(store, version, HeadsConfig(), device=device, embedder=embedder)
-    _print_training(ensemble, folder)
-    fused, per_head = ensemble.predict_proba(es.X, fit_rows=np.arange(len(es.ids)))
-    store.write_predictions(_predictions_table(es, fused, per_head, es.classes), version["fingerprint"])
-    _print_demo_accuracy(store, es, fused, per_head, truth)
-    export_path = workdir / "predictions.csv"
-    export(export_path, db=db, version=version["fingerprint"], split=ExportSplit.unlabeled, probs=False, force=True)
+    _demo_heads(workdir, db, store, version, truth, device=device, embedder=embedder)
     if with_finetune:
         _demo_finetune(workdir, db, store, truth, device=device, batch_size=batch_size)
     active = store.get_version()
@@ -1192,10 +1187,6 @@ def demo(
 
 def _demo_finetune(workdir: Path, db: Path, store, truth: dict, *, device: str, batch_size: int) -> None:
     """finetune -> wise-ft -> reembed -> train-heads -> export, on the demo store."""
-    import numpy as np
-
-    from clipfuse.classify import HeadsConfig
-
     console.rule("[bold]finetune -> WiSE-FT -> reembed -> train-heads")
     models = workdir / "models"
     finetune(db=db, version=None, out=models / "ft", epochs=3, lr=1e-5, wd=0.01, batch_size=batch_size,
@@ -1204,8 +1195,16 @@ def _demo_finetune(workdir: Path, db: Path, store, truth: dict, *, device: str, 
     wise_ft(checkpoint=models / "ft", db=db, alphas="0:1:0.25", out=models / "ft-wiseft", device=device)
     reembed(model_checkpoint=models / "ft-wiseft", db=db, device=device, batch_size=batch_size, workers=None,
             commit_every=512)
-    version = store.get_version()
-    ensemble, es, folder = _train_heads(store, version, HeadsConfig(), device=device)
+    _demo_heads(workdir, db, store, store.get_version(), truth, device=device)
+
+
+def _demo_heads(workdir: Path, db: Path, store, version: dict, truth: dict, *, device: str, embedder=None) -> None:
+    """train-heads -> predict -> score on the unlabeled truth -> export, on one version of the demo store."""
+    import numpy as np
+
+    from clipfuse.classify import HeadsConfig
+
+    ensemble, es, folder = _train_heads(store, version, HeadsConfig(), device=device, embedder=embedder)
     _print_training(ensemble, folder)
     fused, per_head = ensemble.predict_proba(es.X, fit_rows=np.arange(len(es.ids)))
     store.write_predictions(_predictions_table(es, fused, per_head, es.classes), version["fingerprint"])

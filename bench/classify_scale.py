@@ -132,7 +132,6 @@ def run_stack(args, rss: PeakRSS) -> dict:
     t0 = time.perf_counter()
     ensemble.fit(X, y_semi, progress=progress)
     peaks[current["head"]] = rss.peak()
-    fit_seconds = time.perf_counter() - t0
     rss.reset()
     t1 = time.perf_counter()
     fused, per_head = ensemble.predict_proba(X, fit_rows=np.arange(len(X)))
