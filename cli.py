@@ -49,11 +49,12 @@ class Split(str, Enum):
 # ---- shared options -------------------------------------------------------------------------
 DbOpt = Annotated[Path, typer.Option("--db", help="LanceDB folder of the store (created on first index).")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="open_clip model: a built-in name (ViT-B-32), `hf-hub:org/repo` or `local-dir:/path`. "
-    "Default: the store's model, else ViT-B-32.")]
+    "--model", help="CLIP (open_clip) model: a built-in name (ViT-B-32), `hf-hub:org/repo` or `local-dir:/path`; "
+    "or an image-only backbone: `timm:<name>` (timm:resnet50.a1_in1k) or `effnet-lite0` (ImageNet weights "
+    "bundled, works offline). Default: the store's model, else ViT-B-32.")]
 PretrainedOpt = Annotated[Optional[str], typer.Option(
-    "--pretrained", help="open_clip pretrained tag (laion2b_s34b_b79k) or a local checkpoint file "
-    "(.safetensors / .pt); ignored for hf-hub: and local-dir: models.")]
+    "--pretrained", help="open_clip pretrained tag (laion2b_s34b_b79k) or a local weights file "
+    "(.safetensors / .pt) for open_clip or timm: models; ignored for hf-hub: and local-dir: models.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or fp16 / bf16 on GPU.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
@@ -236,11 +237,15 @@ def _resolve_query(store, version: dict, query: Optional[str], text: Optional[st
     ``model_config`` names the model to embed the query with; None means the version's own.
     """
     from clipfuse.data import IMAGE_EXTENSIONS, hash_bytes
+    from clipfuse.embed import is_image_only
 
     if text is not None:
         if version["model"].startswith("imported:"):
             raise ValueError(f"version {version['fingerprint']} was imported without a model, so texts can't be "
                              "embedded for it; re-import with --model, or query by image id.")
+        if is_image_only(model_config.model if model_config else version["model"]):
+            raise ValueError(f"version {version['fingerprint'][:12]} was made by {version['model']}, an image-only "
+                             "backbone with no text tower; query by image, or pick a CLIP version with --version.")
         embedder = _query_embedder(version, model_config, device)
         return embedder.encode_texts([text]), f"text {text!r}"
     path = Path(query)
@@ -470,11 +475,13 @@ def _text_embeddings(version: dict, classes: list[str], class_words: Optional[Pa
 
     ``embedder`` is the version's model when the caller has it loaded already.
     """
-    from clipfuse.embed import PretrainedWeightsError, class_text_embeddings
+    from clipfuse.embed import PretrainedWeightsError, class_text_embeddings, is_image_only
 
     words = _class_words(class_words, classes)
     if version["model"].startswith("imported:"):
         return None, f"version {version['fingerprint'][:12]} was imported without a model, so there is no text tower"
+    if is_image_only(version["model"]):
+        return None, f"{version['model']} is an image-only backbone: it has no text tower"
     try:
         if embedder is None or embedder.fingerprint != version["fingerprint"]:
             embedder = _query_embedder(version, None, device)
@@ -533,7 +540,7 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
     if finetuned is not None:
         err_console.print("[yellow]note: this version's model was finetuned and WiSE-FT-selected on the same "
                           "validation labels, so validation scores here are optimistic.[/]")
-    ensemble = create_ensemble_from_config(config, len(es.classes), text, finetuned)
+    ensemble = create_ensemble_from_config(config, len(es.classes), text, *(finetuned or (None, None)))
     total = len(config.heads) * (config.n_folds + 1 + int(config.refit))
     done = 0
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -572,19 +579,22 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
 
 
 def _finetuned_head(version: dict, classes: list[str]):
-    """The classifier saved with the version's model by `clipfuse finetune`/`wise-ft`, or (None, reason)."""
-    if not version["model"].startswith("local-dir:"):
+    """The classifier saved with the version's model by `clipfuse finetune`/`wise-ft`: ((weight, bias or
+    None), None), or (None, reason)."""
+    model = version["model"].removeprefix("timm:")
+    if not model.startswith("local-dir:"):
         return None, f"version {version['fingerprint'][:12]} was not made by a model finetuned with clipfuse"
     from clipfuse.train import read_model_folder
 
     try:
-        meta, heads = read_model_folder(version["model"][len("local-dir:"):])
+        meta, heads = read_model_folder(model[len("local-dir:"):])
     except FileNotFoundError:
         return None, f"version {version['fingerprint'][:12]} was not made by a model finetuned with clipfuse"
     if "finetuned" not in heads or meta.get("classes") != classes[:len(meta.get("classes", []))] \
             or len(meta.get("classes", [])) != len(classes):
         return None, "the finetuned model's classes differ from the store's; finetune again"
-    return heads["finetuned"].numpy(), None
+    bias = heads.get("finetuned_bias")
+    return (heads["finetuned"].numpy(), None if bias is None else bias.numpy()), None
 
 
 def _load_trained(store, version: dict, es=None):
@@ -869,7 +879,8 @@ def _labeled_items(store, es, rows) -> list[tuple[str, int]]:
 
 def _refuse_model_folder_in_use(store, out: Path) -> None:
     """A model folder that made one of the store's versions must not be overwritten."""
-    used = [v["fingerprint"][:12] for v in store.versions() if v["model"] == f"local-dir:{out.resolve()}"]
+    names = {f"local-dir:{out.resolve()}", f"timm:local-dir:{out.resolve()}"}
+    used = [v["fingerprint"][:12] for v in store.versions() if v["model"] in names]
     if used:
         raise FileExistsError(f"{str(out)!r} holds the model of embedding version {used[0]}; overwriting it would "
                               "orphan that version. Choose another --out.")
@@ -901,7 +912,8 @@ def finetune(
     wd: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = 0.01,
     batch_size: BatchOpt = 32,
     augment: Annotated[bool, typer.Option(help="Random resized crops and flips.")] = False,
-    train_text: Annotated[bool, typer.Option(help="Also train the text tower.")] = False,
+    train_text: Annotated[bool, typer.Option(help="Also train the text tower (CLIP models).")] = False,
+    freeze_backbone: Annotated[bool, typer.Option(help="Train only the classifier on the frozen image features.")] = False,
     mean_teacher: Annotated[bool, typer.Option(help="Add an EMA teacher and a consistency loss on unlabeled images.")] = False,
     class_words: Annotated[Optional[Path], typer.Option(
         exists=True, dir_okay=False, help="YAML/JSON class words for the initial classifier (default: folder names).")] = None,
@@ -914,11 +926,14 @@ def finetune(
         min=0.0, max=1.0, help="Lowest fused confidence a pseudo-label may have.")] = 0.9,
     device: DeviceOpt = "auto",
 ):
-    """Finetune the version's CLIP image tower on the labeled images (seeded 80/20 split).
+    """Finetune the version's image tower on the labeled images (seeded 80/20 split).
 
-    The classifier starts at the zero-shot text embeddings of the class words; the epoch
-    with the best validation accuracy is kept. The result is a `local-dir:` model folder
-    for `clipfuse wise-ft` and `clipfuse reembed`.
+    A CLIP model's classifier starts at the zero-shot text embeddings of the class words.
+    An image-only backbone (timm:..., effnet-lite0) gets a linear layer that starts as
+    the linear probe on its frozen features ("frozen backbone + FC"), then backbone and
+    layer train together (--freeze-backbone trains the layer alone). The epoch with the
+    best validation accuracy is kept. The result is a model folder for `clipfuse wise-ft`
+    and `clipfuse reembed`.
 
     Examples:
 
@@ -927,17 +942,20 @@ def finetune(
     import torch
 
     from clipfuse.data import split_labeled
-    from clipfuse.embed import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
+    from clipfuse.embed import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings, is_image_only
     from clipfuse.train import FinetuneConfig, model_config, save_model_folder
     from clipfuse.train import finetune as run_finetune
 
     config = FinetuneConfig(epochs=epochs, lr=lr, weight_decay=wd, batch_size=batch_size, augment=augment,
-                            train_text=train_text, patience=patience, mean_teacher=mean_teacher, seed=seed)
+                            train_text=train_text, freeze_backbone=freeze_backbone, patience=patience,
+                            mean_teacher=mean_teacher, seed=seed)
     store = _open_store(db)
     v = store.get_version(version)
     if v["model"].startswith("imported:"):
         raise ValueError(f"version {v['fingerprint'][:12]} was imported without a model; finetuning needs one. "
                          "Re-import with --model, or index the images with a model.")
+    if train_text and is_image_only(v["model"]):
+        raise typer.BadParameter(f"--train-text needs a CLIP model; {v['model']} is an image-only backbone.")
     _refuse_model_folder_in_use(store, out)
     es = store.load_embeddings(v["fingerprint"])
     train_idx, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=seed)
@@ -950,9 +968,9 @@ def finetune(
     words = _class_words(class_words, es.classes)
     embedder = _query_embedder(v, None, device)
     folder_config = model_config(v["model"], embedder.model)  # fails now rather than after training
-    text = class_text_embeddings(embedder, es.classes, words)
+    text = class_text_embeddings(embedder, es.classes, words) if embedder.has_text else None
     unlabeled = [r["path"] for r in store.images().select(["path", "split"]).to_pylist() if r["split"] == "unlabeled"]
-    prompts = [build_prompts(words[c], DEFAULT_TEMPLATES) for c in es.classes]
+    prompts = [build_prompts(words[c], DEFAULT_TEMPLATES) for c in es.classes] if embedder.has_text else None
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[status]}"), console=err_console) as progress:
         task = progress.add_task("epoch 1", total=None, status="")
@@ -961,23 +979,38 @@ def finetune(
             status = f"loss {loss:.4f}" + ("" if val_acc is None else f"  val acc {val_acc:.3f}")
             progress.update(task, description=f"epoch {epoch}/{epochs}", completed=step, total=steps, status=status)
 
-        result = run_finetune(embedder, train, val, text, config, unlabeled=unlabeled, prompts=prompts,
-                              progress=report)
+        result = run_finetune(embedder, train, val, text, config, n_classes=len(es.classes), unlabeled=unlabeled,
+                              prompts=prompts, progress=report)
     for h in result.history:
         console.print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}, val accuracy {h['val_accuracy']:.3f} "
                       f"({h['seconds']:.0f} s)", highlight=False)
     meta = {"kind": "finetuned", "base_model": v["model"], "base_pretrained": v["pretrained"],
             "base_fingerprint": v["fingerprint"], "base_random_weights": bool(v["random_weights"]),
             "classes": es.classes, "class_words": words, "config": dataclasses.asdict(config),
-            "history": result.history, "zero_shot_accuracy": result.zero_shot_accuracy,
+            "history": result.history, "start": result.start_name, "start_accuracy": result.start_accuracy,
             "best_epoch": result.best_epoch, "val_ids": [str(es.ids[i]) for i in val_idx],
             "val_labels": [int(es.labels[i]) for i in val_idx], "train_images": len(train),
             "pseudo_labels": pseudo_labels, "pseudo_min_confidence": pseudo_min_confidence}
-    save_model_folder(out, embedder.model, folder_config, heads={"finetuned": result.head,
-                      "zero_shot": torch.from_numpy(text)}, meta=meta, tokenizer=embedder.tokenizer)
-    best = max([result.zero_shot_accuracy] + [h["val_accuracy"] for h in result.history])
-    console.print(f"finetuned on {len(train)} images: validation accuracy {result.zero_shot_accuracy:.3f} (zero-shot) "
-                  f"-> {best:.3f} (epoch {result.best_epoch}); model in {out}. Next: clipfuse wise-ft --checkpoint {out}")
+    save_model_folder(out, embedder.model, folder_config, heads=_head_tensors(finetuned=result.head, start=result.start),
+                      meta=meta, tokenizer=embedder.tokenizer)
+    best = max([result.start_accuracy] + [h["val_accuracy"] for h in result.history])
+    console.print(f"finetuned on {len(train)} images: validation accuracy {result.start_accuracy:.3f} "
+                  f"({result.start_name}) -> {best:.3f} (epoch {result.best_epoch}); model in {out}. "
+                  f"Next: clipfuse wise-ft --checkpoint {out}")
+
+
+def _head_tensors(**heads: dict) -> dict:
+    """Classifiers as flat safetensors entries: ``name`` (weight) and ``name_bias``."""
+    out = {}
+    for name, head in heads.items():
+        out[name] = head["weight"]
+        if "bias" in head:
+            out[f"{name}_bias"] = head["bias"]
+    return out
+
+
+def _head_dict(tensors: dict, name: str) -> dict:
+    return {"weight": tensors[name], **({"bias": tensors[f"{name}_bias"]} if f"{name}_bias" in tensors else {})}
 
 
 @app.command("wise-ft")
@@ -985,11 +1018,15 @@ def finetune(
 def wise_ft(
     checkpoint: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Folder written by `clipfuse finetune`.")],
     db: DbOpt = Path("clipfuse.lance"),
-    alphas: Annotated[str, typer.Option(help="Mixing weights: start:stop:step or a comma list; 0 = zero-shot, 1 = finetuned.")] = "0:1:0.1",
+    alphas: Annotated[str, typer.Option(help="Mixing weights: start:stop:step or a comma list; 0 = the start "
+                                        "(zero-shot, or the linear probe of an image-only backbone), 1 = finetuned.")] = "0:1:0.1",
     out: Annotated[Optional[Path], typer.Option(file_okay=False, help="Folder for the chosen model (default: CHECKPOINT-wiseft).")] = None,
     device: DeviceOpt = "auto",
 ):
-    """WiSE-FT: interpolate the zero-shot and finetuned weights, keep the best alpha on validation.
+    """WiSE-FT: interpolate the starting and finetuned weights, keep the best alpha on validation.
+
+    Backbone and classifier are both interpolated: alpha 0 is the base model with the
+    zero-shot classifier (CLIP) or the linear probe (image-only backbones).
 
     Writes the chosen model (a `local-dir:` folder) and alpha_curve.png.
 
@@ -1012,7 +1049,7 @@ def wise_ft(
     if embedder.fingerprint != meta["base_fingerprint"]:
         raise ValueError(f"model {meta['base_model']!r} no longer loads as the model that was finetuned "
                          f"(fingerprint {embedder.fingerprint[:12]}, expected {meta['base_fingerprint'][:12]}).")
-    zero_shot_state = {k: v.detach().cpu().clone() for k, v in embedder.model.state_dict().items()}
+    base_state = {k: v.detach().cpu().clone() for k, v in embedder.model.state_dict().items()}
     finetuned_state = load_state(checkpoint)  # CPU tensors; load_state_dict moves them to the model's device
     store = _open_store(db)
     _refuse_model_folder_in_use(store, out)
@@ -1045,8 +1082,9 @@ def wise_ft(
                               for s in range(0, len(pixels), 64)])
 
     with console.status("sweeping alpha ..."):
-        result = sweep(embedder.model, zero_shot_state, finetuned_state, heads["zero_shot"], heads["finetuned"],
-                       grid, val_features, labels)
+        result = sweep(embedder.model, base_state, finetuned_state, _head_dict(heads, "start"),
+                       _head_dict(heads, "finetuned"), grid, val_features, labels,
+                       cosine="finetuned_bias" not in heads)
     table = Table(title=f"WiSE-FT on {len(val_ids)} validation images")
     table.add_column("alpha", justify="right")
     table.add_column("val accuracy", justify="right")
@@ -1057,13 +1095,15 @@ def wise_ft(
     from clipfuse.train import model_config
 
     save_model_folder(out, embedder.model, model_config(meta["base_model"], embedder.model),
-                      heads={"finetuned": result["head"], "zero_shot": heads["zero_shot"]}, tokenizer=embedder.tokenizer,
+                      heads=_head_tensors(finetuned=result["head"], start=_head_dict(heads, "start")),
+                      tokenizer=embedder.tokenizer,
                       meta={**meta, "kind": "wise-ft", "alpha": result["best_alpha"],
                             "alpha_curve": dict(zip(map(str, result["alphas"]), result["accuracies"]))})
+    start_name = meta.get("start", "zero-shot")
     plot = plot_alpha_curve(result["alphas"], result["accuracies"], out / "alpha_curve.png",
-                            best_alpha=result["best_alpha"])
+                            best_alpha=result["best_alpha"], start_name=start_name)
     console.print(f"best alpha {result['best_alpha']:g}: validation accuracy {result['best_accuracy']:.3f} "
-                  f"(zero-shot {result['accuracies'][0] if result['alphas'][0] == 0 else float('nan'):.3f}); "
+                  f"({start_name} {result['accuracies'][0] if result['alphas'][0] == 0 else float('nan'):.3f}); "
                   f"model in {out}, curve in {plot}. Next: clipfuse reembed --model-checkpoint {out}")
 
 
@@ -1089,12 +1129,12 @@ def reembed(
     """
     from clipfuse.data import ImageFile, ImageFolders
     from clipfuse.embed import EmbedderConfig
-    from clipfuse.train import read_model_folder
+    from clipfuse.train import model_name_of, read_model_folder
 
     read_model_folder(model_checkpoint)  # fails clearly on a folder that isn't one
     store = _open_store(db)
     previous = store.get_version()["fingerprint"]
-    embedder = _load_embedder(EmbedderConfig(model=f"local-dir:{model_checkpoint.resolve()}", device=device,
+    embedder = _load_embedder(EmbedderConfig(model=model_name_of(model_checkpoint), device=device,
                                              batch_size=batch_size, workers=workers))
     rows = store.images().select(["path", "split", "label"]).to_pylist()
     # only files that exist: rows of imported vectors ("id:..." paths) or of files gone since indexing
@@ -1114,8 +1154,10 @@ def reembed(
 @_runtime_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the sample images and the store.")] = Path("clipfuse-demo"),
-    model: Annotated[str, typer.Option("--model", help="open_clip model to try first.")] = "ViT-B-32",
+    model: Annotated[str, typer.Option("--model", help="Model to try first (falls back to effnet-lite0).")] = "ViT-B-32",
     pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    unlabeled: Annotated[Optional[int], typer.Option(
+        min=1, help="Use only this many of the 1,647 unlabeled digits (a quicker run).")] = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours to show.")] = 5,
@@ -1127,8 +1169,9 @@ def demo(
     Writes 15 labeled images per class and the rest unlabeled into WORKDIR, indexes them
     into WORKDIR/clipfuse.lance, shows the neighbours of an unlabeled image, trains every
     classifier head and the fusion, scores them against the true classes of the unlabeled
-    images, and exports WORKDIR/predictions.csv. Uses pretrained weights when they can be
-    loaded, else says so loudly and uses random ones.
+    images, and exports WORKDIR/predictions.csv. Uses the pretrained CLIP model when its
+    weights can be loaded; otherwise says so in one line and uses effnet-lite0 (ImageNet
+    EfficientNet-Lite0, whose weights ship with clipfuse). Never random weights.
 
     Examples:
 
@@ -1137,10 +1180,10 @@ def demo(
         clipfuse demo --model ViT-B-32 --pretrained ~/weights/vit-b-32.safetensors
     """
     from clipfuse.data import scan_folders, write_digits_dataset
-    from clipfuse.embed import EmbedderConfig, PretrainedWeightsError
+    from clipfuse.embed import EFFNET_LITE0, EmbedderConfig, PretrainedWeightsError
 
     console.rule("[bold]clipfuse demo")
-    paths = write_digits_dataset(workdir)
+    paths = write_digits_dataset(workdir, max_unlabeled=unlabeled)
     console.print(f"wrote sklearn digits to {workdir}: labeled/ (15 per class), unlabeled/, unlabeled_labels.csv")
     db = workdir / "clipfuse.lance"
     store = _open_store(db, must_exist=False)
@@ -1148,8 +1191,13 @@ def demo(
     try:
         embedder = _load_embedder(config)
     except PretrainedWeightsError as e:
-        err_console.print(f"[yellow]{str(e).splitlines()[0]}[/]", highlight=False, soft_wrap=True)
-        embedder = _load_embedder(EmbedderConfig(**{**vars(config), "allow_random_weights": True}))
+        cause = str(e.__cause__ or e).splitlines()[0][:160]
+        embedder = _load_embedder(EmbedderConfig(model=EFFNET_LITE0, device=device, batch_size=batch_size))
+        err_console.print(f"[yellow]{model} ({pretrained}) can't be loaded here ({cause}); using {EFFNET_LITE0} "
+                          "instead: ImageNet EfficientNet-Lite0, bundled with clipfuse, image-only (no zero-shot "
+                          "head).[/]", highlight=False, soft_wrap=True)
+    console.print(f"model: [bold]{embedder.config.model}[/]"
+                  + (f" ({embedder.info.pretrained})" if embedder.info.pretrained else ""), highlight=False)
     folders = scan_folders(paths["labeled"], unlabeled=paths["unlabeled"])
     summary = _run_index(store, embedder, folders)
     _print_index_summary(summary, db)
@@ -1180,7 +1228,7 @@ def demo(
     active = store.get_version()
     console.print(f"demo done: {summary.found} images in {db} (active version {active['fingerprint']}, "
                   f"{active['model'] if with_finetune else embedder.config.model}"
-                  f"{', RANDOM base weights' if embedder.info.random_weights else ''}). "
+                  f"{', RANDOM weights' if embedder.info.random_weights else ''}). "
                   f"Try: clipfuse neighbors {os.path.relpath(query_path)} --db {db}; "
                   f"clipfuse evaluate --db {db}")
 
@@ -1190,7 +1238,8 @@ def _demo_finetune(workdir: Path, db: Path, store, truth: dict, *, device: str, 
     console.rule("[bold]finetune -> WiSE-FT -> reembed -> train-heads")
     models = workdir / "models"
     finetune(db=db, version=None, out=models / "ft", epochs=3, lr=1e-5, wd=0.01, batch_size=batch_size,
-             augment=False, train_text=False, mean_teacher=False, class_words=None, patience=3, seed=0,
+             augment=False, train_text=False, freeze_backbone=False, mean_teacher=False, class_words=None,
+             patience=3, seed=0,
              pseudo_labels=0, pseudo_min_confidence=0.9, device=device)
     wise_ft(checkpoint=models / "ft", db=db, alphas="0:1:0.25", out=models / "ft-wiseft", device=device)
     reembed(model_checkpoint=models / "ft-wiseft", db=db, device=device, batch_size=batch_size, workers=None,

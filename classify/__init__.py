@@ -13,7 +13,7 @@ from clipfuse.classify.ensemble import (
     save_ensemble,
 )
 from clipfuse.classify.graph import knn_graph
-from clipfuse.classify.linear import FinetunedClipHead, HeadUnavailableError, LinearProbeHead, ZeroShotHead
+from clipfuse.classify.linear import FinetunedHead, HeadUnavailableError, LinearProbeHead, ZeroShotHead
 from clipfuse.classify.metrics import (
     class_similarity,
     expected_calibration_error,
@@ -26,7 +26,7 @@ from clipfuse.classify.propagation import LabelPropagationHead
 from clipfuse.classify.selftrain import MeanTeacherHead, PseudoLabelHead
 
 __all__ = [
-    "DEFAULT_HEADS", "UNLABELED", "Ensemble", "FinetunedClipHead", "HeadsConfig", "HeadUnavailableError", "KMeansVoteHead", "KnnCacheHead",
+    "DEFAULT_HEADS", "UNLABELED", "Ensemble", "FinetunedHead", "HeadsConfig", "HeadUnavailableError", "KMeansVoteHead", "KnnCacheHead",
     "LabelPropagationHead", "LinearProbeHead", "MeanTeacherHead", "PseudoLabelHead",
     "WeightedFusion", "ZeroShotHead", "class_similarity", "create_ensemble", "create_ensemble_from_config", "create_head",
     "expected_calibration_error", "get_head_class", "head_proba", "knn_graph", "list_heads",

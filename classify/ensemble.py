@@ -300,12 +300,14 @@ class HeadsConfig:
 
 def create_ensemble_from_config(config: HeadsConfig, n_classes: int,
                                 class_embeddings: np.ndarray | None = None,
-                                finetuned_head: np.ndarray | None = None) -> Ensemble:
+                                finetuned_head: np.ndarray | None = None,
+                                finetuned_bias: np.ndarray | None = None) -> Ensemble:
     """The :class:`Ensemble` a config describes; text-aware heads get ``class_embeddings``,
-    the ``finetuned`` head the classifier saved with a finetuned model."""
+    the ``finetuned`` head the classifier saved with a finetuned model (with its bias for
+    the linear layer of an image-only backbone)."""
     params: dict[str, dict] = {name: {} for name in config.heads}
     if "finetuned" in params:
-        params["finetuned"]["class_embeddings"] = finetuned_head
+        params["finetuned"].update(class_embeddings=finetuned_head, bias=finetuned_bias)
     for name in _TEXT_HEADS:
         if name in params:
             params[name]["class_embeddings"] = class_embeddings

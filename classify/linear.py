@@ -110,13 +110,57 @@ class ZeroShotHead(ClassifierMixin, BaseEstimator):
 
 
 @register_head("finetuned")
-class FinetunedClipHead(ZeroShotHead):
-    """The classifier of a CLIP model finetuned (and WiSE-FT interpolated) by `clipfuse finetune`.
+class FinetunedHead(ZeroShotHead):
+    """The classifier saved with a model finetuned (and WiSE-FT interpolated) by `clipfuse finetune`.
 
-    Same cosine scoring as :class:`ZeroShotHead`, with ``class_embeddings`` set to the
-    finetuned classifier that was saved with the model; unavailable for versions made by
-    any other model.
+    For a CLIP model it is cosine scoring as in :class:`ZeroShotHead`, with
+    ``class_embeddings`` set to the finetuned class rows. For an image-only backbone it
+    is the finetuned linear layer: pass its weights as ``class_embeddings`` and its
+    ``bias``; logits are ``unit(x) @ W.T + b``, times a temperature fitted on the labels.
+    Unavailable for versions made by any other model.
+
+    Parameters
+    ----------
+    class_embeddings : array-like of shape (n_classes, n_features)
+    bias : array-like of shape (n_classes,) or None, default=None
+        None: cosine classifier (rows normalised); else a linear layer (rows as given).
+    temperature : float or "auto", default="auto"
     """
+
+    def __init__(self, class_embeddings=None, bias=None, temperature="auto"):
+        super().__init__(class_embeddings=class_embeddings, temperature=temperature)
+        self.bias = bias
+
+    def fit(self, X, y):
+        if self.bias is None:
+            self.bias_ = None
+            return super().fit(X, y)
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=True)
+        check_class_embeddings(self, self.class_embeddings, X.shape[1])  # shape and presence
+        W = np.asarray(self.class_embeddings, dtype=np.float32)
+        b = np.asarray(self.bias, dtype=np.float32).reshape(-1)
+        if b.shape != (len(W),):
+            raise ValueError(f"bias must have shape ({len(W)},) to match class_embeddings; got {b.shape}.")
+        y = np.asarray(y).astype(np.int64)
+        _labeled_in_range(self, y, len(W))
+        self.classes_ = np.arange(len(W))
+        self.text_embeddings_, self.bias_ = W, b
+        labeled = y != -1
+        if self.temperature == "auto":
+            self.scale_ = fit_temperature(self._raw_logits(X[labeled]), y[labeled]) if labeled.any() else 1.0
+        else:
+            self.scale_ = float(self.temperature)
+        return self
+
+    def _raw_logits(self, X):
+        return linear_logits(l2_normalize(X), self.text_embeddings_, self.bias_)
+
+    def _logits(self, X):
+        if self.bias_ is None:
+            return super()._logits(X)
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self.scale_ * self._raw_logits(X)
 
 
 def fit_softmax_regression(X: np.ndarray, y_index: np.ndarray, n_classes: int, *, C: float,

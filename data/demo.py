@@ -12,12 +12,13 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 
 def write_digits_dataset(
-    root: str | os.PathLike, *, n_labeled_per_class: int = 15, seed: int = 0
+    root: str | os.PathLike, *, n_labeled_per_class: int = 15, max_unlabeled: int | None = None, seed: int = 0
 ) -> dict[str, Path]:
     """Write sklearn's 1,797 handwritten digits as 8x8 grayscale PNGs.
 
     ``n_labeled_per_class`` images per class go to ``root/labeled/<class>/``; the rest go
-    to ``root/unlabeled/``, and their true labels to ``root/unlabeled_labels.csv`` so that
+    to ``root/unlabeled/`` (a seeded random ``max_unlabeled`` of them when given, for a
+    quicker run), and their true labels to ``root/unlabeled_labels.csv`` so that
     predictions can be scored. Files already in place are left untouched (so a re-run
     re-indexes nothing); digit files that a different seed or count put elsewhere are removed.
 
@@ -36,11 +37,17 @@ def write_digits_dataset(
     for c in range(10):
         idx = np.flatnonzero(digits.target == c)
         labeled_idx.update(rng.choice(idx, size=min(n_labeled_per_class, len(idx)), replace=False).tolist())
+    unlabeled_idx = np.setdiff1d(np.arange(len(pixels)), sorted(labeled_idx))
+    if max_unlabeled is not None and max_unlabeled < len(unlabeled_idx):
+        unlabeled_idx = rng.choice(unlabeled_idx, size=max_unlabeled, replace=False)
+    keep = labeled_idx | set(unlabeled_idx.tolist())
 
     root = Path(root).absolute()
     labeled_dir, unlabeled_dir = root / "labeled", root / "unlabeled"
     truth_rows, planned = [], set()
     for i, (img, target) in enumerate(zip(pixels, digits.target)):
+        if i not in keep:
+            continue
         name = DIGIT_NAMES[target]
         if i in labeled_idx:
             path = labeled_dir / name / f"digit_{i:04d}.png"

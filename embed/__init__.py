@@ -1,5 +1,6 @@
-"""Run the CLIP model: load it, fingerprint it, and embed images and texts as unit vectors."""
+"""Run the model (CLIP, or an image-only timm backbone): load it, fingerprint it, embed images (and texts) as unit vectors."""
 
+from .backbones import EFFNET_LITE0, TIMM_PREFIX, ImageBackbone, is_image_only, load_weights_file
 from .images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image, read_image, to_rgb
 from .model import (
     DEFAULT_MODEL,
@@ -15,7 +16,7 @@ from .pipeline import ImageBatch, iter_image_batches
 from .prompts import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_TEMPLATES", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
+    "EFFNET_LITE0", "TIMM_PREFIX", "ImageBackbone", "is_image_only", "load_weights_file", "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_TEMPLATES", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
     "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image",
     "build_prompts", "class_text_embeddings", "hash_state_dict", "iter_image_batches", "read_image", "to_rgb",
 ]

@@ -1,4 +1,4 @@
-"""Create an open_clip embedder: the only place that loads and runs the CLIP model."""
+"""Create an embedder (an open_clip CLIP model or an image-only timm backbone): the only place that runs it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from .backbones import is_image_only
 from .images import DEFAULT_MAX_PIXELS
 from .pipeline import iter_image_batches
 
@@ -30,8 +31,9 @@ class PretrainedWeightsError(RuntimeError):
 class EmbedderConfig:
     """Everything that decides which model embeds the images, and how."""
 
-    model: str = DEFAULT_MODEL  # built-in open_clip name, 'hf-hub:org/repo' or 'local-dir:/path'
-    pretrained: str | None = DEFAULT_PRETRAINED  # open_clip tag or checkpoint file; ignored for hf-hub:/local-dir:
+    model: str = DEFAULT_MODEL  # open_clip name, 'hf-hub:org/repo', 'local-dir:/path', 'timm:<name>' or 'effnet-lite0'
+    pretrained: str | None = None  # open_clip tag or weights file; None: the model's own (DEFAULT_PRETRAINED for
+    #                                the default model, timm's hub weights, the weights bundled with effnet-lite0)
     device: str = "auto"  # 'auto' picks cuda when present, else cpu
     precision: str = "fp32"  # fp32 everywhere; fp16 / bf16 on GPU only
     batch_size: int = 32  # images per forward pass
@@ -86,12 +88,14 @@ def hash_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
 def _describe_weights_error(config: EmbedderConfig, err: Exception) -> str:
     has_schema = config.model.startswith(("hf-hub:", "local-dir:"))
     what = f"model {config.model!r}" + ("" if has_schema else f" (pretrained={config.pretrained!r})")
-    return (
-        f"could not load pretrained weights for {what}: {err}\n"
-        "Ways out: pass a local checkpoint with --pretrained /path/to/weights.safetensors, "
-        "point --model at a folder holding open_clip_config.json and weights with "
-        "--model local-dir:/path/to/model, or, for a smoke test only, --allow-random-weights."
-    )
+    if is_image_only(config.model):
+        ways = ("pass a weights file with --pretrained /path/to/model.safetensors, use --model effnet-lite0 "
+                "(ImageNet weights that ship with clipfuse), or, for a smoke test only, --allow-random-weights.")
+    else:
+        ways = ("pass a local checkpoint with --pretrained /path/to/weights.safetensors, point --model at a folder "
+                "holding open_clip_config.json and weights with --model local-dir:/path/to/model, use the "
+                "image-only --model effnet-lite0, or, for a smoke test only, --allow-random-weights.")
+    return f"could not load pretrained weights for {what}: {err}\nWays out: {ways}"
 
 
 def _host_reachable(url: str, timeout: float = 3.0) -> bool:
@@ -132,9 +136,11 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
     if not has_schema and config.model.replace("/", "-") not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {config.model!r}; use a built-in name such as ViT-B-32 "
                          "(see open_clip.list_models()), hf-hub:org/repo or local-dir:/path/to/model.")
-    pretrained = None if has_schema else config.pretrained
+    pretrained = None if has_schema else _open_clip_tag(config)
     if pretrained is None and not has_schema and not config.allow_random_weights:
-        raise PretrainedWeightsError(_describe_weights_error(config, ValueError("no pretrained weights given")))
+        tags = open_clip.list_pretrained_tags_by_model(config.model.replace("/", "-"))
+        raise PretrainedWeightsError(_describe_weights_error(config, ValueError(
+            f"no pretrained weights given; its tags are {', '.join(tags) or 'none'}")))
     try:
         with _hub_offline_when_unreachable():
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -158,8 +164,33 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
     return model, preprocess, True
 
 
+def _open_clip_tag(config: EmbedderConfig) -> str | None:
+    if config.pretrained is None and config.model == DEFAULT_MODEL:
+        return DEFAULT_PRETRAINED
+    return config.pretrained
+
+
+def _create_image_backbone(config: EmbedderConfig, device: torch.device):
+    """A timm backbone (``timm:<name>``, ``effnet-lite0``) with timm's preprocessing for its weights."""
+    from .backbones import ImageBackbone, check_model_name, create_random_trunk, create_timm_trunk, timm_transform
+
+    check_model_name(config.model, config.pretrained)
+    random_weights = False
+    try:
+        with _hub_offline_when_unreachable():
+            trunk = create_timm_trunk(config.model, config.pretrained, cache_dir=config.cache_dir)
+    except Exception as e:  # offline hub, missing file, weights of another architecture...
+        if not config.allow_random_weights:
+            raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
+        warnings.warn(f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
+                      "continuing with seeded random weights as asked. Results are a smoke test only.", stacklevel=3)
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        trunk, random_weights = create_random_trunk(config.model), True
+    return ImageBackbone(trunk).to(device), timm_transform(trunk), random_weights
+
+
 class Embedder:
-    """A loaded open_clip model that turns images and texts into unit vectors.
+    """A loaded model that turns images (and, for CLIP models, texts) into unit vectors.
 
     Build it with :func:`create_embedder`. Outputs are float32 arrays of shape
     ``(n, dim)`` with unit L2 norm, ready for cosine search by dot product.
@@ -180,6 +211,16 @@ class Embedder:
     @property
     def dim(self) -> int:
         return self.info.dim
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the model has a text tower (CLIP) or is image-only."""
+        return self.tokenizer is not None and hasattr(self.model, "encode_text")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.model, "image_size", None) or getattr(self.model.visual, "image_size", 224)
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
     @property
     def workers(self) -> int:
@@ -234,8 +275,9 @@ class Embedder:
         -------
         ndarray of shape (len(texts), dim), float32, unit rows.
         """
-        if self.tokenizer is None or not hasattr(self.model, "encode_text"):
-            raise ValueError(f"model {self.config.model!r} has no text tower; text queries need a CLIP model.")
+        if not self.has_text:
+            raise ValueError(f"model {self.config.model!r} has no text tower; text queries and zero-shot need "
+                             "a CLIP model.")
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(texts), 256):
             tokens = self.tokenizer(list(texts[start:start + 256])).to(self.device)
@@ -271,22 +313,29 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
     device = _resolve_device(config.device)
     if config.precision != "fp32" and device.type != "cuda":
         raise ValueError(f"precision {config.precision!r} needs a GPU; use --precision fp32 on CPU.")
-    model, preprocess, random_weights = _create_open_clip(config, device)
-    model.eval()
-    try:
-        tokenizer = open_clip.get_tokenizer(config.model, cache_dir=config.cache_dir)
-    except Exception:  # image-only configs or tokenizers that need a hub download
+    if is_image_only(config.model):
+        model, preprocess, random_weights = _create_image_backbone(config, device)
         tokenizer = None
+    else:
+        model, preprocess, random_weights = _create_open_clip(config, device)
+        try:
+            tokenizer = open_clip.get_tokenizer(config.model, cache_dir=config.cache_dir)
+        except Exception:  # image-only configs or tokenizers that need a hub download
+            tokenizer = None
+    model.eval()
+    embedder = Embedder(config, model, preprocess, tokenizer, device, info=None)
     with torch.no_grad():
-        size = getattr(model.visual, "image_size", 224)
-        size = size if isinstance(size, (tuple, list)) else (size, size)
-        dim = model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1]
-    info = ModelInfo(
+        dim = model.encode_image(torch.zeros(1, 3, *embedder.image_size, device=device)).shape[-1]
+    if random_weights or config.model.startswith(("hf-hub:", "local-dir:")):
+        pretrained = None
+    else:
+        pretrained = config.pretrained if is_image_only(config.model) else _open_clip_tag(config)
+    embedder.info = ModelInfo(
         model=config.model,
-        pretrained=None if random_weights or config.model.startswith(("hf-hub:", "local-dir:")) else config.pretrained,
+        pretrained=pretrained,
         weights_hash=hash_state_dict(model.state_dict()),
         preprocess=repr(preprocess),
         dim=int(dim),
         random_weights=random_weights,
     )
-    return Embedder(config, model, preprocess, tokenizer, device, info)
+    return embedder

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from clipfuse.cli import app
 from clipfuse.store import Store
-from clipfuse.train import interpolate, parse_alphas, read_model_folder, sweep
+from clipfuse.train import head_logits, interpolate, interpolate_head, parse_alphas, read_model_folder, sweep
 
 runner = CliRunner()
 
@@ -45,8 +45,8 @@ def test_finetune_lowers_loss_and_beats_zero_shot(finetuned):
     history = meta["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     best = max(h["val_accuracy"] for h in history)
-    assert best > meta["zero_shot_accuracy"]
-    assert meta["best_epoch"] >= 1 and heads["finetuned"].shape == heads["zero_shot"].shape == (3, 16)
+    assert best > meta["start_accuracy"]
+    assert meta["best_epoch"] >= 1 and heads["finetuned"].shape == heads["start"].shape == (3, 16)
     assert meta["config"]["epochs"] == 15 and meta["train_images"] == 30
     assert "validation accuracy" in output
     preprocess = json.loads((root / "ft" / "open_clip_config.json").read_text())["preprocess_cfg"]
@@ -75,9 +75,18 @@ def test_interpolation_ends_are_exact_and_the_sweep_takes_the_argmax():
         out[:accuracy_at[alpha], :] = torch.eye(2)[labels[:accuracy_at[alpha]]]
         return out
 
-    result = sweep(model, zs, ft, torch.eye(2), torch.eye(2), [0.0, 0.5, 1.0], features, labels)
+    eye = {"weight": torch.eye(2)}
+    result = sweep(model, zs, ft, eye, eye, [0.0, 0.5, 1.0], features, labels)
     assert result["best_alpha"] == 0.5 and result["accuracies"][1] == 1.0
     assert torch.all(model.weight == 0.5)  # the best alpha is left loaded
+
+    # a linear classifier (image-only backbones): weights and bias are interpolated, rows are not normalised
+    start = {"weight": torch.eye(2) * 2, "bias": torch.tensor([1.0, 0.0])}
+    end = {"weight": torch.eye(2) * 4, "bias": torch.tensor([0.0, 3.0])}
+    mid = interpolate_head(start, end, 0.5, cosine=False)
+    assert torch.equal(mid["weight"], torch.eye(2) * 3) and torch.equal(mid["bias"], torch.tensor([0.5, 1.5]))
+    # the bias decides: features [1, 0] score 3 + 0.5 for class 0 and 0 + 1.5 for class 1
+    assert torch.equal(head_logits(torch.tensor([[1.0, 0.0]]), mid, cosine=False), torch.tensor([[3.5, 1.5]]))
     assert parse_alphas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
     with pytest.raises(ValueError, match="start:stop:step"):
         parse_alphas("0:1")
@@ -103,7 +112,7 @@ def test_wise_ft_endpoints_reproduce_both_models(finetuned, tiny_model):
     for k in expected:
         assert torch.equal(w_state[k], expected[k])
     # the alpha-0 accuracy equals the finetune run's zero-shot accuracy (store vectors, base model)
-    assert curve["0.0"] == pytest.approx(read_model_folder(root / "ft")[0]["zero_shot_accuracy"])
+    assert curve["0.0"] == pytest.approx(read_model_folder(root / "ft")[0]["start_accuracy"])
 
 
 def test_reembed_adds_a_version_with_the_same_ids_and_resumes_after_a_crash(finetuned):

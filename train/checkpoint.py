@@ -1,4 +1,4 @@
-"""Finetuned models as open_clip `local-dir:` folders: config, safetensors weights, our metadata."""
+"""Finetuned models as `local-dir:` folders (open_clip's for CLIP, timm's for image-only backbones) plus our metadata."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import torch
 
 MODEL_CONFIG = "open_clip_config.json"
 MODEL_WEIGHTS = "open_clip_model.safetensors"
+TIMM_CONFIG = "config.json"  # timm's save_for_hf layout, loaded by timm.create_model("local-dir:...")
+TIMM_WEIGHTS = "model.safetensors"
 HEAD_WEIGHTS = "classifier.safetensors"
 META = "clipfuse.json"
 
 
-def model_config(model_name: str, model) -> dict:
+def model_config(model_name: str, model) -> dict | None:
     """``{"model_cfg": ..., "preprocess_cfg": ...}`` of an open_clip model, for a local-dir folder.
+
+    None for an image-only backbone, whose folder timm describes itself.
 
     The architecture comes from the built-in config, the hub's ``open_clip_config.json`` or
     the local folder; the preprocessing (size, mean/std, interpolation, resize mode) from
@@ -25,6 +29,10 @@ def model_config(model_name: str, model) -> dict:
     import open_clip
     from open_clip import factory
 
+    from clipfuse.embed.backbones import is_image_only
+
+    if is_image_only(model_name):
+        return None
     if model_name.startswith("local-dir:"):
         cfg = json.loads((Path(model_name[len("local-dir:"):]) / MODEL_CONFIG).read_text())
         model_cfg = cfg["model_cfg"]
@@ -39,24 +47,35 @@ def model_config(model_name: str, model) -> dict:
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict, *,
+def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict | None, *,
                       heads: dict[str, torch.Tensor] | None = None, meta: dict | None = None,
                       tokenizer=None) -> Path:
     """Write a model as a `local-dir:` folder (replacing ``folder`` as a whole).
 
-    Weights go to safetensors only; loading them never unpickles code.
+    A CLIP model gets open_clip's layout (``config`` from :func:`model_config`), an
+    image-only backbone timm's (``config.json`` + ``model.safetensors``, written by
+    ``timm.models.save_for_hf``). Weights go to safetensors only; loading them never
+    unpickles code.
     """
     from safetensors.torch import save_file
+
+    from clipfuse.embed.backbones import ImageBackbone
 
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    (staging / MODEL_CONFIG).write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(staging / MODEL_WEIGHTS))
+    if isinstance(model, ImageBackbone):
+        from timm.models import save_for_hf
+
+        save_for_hf(model.trunk, str(staging), safe_serialization=True)
+    else:
+        (staging / MODEL_CONFIG).write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / MODEL_WEIGHTS))
     if heads:
-        save_file({k: v.detach().cpu().float().contiguous() for k, v in heads.items()}, str(staging / HEAD_WEIGHTS))
+        save_file({k: v.detach().cpu().float().contiguous().clone() for k, v in heads.items()},
+                  str(staging / HEAD_WEIGHTS))
     (staging / META).write_text(json.dumps(meta or {}, indent=2))
     hf_tokenizer = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
     if hasattr(hf_tokenizer, "save_pretrained"):
@@ -70,20 +89,38 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict, 
     return folder
 
 
+def _is_timm_folder(folder: Path) -> bool:
+    return (folder / TIMM_WEIGHTS).exists() and not (folder / MODEL_WEIGHTS).exists()
+
+
+def model_name_of(folder: str | Path) -> str:
+    """The ``--model`` name that loads a model folder: ``local-dir:/abs`` or ``timm:local-dir:/abs``."""
+    folder = Path(folder).resolve()
+    return f"timm:local-dir:{folder}" if _is_timm_folder(folder) else f"local-dir:{folder}"
+
+
 def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and the classifier heads (``finetuned``, ``zero_shot``) of a model folder."""
+    """The metadata and the classifier of a model folder.
+
+    The classifier is ``finetuned`` and ``start`` (the zero-shot text classifier of a CLIP
+    model, the linear probe of an image-only one), each with ``_bias`` for a linear layer.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not (folder / MODEL_WEIGHTS).exists() or not (folder / META).exists():
-        raise FileNotFoundError(f"{str(folder)!r} is not a clipfuse model folder (no {MODEL_WEIGHTS} / {META}); "
-                                "pass the folder `clipfuse finetune` or `clipfuse wise-ft` wrote.")
+    if not ((folder / MODEL_WEIGHTS).exists() or (folder / TIMM_WEIGHTS).exists()) or not (folder / META).exists():
+        raise FileNotFoundError(f"{str(folder)!r} is not a clipfuse model folder (no {MODEL_WEIGHTS} or "
+                                f"{TIMM_WEIGHTS}, or no {META}); pass the folder `clipfuse finetune` or "
+                                "`clipfuse wise-ft` wrote.")
     heads = load_file(str(folder / HEAD_WEIGHTS)) if (folder / HEAD_WEIGHTS).exists() else {}
     return json.loads((folder / META).read_text()), heads
 
 
 def load_state(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a model folder."""
+    """The model weights of a model folder, under the names of the loaded model's ``state_dict``."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(folder) / MODEL_WEIGHTS))
+    folder = Path(folder)
+    if _is_timm_folder(folder):
+        return {f"trunk.{k}": v for k, v in load_file(str(folder / TIMM_WEIGHTS)).items()}  # see ImageBackbone
+    return load_file(str(folder / MODEL_WEIGHTS))

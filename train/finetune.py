@@ -1,4 +1,5 @@
-"""Finetune the CLIP image tower on the labeled images, with a classifier started from zero-shot."""
+"""Finetune an image tower on the labeled images: CLIP's from its zero-shot classifier, an image-only
+backbone's from a linear probe on its frozen features (LP-FT)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class FinetuneConfig:
     warmup: float = 0.1  # share of the steps with a linear warmup, then cosine decay to 0
     augment: bool = False  # random resized crop (scale 0.6-1) and horizontal flip
     train_text: bool = False  # also train the text tower (class embeddings recomputed each step)
+    freeze_backbone: bool = False  # train only the classifier on the frozen image features
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     patience: int = 3  # epochs without a better validation accuracy before stopping
     mean_teacher: bool = False  # EMA teacher and a consistency loss on unlabeled images
@@ -38,10 +40,53 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    head: torch.Tensor  # (n_classes, dim) finetuned classifier, unit rows
+    head: dict  # finetuned classifier: "weight" (n_classes, dim), "bias" (n_classes,) for a linear layer
+    start: dict  # the classifier training started from, same keys
+    start_name: str  # "zero-shot" (CLIP) or "linear probe" (image-only backbone)
     history: list  # per epoch: {"epoch", "train_loss", "val_accuracy", "seconds"}
-    zero_shot_accuracy: float  # validation accuracy before training
-    best_epoch: int  # 0 = no epoch beat zero-shot (the model is unchanged)
+    start_accuracy: float  # validation accuracy before training
+    best_epoch: int  # 0 = no epoch beat the start (the model is unchanged)
+
+
+class ClassifierHead(torch.nn.Module):
+    """Logits of unit image features: ``scale * unit(f) @ unit(W).T`` (cosine, CLIP) or
+    ``unit(f) @ W.T + b`` (a linear layer, image-only backbones)."""
+
+    def __init__(self, weight, bias=None, *, scale: float = 1.0, cosine: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).clone())
+        self.bias = None if bias is None else torch.nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).clone())
+        self.scale, self.cosine = float(scale), cosine
+
+    def forward(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        logits = F.normalize(features, dim=-1) @ (F.normalize(weight, dim=-1) if self.cosine else weight).T
+        return self.scale * logits + (0 if self.bias is None else self.bias)
+
+    def export(self, weight: torch.Tensor | None = None) -> dict:
+        """The classifier as CPU tensors: ``weight`` (unit rows when cosine) and ``bias`` when linear."""
+        weight = (self.weight if weight is None else weight).detach().float().cpu()
+        out = {"weight": F.normalize(weight, dim=-1) if self.cosine else weight.clone()}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().float().cpu().clone()
+        return out
+
+
+def fit_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, *, seed: int = 0):
+    """Frozen backbone + FC: multinomial logistic regression on unit features, C by 3-fold CV.
+
+    Returns
+    -------
+    W : ndarray of shape (n_classes, dim)
+    b : ndarray of shape (n_classes,)
+    """
+    from clipfuse.classify.base import l2_normalize
+    from clipfuse.classify.linear import fit_softmax_regression, select_C
+
+    X = l2_normalize(np.asarray(features, dtype=np.float32))
+    C = select_C(X, labels, n_classes, seed=seed)
+    W, b, _ = fit_softmax_regression(X, labels, n_classes, C=C)
+    return W, b
 
 
 def _train_transform(preprocess, augment: bool, size):
@@ -68,10 +113,6 @@ def _load_images(paths: list[str]):
     return images
 
 
-def _cosine_logits(features: torch.Tensor, head: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return scale * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
-
-
 def _lr_lambda(total: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -82,18 +123,23 @@ def _lr_lambda(total: int, warmup: int):
 
 
 @torch.no_grad()
-def evaluate(model, head: torch.Tensor, pixels: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64,
+def encode(model, pixels: torch.Tensor, *, batch_size: int = 64, device=None) -> torch.Tensor:
+    """Image features of preprocessed images, in eval mode, on the CPU."""
+    model.eval()
+    out = [torch.zeros(0)]
+    for start in range(0, len(pixels), batch_size):
+        out.append(model.encode_image(pixels[start:start + batch_size].to(device)).float().cpu())
+    return torch.cat(out) if len(pixels) else torch.zeros(0)
+
+
+@torch.no_grad()
+def evaluate(model, head, pixels: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64,
              device=None) -> float:
-    """Accuracy of ``model`` + cosine ``head`` on preprocessed images."""
+    """Accuracy of ``model`` + ``head`` (a callable from features to logits) on preprocessed images."""
     if len(labels) == 0:
         return float("nan")
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = pixels[start:start + batch_size].to(device)
-        logits = F.normalize(model.encode_image(x), dim=-1) @ F.normalize(head.to(device), dim=-1).T
-        correct += int((logits.argmax(dim=1).cpu() == labels[start:start + batch_size]).sum())
-    return correct / len(labels)
+    logits = head(encode(model, pixels, batch_size=batch_size, device=device).to(device))
+    return float((logits.argmax(dim=1).cpu() == labels).float().mean())
 
 
 def _class_head(embedder, prompts: list[list[str]]) -> torch.Tensor:
@@ -107,18 +153,22 @@ def _class_head(embedder, prompts: list[list[str]]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]], class_embeddings: np.ndarray,
-             config: FinetuneConfig, *, unlabeled: list[str] = (), prompts: list[list[str]] | None = None,
-             progress=None) -> FinetuneResult:
+def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]], class_embeddings: np.ndarray | None,
+             config: FinetuneConfig, *, n_classes: int | None = None, unlabeled: list[str] = (),
+             prompts: list[list[str]] | None = None, progress=None) -> FinetuneResult:
     """Finetune ``embedder.model`` in place on labeled images; keep the best epoch's weights.
 
     Parameters
     ----------
     embedder : clipfuse.embed.Embedder
     train, val : list of (image path, class index)
-    class_embeddings : ndarray of shape (n_classes, dim)
-        Zero-shot text embeddings; the classifier starts there.
+    class_embeddings : ndarray of shape (n_classes, dim) or None
+        Zero-shot text embeddings, where a CLIP classifier starts. None for an image-only
+        backbone: a linear layer then starts at the linear probe fitted on the frozen
+        features of the training images.
     config : FinetuneConfig
+    n_classes : int, optional
+        Size of the linear layer of an image-only backbone (default: the largest label + 1).
     unlabeled : list of str
         Image paths for the Mean Teacher consistency loss.
     prompts : list of list of str
@@ -131,12 +181,12 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
     """
     if not train:
         raise ValueError("no labeled training images; index a folder with one sub-folder per class first.")
-    if config.train_text and prompts is None:
-        raise ValueError("train_text needs the class prompts.")
+    if config.train_text and (prompts is None or class_embeddings is None or not embedder.has_text):
+        raise ValueError("train_text needs a CLIP model with a text tower and the class prompts.")
     model, device = embedder.model, embedder.device
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    transform = _train_transform(embedder.preprocess, config.augment, model.visual.image_size)
+    transform = _train_transform(embedder.preprocess, config.augment, embedder.image_size)
     train_images = _load_images([p for p, _ in train])
     train_labels = torch.tensor([c for _, c in train])
     val_pixels = torch.stack([embedder.preprocess(img) for img in _load_images([p for p, _ in val])]) \
@@ -144,37 +194,53 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
     val_labels = torch.tensor([c for _, c in val], dtype=torch.long)
     cached = None if config.augment else torch.stack([transform(img) for img in train_images])
 
-    head = torch.nn.Parameter(torch.tensor(class_embeddings, dtype=torch.float32, device=device))
+    if class_embeddings is not None:
+        head = ClassifierHead(class_embeddings, scale=float(model.logit_scale.detach().exp()), cosine=True)
+    else:
+        eval_pixels = cached if cached is not None else torch.stack([embedder.preprocess(im) for im in train_images])
+        n_classes = n_classes or int(max(train_labels.max(), val_labels.max() if len(val_labels) else 0)) + 1
+        head = ClassifierHead(*fit_linear_probe(encode(model, eval_pixels, device=device).numpy(),
+                                                train_labels.numpy(), n_classes, seed=config.seed))
+    head = head.to(device)
     for name, p in model.named_parameters():
-        p.requires_grad_(config.train_text or name.startswith("visual."))
-    params = [p for p in model.parameters() if p.requires_grad] + ([] if config.train_text else [head])
+        p.requires_grad_(not config.freeze_backbone and (config.train_text or name.startswith(("visual.", "trunk."))))
+    head.weight.requires_grad_(not config.train_text)
+    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, int(config.warmup * total)))
-    scale = model.logit_scale.exp().detach()
     teacher = copy.deepcopy(model).eval() if config.mean_teacher and len(unlabeled) else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def current_head():
-        return _class_head(embedder, prompts) if config.train_text else head
+    def class_weight():
+        return _class_head(embedder, prompts) if config.train_text else head.weight
 
-    zero_shot = evaluate(model, current_head().detach(), val_pixels, val_labels, device=device)
-    best = (zero_shot, 0, copy.deepcopy(model.state_dict()), current_head().detach().clone())
+    def classify(features):
+        return head(features, class_weight())
+
+    def snapshot():
+        with torch.no_grad():
+            return copy.deepcopy(model.state_dict()), head.export(class_weight())
+
+    start_accuracy = evaluate(model, classify, val_pixels, val_labels, device=device)
+    start_state, start_head = snapshot()
+    best = (start_accuracy, 0, start_state, start_head)
     history, stale = [], 0
     for epoch in range(1, config.epochs + 1):
-        model.train()
+        model.train(not config.freeze_backbone)  # a frozen backbone keeps its batch-norm statistics too
         started, losses = time.perf_counter(), []
         order = rng.permutation(len(train))
         for step in range(steps_per_epoch):
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             x = cached[idx] if cached is not None else torch.stack([transform(train_images[i]) for i in idx])
             with amp:
-                logits = _cosine_logits(model.encode_image(x.to(device)), current_head(), scale)
-                loss = F.cross_entropy(logits.float(), train_labels[idx].to(device))
+                weight = class_weight()
+                loss = F.cross_entropy(head(model.encode_image(x.to(device)), weight).float(),
+                                       train_labels[idx].to(device))
                 if teacher is not None:
-                    loss = loss + config.consistency * _consistency(model, teacher, current_head(), scale,
-                                                                    unlabeled, transform, rng, len(idx), device)
+                    loss = loss + config.consistency * _consistency(model, teacher, head, weight, unlabeled,
+                                                                    transform, rng, len(idx), device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -186,13 +252,13 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
             losses.append(float(loss.detach()))
             if progress:
                 progress(epoch, step + 1, steps_per_epoch, losses[-1], None)
-        val_acc = evaluate(model, current_head().detach(), val_pixels, val_labels, device=device)
+        val_acc = evaluate(model, classify, val_pixels, val_labels, device=device)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_acc,
                         "seconds": time.perf_counter() - started})
         if progress:
             progress(epoch, steps_per_epoch, steps_per_epoch, history[-1]["train_loss"], val_acc)
         if val_acc > best[0] or (len(val) == 0):
-            best, stale = (val_acc, epoch, copy.deepcopy(model.state_dict()), current_head().detach().clone()), 0
+            best, stale = (val_acc, epoch, *snapshot()), 0
         else:
             stale += 1
             if stale >= config.patience:
@@ -201,19 +267,19 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return FinetuneResult(head=F.normalize(best[3], dim=-1).cpu(), history=history,
-                          zero_shot_accuracy=zero_shot, best_epoch=best[1])
+    return FinetuneResult(head=best[3], start=start_head, start_name="zero-shot" if head.cosine else "linear probe",
+                          history=history, start_accuracy=start_accuracy, best_epoch=best[1])
 
 
-def _consistency(model, teacher, head, scale, unlabeled, transform, rng, n, device) -> torch.Tensor:
+def _consistency(model, teacher, head, weight, unlabeled, transform, rng, n, device) -> torch.Tensor:
     """Mean squared difference between student and teacher softmax on two views of unlabeled images."""
     paths = [unlabeled[i] for i in rng.integers(0, len(unlabeled), n)]
     images = _load_images(paths)
     x_student = torch.stack([transform(img) for img in images]).to(device)
     x_teacher = torch.stack([transform(img) for img in images]).to(device)
-    student = F.softmax(_cosine_logits(model.encode_image(x_student), head, scale).float(), dim=-1)
+    student = F.softmax(head(model.encode_image(x_student), weight).float(), dim=-1)
     with torch.no_grad():
-        target = F.softmax(_cosine_logits(teacher.encode_image(x_teacher), head.detach(), scale).float(), dim=-1)
+        target = F.softmax(head(teacher.encode_image(x_teacher), weight.detach()).float(), dim=-1)
     return F.mse_loss(student, target)
 
 

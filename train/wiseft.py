@@ -1,4 +1,4 @@
-"""WiSE-FT: interpolate zero-shot and finetuned weights, pick the mixing weight on validation."""
+"""WiSE-FT: interpolate the starting and finetuned weights (backbone and classifier), pick the mixing weight on validation."""
 
 from __future__ import annotations
 
@@ -45,14 +45,33 @@ def interpolate(zero_shot: dict, finetuned: dict, alpha: float) -> dict:
     return out
 
 
-def sweep(model, zero_shot_state: dict, finetuned_state: dict, zero_shot_head: torch.Tensor,
-          finetuned_head: torch.Tensor, alphas: list[float], val_features, val_labels: torch.Tensor,
-          *, progress=None) -> dict:
+def interpolate_head(start: dict, finetuned: dict, alpha: float, *, cosine: bool) -> dict:
+    """The classifier ``(1 - alpha) * start + alpha * finetuned`` (weight, and bias when linear);
+    cosine classifiers get unit rows."""
+    out = {k: (1.0 - alpha) * start[k].float() + alpha * finetuned[k].float() for k in finetuned}
+    if cosine:
+        out["weight"] = F.normalize(out["weight"], dim=-1)
+    return out
+
+
+def head_logits(features: torch.Tensor, head: dict, *, cosine: bool) -> torch.Tensor:
+    """Logits of a saved classifier (see :class:`clipfuse.train.finetune.ClassifierHead`), up to its scale."""
+    weight = F.normalize(head["weight"].float(), dim=-1) if cosine else head["weight"].float()
+    logits = F.normalize(features.float(), dim=-1) @ weight.T
+    return logits + head["bias"].float() if "bias" in head else logits
+
+
+def sweep(model, zero_shot_state: dict, finetuned_state: dict, start_head: dict, finetuned_head: dict,
+          alphas: list[float], val_features, val_labels: torch.Tensor, *, cosine: bool = True,
+          progress=None) -> dict:
     """Validation accuracy of every alpha; loads the best one into ``model``.
 
-    ``val_features(alpha, model)`` returns the (n_val, dim) image features of the
-    validation images under the interpolated model (callers answer alpha 0 from the
-    store's cached embeddings when the base model made them).
+    ``start_head`` and ``finetuned_head`` are ``{"weight": (n_classes, dim)[, "bias":
+    (n_classes,)]}``: the zero-shot classifier of a CLIP model (``cosine=True``) or the
+    linear probe of an image-only backbone, and the finetuned one. ``val_features(alpha,
+    model)`` returns the (n_val, dim) image features of the validation images under the
+    interpolated model (callers answer alpha 0 from the store's cached embeddings when
+    the base model made them).
 
     Returns
     -------
@@ -62,9 +81,9 @@ def sweep(model, zero_shot_state: dict, finetuned_state: dict, zero_shot_head: t
     accuracies = []
     for i, alpha in enumerate(alphas):
         model.load_state_dict(interpolate(zero_shot_state, finetuned_state, alpha))
-        head = (1.0 - alpha) * zero_shot_head + alpha * finetuned_head
+        head = interpolate_head(start_head, finetuned_head, alpha, cosine=cosine)
         feats = torch.as_tensor(val_features(alpha, model), dtype=torch.float32)
-        logits = F.normalize(feats, dim=-1) @ F.normalize(head.float(), dim=-1).T
+        logits = head_logits(feats, head, cosine=cosine)
         accuracies.append(float((logits.argmax(dim=1) == val_labels).float().mean()))
         if progress:
             progress(i + 1, len(alphas), alpha, accuracies[-1])
@@ -72,11 +91,12 @@ def sweep(model, zero_shot_state: dict, finetuned_state: dict, zero_shot_head: t
     alpha = alphas[best]
     model.load_state_dict(interpolate(zero_shot_state, finetuned_state, alpha))
     return {"alphas": alphas, "accuracies": accuracies, "best_alpha": alpha, "best_accuracy": accuracies[best],
-            "head": F.normalize((1.0 - alpha) * zero_shot_head + alpha * finetuned_head, dim=-1)}
+            "head": interpolate_head(start_head, finetuned_head, alpha, cosine=cosine)}
 
 
-def plot_alpha_curve(alphas: list[float], accuracies: list[float], path: str | Path, *, best_alpha: float) -> Path:
-    """Save validation accuracy against alpha as a PNG (alpha 0 = zero-shot, 1 = finetuned)."""
+def plot_alpha_curve(alphas: list[float], accuracies: list[float], path: str | Path, *, best_alpha: float,
+                     start_name: str = "zero-shot") -> Path:
+    """Save validation accuracy against alpha as a PNG (alpha 0 = the start, 1 = finetuned)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,6 +105,6 @@ def plot_alpha_curve(alphas: list[float], accuracies: list[float], path: str | P
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(alphas, accuracies, marker="o")
     ax.axvline(best_alpha, color="grey", linestyle="--", label=f"best alpha = {best_alpha:g}")
-    ax.set(xlabel="alpha (0 = zero-shot, 1 = finetuned)", ylabel="validation accuracy", title="WiSE-FT")
+    ax.set(xlabel=f"alpha (0 = {start_name}, 1 = finetuned)", ylabel="validation accuracy", title="WiSE-FT")
     ax.legend()
     return save_figure(fig, path)
