@@ -1191,7 +1191,8 @@ def demo(
     try:
         embedder = _load_embedder(config)
     except PretrainedWeightsError as e:
-        cause = str(e.__cause__ or e).splitlines()[0][:160]
+        cause = str(e.__cause__ or e).splitlines()[0]
+        cause = cause.split(": ")[0] if len(cause) > 90 else cause  # the first clause says enough
         embedder = _load_embedder(EmbedderConfig(model=EFFNET_LITE0, device=device, batch_size=batch_size))
         err_console.print(f"[yellow]{model} ({pretrained}) can't be loaded here ({cause}); using {EFFNET_LITE0} "
                           "instead: ImageNet EfficientNet-Lite0, bundled with clipfuse, image-only (no zero-shot "

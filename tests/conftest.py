@@ -116,3 +116,26 @@ def write_mixed_folder(root: Path) -> dict[str, list[Path]]:
     p.write_text("this is a text file, not a JPEG\n")
     bad.append(p)
     return {"good": good, "bad": bad}
+
+
+def write_timm_weights(path: Path, arch: str = "test_efficientnet", seed: int = 0) -> Path:
+    """Save random weights of a tiny timm architecture as a checkpoint file (safetensors or .pt)."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    state = {k: v.contiguous() for k, v in timm.create_model(arch, pretrained=False).state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_timm(tmp_path_factory) -> tuple[str, Path]:
+    """(model name, weights file) of timm's tiny test_efficientnet (356k parameters, 160 px)."""
+    return "timm:test_efficientnet", write_timm_weights(tmp_path_factory.mktemp("tiny-timm") / "w.safetensors")

@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits, make_blobs, make_moons
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from clipfuse.classify import (
+    FinetunedHead,
     HeadUnavailableError,
     KMeansVoteHead,
     KnnCacheHead,
@@ -28,7 +29,7 @@ from clipfuse.classify import (
     save_ensemble,
     score_predictions,
 )
-from clipfuse.classify.base import l2_normalize
+from clipfuse.classify.base import l2_normalize, softmax
 
 SEMI_SUPERVISED_XFAIL = {
     "check_classifiers_classes": "-1 marks unlabeled rows, the semi-supervised convention "
@@ -93,6 +94,21 @@ def test_zero_shot_errors_name_the_problem(blobs):
         ZeroShotHead(class_embeddings=centers[:, :8]).fit(X, y)
     with pytest.raises(ValueError, match="must index the 4 class embeddings"):
         ZeroShotHead(class_embeddings=centers).fit(X, np.where(y == 3, 7, y))
+
+
+def test_finetuned_head_is_a_linear_layer_when_it_has_a_bias(blobs):
+    """The classifier of a finetuned image-only backbone: unit(x) @ W.T + b with unnormalised rows."""
+    X, y, centers = blobs
+    W, b = centers * np.array([[1.0], [3.0], [0.5], [2.0]]), np.array([0.0, -1.0, 2.0, 0.5])
+    head = FinetunedHead(class_embeddings=W, bias=b).fit(X, _hide_labels(y, 5))
+    expected = l2_normalize(X) @ W.T + b
+    np.testing.assert_array_equal(head.predict(X), np.argmax(expected, axis=1))
+    np.testing.assert_allclose(head.predict_proba(X), softmax(head.scale_ * expected), rtol=1e-5)
+    cosine = FinetunedHead(class_embeddings=W).fit(X, y)  # no bias: CLIP's cosine scoring
+    np.testing.assert_array_equal(cosine.predict(X), np.argmax(l2_normalize(X) @ l2_normalize(W).T, axis=1))
+    assert not np.array_equal(cosine.predict(X), head.predict(X))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        FinetunedHead(class_embeddings=W, bias=b[:3]).fit(X, y)
 
 
 def test_probe_zero_shot_prior_pulls_toward_text_weights(blobs):

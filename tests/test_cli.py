@@ -326,3 +326,59 @@ def test_retraining_replaces_the_saved_heads_whole(three_splits):
     folder.rename(folder.with_name(folder.name + ".old"))  # as if killed between the two renames
     result = invoke("predict", "--db", db)
     assert result.exit_code == 0, result.output
+
+
+def test_clip_and_image_only_versions_coexist(tmp_path, tiny_model, tiny_timm):
+    from conftest import write_shapes_folder
+
+    name, weights = tiny_timm
+    write_shapes_folder(tmp_path / "labeled", n_per_class=8)
+    db = tmp_path / "store.lance"
+    assert invoke("index", tmp_path / "labeled", "--db", db, "--model", tiny_model).exit_code == 0
+    result = invoke("index", tmp_path / "labeled", "--db", db, "--model", name, "--pretrained", weights)
+    assert result.exit_code == 0, result.output
+    versions = {v["model"]: v for v in Store(db).versions()}
+    assert set(versions) == {tiny_model, name} and versions[name]["dim"] == 256 and versions[tiny_model]["dim"] == 16
+    query = sorted((tmp_path / "labeled" / "red").glob("*.png"))[0]
+    for model, v in versions.items():
+        result = invoke("neighbors", query, "--db", db, "--version", v["fingerprint"], "-k", 3, "--json")
+        assert result.exit_code == 0, result.output
+        found = json.loads(result.output)
+        assert found["version"] == v["fingerprint"] and found["neighbors"][0]["similarity"] == pytest.approx(1, abs=1e-5)
+        # a file not in the store is embedded with the version's own model (the timm one loads its weights file)
+        query.with_name("copy.png").write_bytes(query.read_bytes() + b"\0")
+        result = invoke("neighbors", query.with_name("copy.png"), "--db", db, "--version", v["fingerprint"], "-k", 1)
+        assert result.exit_code == 0 and "embedded now" in result.output, result.output
+        query.with_name("copy.png").unlink()
+
+        result = invoke("train-heads", "--db", db, "--version", v["fingerprint"], "--folds", 2,
+                        "--heads", "zero-shot,probe,knn,propagation")
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())
+        if model == name:
+            assert "zero-shot skipped: timm:test_efficientnet is an image-only backbone: it has no text tower" in text
+        else:
+            assert "zero-shot skipped" not in text
+        assert "fused validation accuracy" in text
+
+    result = invoke("neighbors", "--text", "a red circle", "--db", db, "--version", versions[name]["fingerprint"])
+    assert result.exit_code == 1 and "image-only backbone with no text tower" in " ".join(result.output.split())
+    assert invoke("neighbors", "--text", "a red circle", "--db", db,
+                  "--version", versions[tiny_model]["fingerprint"]).exit_code == 0
+
+
+def test_demo_without_hub_access_falls_back_to_effnet_lite0(tmp_path, monkeypatch):
+    """No CLIP weights reachable: the demo runs on the bundled EfficientNet-Lite0 and says so."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--unlabeled", 60)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "ViT-B-32 (laion2b_s34b_b79k) can't be loaded here" in text and "using effnet-lite0 instead" in text
+    assert "model: effnet-lite0" in text and "RANDOM" not in text
+    assert "zero-shot skipped: effnet-lite0 is an image-only backbone" in text
+    assert "accuracy on the 60 unlabeled demo images" in text and "demo done" in text
+    assert pl.read_csv(tmp_path / "demo" / "predictions.csv").height == 60
+    assert Store(tmp_path / "demo" / "clipfuse.lance").get_version()["model"] == "effnet-lite0"

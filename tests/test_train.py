@@ -185,3 +185,90 @@ def test_finetune_options_text_tower_mean_teacher_augment_pseudo_labels(finetune
     assert meta["config"]["train_text"] and meta["config"]["mean_teacher"] and meta["config"]["augment"]
     assert 30 < meta["train_images"] <= 30 + 12  # at most 4 pseudo-labels for each of the 3 classes
     assert len(meta["history"]) >= 1 and np.isfinite(meta["history"][0]["train_loss"])
+
+
+@pytest.fixture(scope="module")
+def timm_finetuned(tmp_path_factory, tiny_timm):
+    """Digits embedded by timm's tiny test_efficientnet (random weights from a file), then finetuned."""
+    from clipfuse.data import write_digits_dataset
+
+    name, weights = tiny_timm
+    root = tmp_path_factory.mktemp("ft-timm")
+    paths = write_digits_dataset(root, max_unlabeled=30)
+    db = root / "store.lance"
+    assert invoke("index", paths["labeled"], "--unlabeled", paths["unlabeled"], "--db", db, "--model", name,
+                  "--pretrained", weights).exit_code == 0
+    result = invoke("finetune", "--db", db, "--out", root / "ft", "--epochs", 8, "--lr", 3e-3, "--batch-size", 8,
+                    "--patience", 8)
+    assert result.exit_code == 0, result.output
+    return root, db, weights
+
+
+def test_image_only_finetune_starts_from_the_linear_probe_and_improves(timm_finetuned):
+    from clipfuse.data import split_labeled
+
+    root, db, _ = timm_finetuned
+    meta, heads = read_model_folder(root / "ft")
+    assert meta["start"] == "linear probe" and meta["base_model"] == "timm:test_efficientnet"
+    assert heads["finetuned"].shape == heads["start"].shape == (10, 256)
+    assert heads["finetuned_bias"].shape == heads["start_bias"].shape == (10,)
+    # the start is the frozen backbone + FC: on the store's vectors (the base model's features) it scores
+    # exactly the validation accuracy finetuning started from
+    es = Store(db).load_embeddings()
+    _, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=0)
+    start = {"weight": heads["start"], "bias": heads["start_bias"]}
+    logits = head_logits(torch.from_numpy(es.X[val_idx]), start, cosine=False)
+    assert float((logits.argmax(1).numpy() == es.labels[val_idx]).mean()) == pytest.approx(meta["start_accuracy"])
+    best = max(h["val_accuracy"] for h in meta["history"])
+    assert meta["best_epoch"] >= 1 and best > meta["start_accuracy"]
+    # a timm folder: timm's config.json + model.safetensors, loadable as timm:local-dir:
+    assert json.loads((root / "ft" / "config.json").read_text())["architecture"] == "test_efficientnet"
+
+
+def test_image_only_wise_ft_reembed_and_finetuned_head(timm_finetuned):
+    root, db, _ = timm_finetuned
+    meta = read_model_folder(root / "ft")[0]
+    result = invoke("wise-ft", "--checkpoint", root / "ft", "--db", db, "--alphas", "0,1", "--out", root / "wise")
+    assert result.exit_code == 0, result.output
+    wise = read_model_folder(root / "wise")[0]
+    assert wise["alpha_curve"]["0.0"] == pytest.approx(meta["start_accuracy"])
+    assert wise["alpha_curve"]["1.0"] == pytest.approx(max(h["val_accuracy"] for h in meta["history"]))
+    assert "linear probe" in " ".join(result.output.split())
+
+    result = invoke("reembed", "--model-checkpoint", root / "wise", "--db", db)
+    assert result.exit_code == 0, result.output
+    active = Store(db).get_version()
+    assert active["model"] == f"timm:local-dir:{(root / 'wise').resolve()}" and active["dim"] == 256
+    result = invoke("train-heads", "--db", db, "--heads", "zero-shot,finetuned,probe", "--folds", 2)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "zero-shot skipped" in text and "finetuned skipped" not in text
+    assert "finetuned" in text.split("zero-shot skipped")[0]  # scored in the table
+    result = invoke("predict", "--db", db)  # the saved linear layer (with its bias) loads back
+    assert result.exit_code == 0, result.output
+    assert "probs_finetuned" in Store(db).predictions(active["fingerprint"]).column_names
+
+
+def test_image_only_frozen_backbone_trains_only_the_layer(tmp_path, timm_finetuned, tiny_timm):
+    from conftest import write_shapes_folder
+
+    from clipfuse.embed import EmbedderConfig, create_embedder
+    from clipfuse.train import FinetuneConfig, finetune
+
+    name, weights = tiny_timm
+    embedder = create_embedder(EmbedderConfig(model=name, pretrained=str(weights)))
+    before = {k: v.clone() for k, v in embedder.model.state_dict().items()}
+    files = write_shapes_folder(tmp_path, n_per_class=4)
+    train = [(str(p), c) for c, paths in enumerate(files.values()) for p in paths]
+    # no validation images: every epoch is kept, so the result is the trained layer, not the start
+    result = finetune(embedder, train, [], None, FinetuneConfig(epochs=2, lr=1e-2, batch_size=4, augment=True,
+                                                                freeze_backbone=True))
+    after = embedder.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics
+    assert result.best_epoch == 2 and not torch.equal(result.head["weight"], result.start["weight"])
+    assert not torch.equal(result.head["bias"], result.start["bias"])
+
+    root, db, _ = timm_finetuned
+    base = Store(db).versions()[0]["fingerprint"]
+    result = invoke("finetune", "--db", db, "--version", base, "--out", root / "text", "--train-text")
+    assert result.exit_code == 2 and "needs a CLIP model" in result.output
