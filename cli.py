@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 app = typer.Typer(
-    help="Few-label image classification over a store of CLIP embeddings.\n\n"
+    help="Few-label image classification over a store of CLIP (or image-only backbone) embeddings.\n\n"
     "Start with `clipfuse demo`, or `clipfuse index LABELED_DIR --unlabeled DIR`.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -54,7 +54,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "bundled, works offline). Default: the store's model, else ViT-B-32.")]
 PretrainedOpt = Annotated[Optional[str], typer.Option(
     "--pretrained", help="open_clip pretrained tag (laion2b_s34b_b79k) or a local weights file "
-    "(.safetensors / .pt) for open_clip or timm: models; ignored for hf-hub: and local-dir: models.")]
+    "(.safetensors / .pt) for open_clip or timm: models; ignored for open_clip's hf-hub: and local-dir: models.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="fp32, or fp16 / bf16 on GPU.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
@@ -103,8 +103,9 @@ def _open_store(db: Path, *, must_exist: bool = True):
 
 def _embedder_config(store, *, model, pretrained, device, precision, batch_size, workers, allow_random):
     """Config of the model to run: the one asked for, else the store's active one, else the default."""
-    from clipfuse.embed import DEFAULT_MODEL, DEFAULT_PRETRAINED, EmbedderConfig
+    from clipfuse.embed import DEFAULT_MODEL, EmbedderConfig
 
+    random_weights = False
     if model is None and store is not None and not store.is_empty:
         try:
             active = store.get_version()
@@ -113,11 +114,10 @@ def _embedder_config(store, *, model, pretrained, device, precision, batch_size,
         if active is not None and not active["model"].startswith("imported:"):
             model = active["model"]
             pretrained = pretrained or active["pretrained"]
-            allow_random = allow_random or bool(active["random_weights"])
-    if model is None:
-        model, pretrained = DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED
-    return EmbedderConfig(model=model, pretrained=pretrained, device=device, precision=precision,
-                          batch_size=batch_size, workers=workers, allow_random_weights=allow_random)
+            random_weights = bool(active["random_weights"]) and pretrained is None  # the same random model again
+    return EmbedderConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, device=device, precision=precision,
+                          batch_size=batch_size, workers=workers, allow_random_weights=allow_random,
+                          random_weights=random_weights)
 
 
 def _load_embedder(config):
@@ -136,7 +136,8 @@ def _random_weights_banner(model: str) -> None:
     err_console.print(Panel(
         f"Pretrained weights for [bold]{model}[/] could not be loaded; running with RANDOM weights as asked.\n"
         "Neighbours and predictions are a smoke test only and mean nothing.\n"
-        "For real results pass --pretrained /path/to/checkpoint or --model local-dir:/path/to/model.",
+        "For real results pass --pretrained /path/to/checkpoint or --model local-dir:/path/to/model, or use "
+        "--model effnet-lite0 (ImageNet weights that install with clipfuse).",
         title="RANDOM WEIGHTS", border_style="bold red"))
 
 
@@ -273,7 +274,7 @@ def _query_embedder(version: dict, model_config, device: str):
     from clipfuse.embed import EmbedderConfig
 
     config = model_config or EmbedderConfig(model=version["model"], pretrained=version["pretrained"], device=device,
-                                            allow_random_weights=bool(version["random_weights"]))
+                                            random_weights=bool(version["random_weights"]))
     embedder = _load_embedder(config)
     if embedder.fingerprint != version["fingerprint"]:
         raise ValueError(
@@ -410,8 +411,8 @@ def import_embeddings(
     split: Annotated[Split, typer.Option(help="Split of rows without a split or label column.")] = Split.unlabeled,
     db: DbOpt = Path("clipfuse.lance"),
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="The open_clip model that made the vectors, if it can be loaded here; enables "
-        "image and text queries against them.")] = None,
+        "--model", help="The model that made the vectors (open_clip, timm:<name>, effnet-lite0), if it can be "
+        "loaded here; enables image queries (and, for CLIP, text queries) against them.")] = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -1028,7 +1029,7 @@ def wise_ft(
     Backbone and classifier are both interpolated: alpha 0 is the base model with the
     zero-shot classifier (CLIP) or the linear probe (image-only backbones).
 
-    Writes the chosen model (a `local-dir:` folder) and alpha_curve.png.
+    Writes the chosen model (a model folder, like finetune's) and alpha_curve.png.
 
     Examples:
 
@@ -1045,7 +1046,7 @@ def wise_ft(
         raise ValueError(f"{str(checkpoint)!r} holds a {meta.get('kind')} model; pass a `clipfuse finetune` folder.")
     out = out or checkpoint.with_name(checkpoint.name + "-wiseft")
     embedder = _load_embedder(EmbedderConfig(model=meta["base_model"], pretrained=meta["base_pretrained"],
-                                             device=device, allow_random_weights=meta["base_random_weights"]))
+                                             device=device, random_weights=meta["base_random_weights"]))
     if embedder.fingerprint != meta["base_fingerprint"]:
         raise ValueError(f"model {meta['base_model']!r} no longer loads as the model that was finetuned "
                          f"(fingerprint {embedder.fingerprint[:12]}, expected {meta['base_fingerprint'][:12]}).")
@@ -1155,7 +1156,7 @@ def reembed(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the sample images and the store.")] = Path("clipfuse-demo"),
     model: Annotated[str, typer.Option("--model", help="Model to try first (falls back to effnet-lite0).")] = "ViT-B-32",
-    pretrained: PretrainedOpt = "laion2b_s34b_b79k",
+    pretrained: PretrainedOpt = None,
     unlabeled: Annotated[Optional[int], typer.Option(
         min=1, help="Use only this many of the 1,647 unlabeled digits (a quicker run).")] = None,
     device: DeviceOpt = "auto",
@@ -1180,7 +1181,7 @@ def demo(
         clipfuse demo --model ViT-B-32 --pretrained ~/weights/vit-b-32.safetensors
     """
     from clipfuse.data import scan_folders, write_digits_dataset
-    from clipfuse.embed import EFFNET_LITE0, EmbedderConfig, PretrainedWeightsError
+    from clipfuse.embed import EFFNET_LITE0, EmbedderConfig, PretrainedWeightsError, default_pretrained
 
     console.rule("[bold]clipfuse demo")
     paths = write_digits_dataset(workdir, max_unlabeled=unlabeled)
@@ -1194,7 +1195,8 @@ def demo(
         cause = str(e.__cause__ or e).splitlines()[0]
         cause = cause.split(": ")[0] if len(cause) > 90 else cause  # the first clause says enough
         embedder = _load_embedder(EmbedderConfig(model=EFFNET_LITE0, device=device, batch_size=batch_size))
-        err_console.print(f"[yellow]{model} ({pretrained}) can't be loaded here ({cause}); using {EFFNET_LITE0} "
+        tag = pretrained or default_pretrained(model)
+        err_console.print(f"[yellow]{model}{f' ({tag})' if tag else ''} can't be loaded here ({cause}); using {EFFNET_LITE0} "
                           "instead: ImageNet EfficientNet-Lite0, bundled with clipfuse, image-only (no zero-shot "
                           "head).[/]", highlight=False, soft_wrap=True)
     console.print(f"model: [bold]{embedder.config.model}[/]"

@@ -60,13 +60,14 @@ def main(argv=None):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        embedder = create_embedder(EmbedderConfig(model=args.model, pretrained=None, allow_random_weights=True,
+        embedder = create_embedder(EmbedderConfig(model=args.model, random_weights=True,
                                                   batch_size=args.batch_size))
     n_classes = 4
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.n)
         train = [(p, i % n_classes) for i, p in enumerate(paths)]
-        text = np.random.default_rng(0).standard_normal((n_classes, embedder.dim)).astype(np.float32)
+        text = np.random.default_rng(0).standard_normal((n_classes, embedder.dim)).astype(np.float32) \
+            if embedder.has_text else None  # image-only backbones start from a linear probe instead
 
         # pure forward + backward on one preprocessed batch, after a warm-up step
         model = embedder.model

@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=256, help="number of JPEG photos to generate and index")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (both measurements)")
-    p.add_argument("--model", default="ViT-B-32", help="open_clip model name (random weights)")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip model name, or an image-only backbone (timm:<name>, "
+                   "effnet-lite0); random weights: speed does not depend on them")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes; default: the embedder's own default")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads; default: torch's default")
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = EmbedderConfig(model=args.model, pretrained=None, allow_random_weights=True,
+    config = EmbedderConfig(model=args.model, random_weights=True,
                             batch_size=args.batch_size, workers=args.workers, device="cpu")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="RANDOM WEIGHTS")
@@ -163,7 +164,7 @@ def main(argv=None) -> None:
               f"in {time.perf_counter() - started:.1f} s")
         batches = preprocess_all(embedder, paths, args.batch_size)
 
-        print(f"model {args.model} (random weights), device cpu, batch size {args.batch_size}, "
+        print(f"model {args.model} ({'random' if embedder.info.random_weights else 'pretrained'} weights), device cpu, batch size {args.batch_size}, "
               f"torch threads {torch.get_num_threads()}, DataLoader workers {embedder.workers}, "
               f"cpu cores {os.cpu_count()}")
         # Warm-up: one forward batch, and one small index run (imports, LanceDB, worker fork).

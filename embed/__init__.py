@@ -10,6 +10,7 @@ from .model import (
     ModelInfo,
     PretrainedWeightsError,
     create_embedder,
+    default_pretrained,
     hash_state_dict,
 )
 from .pipeline import ImageBatch, iter_image_batches
@@ -17,6 +18,6 @@ from .prompts import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
 
 __all__ = [
     "EFFNET_LITE0", "TIMM_PREFIX", "ImageBackbone", "is_image_only", "load_weights_file", "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_TEMPLATES", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
-    "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image",
+    "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image", "default_pretrained",
     "build_prompts", "class_text_embeddings", "hash_state_dict", "iter_image_batches", "read_image", "to_rgb",
 ]

@@ -33,10 +33,6 @@ class ImageBackbone(torch.nn.Module):
     def image_size(self) -> tuple[int, int]:
         return tuple(self.trunk.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
 
-    @property
-    def num_features(self) -> int:
-        return int(self.trunk.num_features)
-
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.trunk.forward_head(self.trunk.forward_features(pixels), pre_logits=True)
 
@@ -62,7 +58,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist; pass an existing .safetensors or "
                                 ".pt/.pth file with --pretrained.")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -120,17 +116,15 @@ def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         )
 
 
-def _num_classes(name: str, state: dict[str, torch.Tensor]) -> int:
-    """Classifier size of a checkpoint: timm's classifier key for the architecture, else none."""
-    import timm
-
-    classifier = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg.get("classifier")
+def _fit_classifier(trunk: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Resize the model's classifier to the checkpoint's (none when it has none), so a finetuned
+    or headless checkpoint loads into the architecture it came from."""
+    classifier = trunk.pretrained_cfg.get("classifier")
     classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    for key in classifiers:
-        weight = state.get(f"{key}.weight")
-        if weight is not None and weight.ndim == 2:
-            return int(weight.shape[0])
-    return 0
+    weights = [state[f"{key}.weight"] for key in classifiers if f"{key}.weight" in state]
+    n = int(weights[0].shape[0]) if weights and weights[0].ndim >= 2 else 0  # linear or 1x1-conv classifiers
+    if n != trunk.num_classes:
+        trunk.reset_classifier(n)
 
 
 def check_model_name(model_name: str, pretrained: str | None) -> None:
@@ -164,7 +158,8 @@ def create_timm_trunk(model_name: str, pretrained: str | None, *, cache_dir: str
     name = timm_name(model_name)
     if pretrained is not None:
         state = load_weights_file(pretrained)
-        trunk = timm.create_model(name, pretrained=False, num_classes=_num_classes(name, state))
+        trunk = timm.create_model(name, pretrained=False)
+        _fit_classifier(trunk, state)
         _check_keys(trunk, state, repr(pretrained))
         trunk.load_state_dict(state)
         return trunk
@@ -178,10 +173,7 @@ def create_timm_trunk(model_name: str, pretrained: str | None, *, cache_dir: str
 def create_random_trunk(model_name: str) -> torch.nn.Module:
     import timm
 
-    name = timm_name(model_name)
-    if name.startswith("local-dir:"):
-        raise FileNotFoundError(f"can't build {model_name!r} without its folder.")
-    return timm.create_model(name, pretrained=False)
+    return timm.create_model(timm_name(model_name), pretrained=False)  # local-dir: reads the folder's config.json
 
 
 def timm_transform(trunk: torch.nn.Module):

@@ -9,6 +9,7 @@ import socket
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -39,6 +40,8 @@ class EmbedderConfig:
     batch_size: int = 32  # images per forward pass
     workers: int | None = None  # decode/resize worker processes; None: 1 on CPU, up to 8 on GPU
     allow_random_weights: bool = False  # continue with random weights when pretrained ones can't load
+    random_weights: bool = False  # build the seeded random model without loading anything (smoke tests,
+    #                               re-opening a version that was made with random weights)
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
     cache_dir: str | None = None  # open_clip / hub download cache
 
@@ -85,9 +88,16 @@ def hash_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def default_pretrained(model: str) -> str | None:
+    """The pretrained tag ``pretrained=None`` stands for with an open_clip architecture: DEFAULT_PRETRAINED
+    for the default model, none for the others (they need a tag or a file)."""
+    return DEFAULT_PRETRAINED if model.replace("/", "-") == DEFAULT_MODEL else None
+
+
 def _describe_weights_error(config: EmbedderConfig, err: Exception) -> str:
-    has_schema = config.model.startswith(("hf-hub:", "local-dir:"))
-    what = f"model {config.model!r}" + ("" if has_schema else f" (pretrained={config.pretrained!r})")
+    has_schema = config.model.removeprefix("timm:").startswith(("hf-hub:", "local-dir:"))
+    pretrained = config.pretrained if is_image_only(config.model) else _open_clip_tag(config)
+    what = f"model {config.model!r}" + ("" if has_schema or pretrained is None else f" (pretrained={pretrained!r})")
     if is_image_only(config.model):
         ways = ("pass a weights file with --pretrained /path/to/model.safetensors, use --model effnet-lite0 "
                 "(ImageNet weights that ship with clipfuse), or, for a smoke test only, --allow-random-weights.")
@@ -135,28 +145,35 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
     has_schema = config.model.startswith(("hf-hub:", "local-dir:"))
     if not has_schema and config.model.replace("/", "-") not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {config.model!r}; use a built-in name such as ViT-B-32 "
-                         "(see open_clip.list_models()), hf-hub:org/repo or local-dir:/path/to/model.")
+                         "(see open_clip.list_models()), hf-hub:org/repo, local-dir:/path/to/model, or an "
+                         "image-only backbone: timm:<name> or effnet-lite0.")
+    if config.model.startswith("local-dir:"):
+        folder = Path(config.model[len("local-dir:"):])
+        if (folder / "config.json").is_file() and not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{str(folder)!r} holds a timm model (config.json), not an open_clip one; "
+                                    f"pass --model timm:local-dir:{folder}")
     pretrained = None if has_schema else _open_clip_tag(config)
-    if pretrained is None and not has_schema and not config.allow_random_weights:
-        tags = open_clip.list_pretrained_tags_by_model(config.model.replace("/", "-"))
-        raise PretrainedWeightsError(_describe_weights_error(config, ValueError(
-            f"no pretrained weights given; its tags are {', '.join(tags) or 'none'}")))
-    try:
-        with _hub_offline_when_unreachable():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                config.model, pretrained=pretrained, require_pretrained=True, **kwargs
+    if not config.random_weights:
+        if pretrained is None and not has_schema and not config.allow_random_weights:
+            tags = open_clip.list_pretrained_tags_by_model(config.model.replace("/", "-"))
+            raise PretrainedWeightsError(_describe_weights_error(config, ValueError(
+                f"no pretrained weights given; its tags are {', '.join(tags) or 'none'}")))
+        try:
+            with _hub_offline_when_unreachable():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    config.model, pretrained=pretrained, require_pretrained=True, **kwargs
+                )
+            return model, preprocess, False
+        except Exception as e:  # offline hub, bad tag, missing file, corrupt checkpoint...
+            if isinstance(e, FileNotFoundError) and has_schema:
+                raise FileNotFoundError(f"model folder for {config.model!r} not found: {e}") from e
+            if not config.allow_random_weights:
+                raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
+            warnings.warn(
+                f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
+                "continuing with seeded random weights as asked. Results are a smoke test only.",
+                stacklevel=3,
             )
-        return model, preprocess, False
-    except Exception as e:  # offline hub, bad tag, missing file, corrupt checkpoint...
-        if isinstance(e, FileNotFoundError) and has_schema:
-            raise FileNotFoundError(f"model folder for {config.model!r} not found: {e}") from e
-        if not config.allow_random_weights:
-            raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
-        warnings.warn(
-            f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
-            "continuing with seeded random weights as asked. Results are a smoke test only.",
-            stacklevel=3,
-        )
     torch.manual_seed(RANDOM_WEIGHTS_SEED)
     model, _, preprocess = open_clip.create_model_and_transforms(
         config.model, pretrained=None, load_weights=False, **kwargs
@@ -165,9 +182,9 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
 
 
 def _open_clip_tag(config: EmbedderConfig) -> str | None:
-    if config.pretrained is None and config.model == DEFAULT_MODEL:
-        return DEFAULT_PRETRAINED
-    return config.pretrained
+    if config.random_weights:
+        return None
+    return default_pretrained(config.model) if config.pretrained is None else config.pretrained
 
 
 def _create_image_backbone(config: EmbedderConfig, device: torch.device):
@@ -175,18 +192,20 @@ def _create_image_backbone(config: EmbedderConfig, device: torch.device):
     from .backbones import ImageBackbone, check_model_name, create_random_trunk, create_timm_trunk, timm_transform
 
     check_model_name(config.model, config.pretrained)
-    random_weights = False
-    try:
-        with _hub_offline_when_unreachable():
-            trunk = create_timm_trunk(config.model, config.pretrained, cache_dir=config.cache_dir)
-    except Exception as e:  # offline hub, missing file, weights of another architecture...
-        if not config.allow_random_weights:
-            raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
-        warnings.warn(f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
-                      "continuing with seeded random weights as asked. Results are a smoke test only.", stacklevel=3)
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        trunk, random_weights = create_random_trunk(config.model), True
-    return ImageBackbone(trunk).to(device), timm_transform(trunk), random_weights
+    if not config.random_weights:
+        try:
+            with _hub_offline_when_unreachable():
+                trunk = create_timm_trunk(config.model, config.pretrained, cache_dir=config.cache_dir)
+            return ImageBackbone(trunk).to(device), timm_transform(trunk), False
+        except Exception as e:  # offline hub, missing file, weights of another architecture...
+            if not config.allow_random_weights:
+                raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
+            warnings.warn(f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
+                          "continuing with seeded random weights as asked. Results are a smoke test only.",
+                          stacklevel=3)
+    torch.manual_seed(RANDOM_WEIGHTS_SEED)
+    trunk = create_random_trunk(config.model)
+    return ImageBackbone(trunk).to(device), timm_transform(trunk), True
 
 
 class Embedder:

@@ -163,3 +163,31 @@ def test_open_clip_config_with_a_timm_vision_tower(tmp_path):
     assert embedder.has_text and embedder.dim == 16 and embedder.image_size == (64, 64)
     assert embedder.encode_images([Image.new("RGB", (70, 64), (9, 9, 9))]).shape == (1, 16)
     assert embedder.encode_texts(["a photo of a cat"]).shape == (1, 16)
+
+
+@pytest.mark.parametrize("num_classes", [0, 7])
+def test_weights_files_with_their_own_classifier_size_load(tmp_path, num_classes):
+    """A headless or finetuned checkpoint loads into its architecture (the classifier is resized)."""
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    embedder = create_embedder(EmbedderConfig(model="timm:test_efficientnet", pretrained=str(tmp_path / "w.safetensors")))
+    assert embedder.model.trunk.num_classes == num_classes and embedder.dim == 256
+
+
+def test_a_random_weights_version_reopens_as_the_same_model(monkeypatch, offline):
+    """Re-opening a version made with random weights builds the same seeded model and loads nothing,
+    even where pretrained weights could now be downloaded."""
+    from clipfuse.embed import backbones
+
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        made = create_embedder(EmbedderConfig(model="timm:test_vit.r160_in1k", allow_random_weights=True))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("pretrained weights were fetched for a random-weights version")
+
+    monkeypatch.setattr(backbones, "create_timm_trunk", no_download)
+    again = create_embedder(EmbedderConfig(model="timm:test_vit.r160_in1k", random_weights=True))
+    assert again.info.random_weights and again.fingerprint == made.fingerprint

@@ -156,6 +156,24 @@ def test_reembed_adds_a_version_with_the_same_ids_and_resumes_after_a_crash(fine
     assert result.exit_code == 1 and "holds the model of embedding version" in result.output
 
 
+def test_model_folders_written_before_image_only_backbones_still_read(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
+    save_file({"finetuned": torch.ones(2, 4), "zero_shot": torch.zeros(2, 4)}, str(tmp_path / "classifier.safetensors"))
+    (tmp_path / "clipfuse.json").write_text(json.dumps({"kind": "finetuned", "zero_shot_accuracy": 0.5}))
+    meta, heads = read_model_folder(tmp_path)
+    assert set(heads) == {"finetuned", "start"} and torch.equal(heads["start"], torch.zeros(2, 4))
+    assert meta["start_accuracy"] == 0.5 and meta["start"] == "zero-shot"
+
+
+def test_finetune_refuses_a_run_that_would_train_nothing():
+    from clipfuse.train import FinetuneConfig
+
+    with pytest.raises(ValueError, match="nothing would train"):
+        FinetuneConfig(train_text=True, freeze_backbone=True)
+
+
 def test_finetune_explains_bad_inputs(tmp_path):
     result = invoke("wise-ft", "--checkpoint", tmp_path, "--db", tmp_path / "db")
     assert result.exit_code == 1 and "not a clipfuse model folder" in result.output

@@ -113,7 +113,12 @@ def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]
                                 f"{TIMM_WEIGHTS}, or no {META}); pass the folder `clipfuse finetune` or "
                                 "`clipfuse wise-ft` wrote.")
     heads = load_file(str(folder / HEAD_WEIGHTS)) if (folder / HEAD_WEIGHTS).exists() else {}
-    return json.loads((folder / META).read_text()), heads
+    meta = json.loads((folder / META).read_text())
+    if "zero_shot" in heads:  # folders written before image-only backbones named the start "zero_shot"
+        heads["start"] = heads.pop("zero_shot")
+        meta.setdefault("start_accuracy", meta.get("zero_shot_accuracy"))
+        meta.setdefault("start", "zero-shot")
+    return meta, heads
 
 
 def load_state(folder: str | Path) -> dict[str, torch.Tensor]:

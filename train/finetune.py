@@ -36,6 +36,9 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0; got {self}.")
+        if self.train_text and self.freeze_backbone:
+            raise ValueError("train_text trains the text tower and freeze_backbone freezes every tower, so nothing "
+                             "would train; drop one of them.")
 
 
 @dataclass
@@ -113,6 +116,20 @@ def _load_images(paths: list[str]):
     return images
 
 
+def _train_mode(model: torch.nn.Module, frozen: bool) -> None:
+    """Training mode (dropout on), with every batch-norm layer kept on its pretrained statistics.
+
+    With a few dozen images per batch, batch statistics of a new domain differ from the
+    running ones the start classifier was fitted on: in train mode they shift every feature
+    at once (a linear probe at 0.90 validation accuracy fell to 0.37 after one epoch of
+    EfficientNet-Lite0 on digits). The batch-norm scales and shifts still train.
+    """
+    model.train(not frozen)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def _lr_lambda(total: int, warmup: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -183,6 +200,9 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
         raise ValueError("no labeled training images; index a folder with one sub-folder per class first.")
     if config.train_text and (prompts is None or class_embeddings is None or not embedder.has_text):
         raise ValueError("train_text needs a CLIP model with a text tower and the class prompts.")
+    if class_embeddings is not None and not embedder.has_text:
+        raise ValueError(f"{embedder.config.model} is an image-only backbone: pass class_embeddings=None, and its "
+                         "linear layer starts from a linear probe.")
     model, device = embedder.model, embedder.device
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -228,7 +248,7 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
     best = (start_accuracy, 0, start_state, start_head)
     history, stale = [], 0
     for epoch in range(1, config.epochs + 1):
-        model.train(not config.freeze_backbone)  # a frozen backbone keeps its batch-norm statistics too
+        _train_mode(model, config.freeze_backbone)
         started, losses = time.perf_counter(), []
         order = rng.permutation(len(train))
         for step in range(steps_per_epoch):
