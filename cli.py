@@ -368,6 +368,8 @@ def info(
 
         clipfuse info --db runs/store.lance --errors
     """
+    from clipfuse.embed import is_image_only
+
     store = _open_store(db)
     summary = store.info()
     if errors:
@@ -389,7 +391,8 @@ def info(
     for col in ("active", "fingerprint", "model", "pretrained", "dim", "rows", "source"):
         versions.add_column(col)
     for v in summary["versions"]:
-        model_name = v["model"] + (" [red](random weights)[/]" if v["random_weights"] else "")
+        model_name = v["model"] + (" [red](random weights)[/]" if v["random_weights"] else "") \
+            + (" (image-only)" if is_image_only(v["model"]) else "")
         versions.add_row("*" if v["fingerprint"] == summary["active"] else "", v["fingerprint"], model_name,
                          v["pretrained"] or "", str(v["dim"]), str(v["rows"]), v["source"] or "")
     console.print(versions)
