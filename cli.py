@@ -597,8 +597,8 @@ def _finetuned_head(version: dict, classes: list[str]):
     if "finetuned" not in heads or meta.get("classes") != classes[:len(meta.get("classes", []))] \
             or len(meta.get("classes", [])) != len(classes):
         return None, "the finetuned model's classes differ from the store's; finetune again"
-    bias = heads.get("finetuned_bias")
-    return (heads["finetuned"].numpy(), None if bias is None else bias.numpy()), None
+    bias = heads["finetuned"].get("bias")
+    return (heads["finetuned"]["weight"].numpy(), None if bias is None else bias.numpy()), None
 
 
 def _load_trained(store, version: dict, es=None):
@@ -943,8 +943,6 @@ def finetune(
 
         clipfuse finetune --epochs 10 --lr 1e-5 --augment --out models/ft
     """
-    import torch
-
     from clipfuse.data import split_labeled
     from clipfuse.embed import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings, is_image_only
     from clipfuse.train import FinetuneConfig, model_config, save_model_folder
@@ -995,26 +993,12 @@ def finetune(
             "best_epoch": result.best_epoch, "val_ids": [str(es.ids[i]) for i in val_idx],
             "val_labels": [int(es.labels[i]) for i in val_idx], "train_images": len(train),
             "pseudo_labels": pseudo_labels, "pseudo_min_confidence": pseudo_min_confidence}
-    save_model_folder(out, embedder.model, folder_config, heads=_head_tensors(finetuned=result.head, start=result.start),
+    save_model_folder(out, embedder.model, folder_config, heads={"finetuned": result.head, "start": result.start},
                       meta=meta, tokenizer=embedder.tokenizer)
     best = max([result.start_accuracy] + [h["val_accuracy"] for h in result.history])
     console.print(f"finetuned on {len(train)} images: validation accuracy {result.start_accuracy:.3f} "
                   f"({result.start_name}) -> {best:.3f} (epoch {result.best_epoch}); model in {out}. "
                   f"Next: clipfuse wise-ft --checkpoint {out}")
-
-
-def _head_tensors(**heads: dict) -> dict:
-    """Classifiers as flat safetensors entries: ``name`` (weight) and ``name_bias``."""
-    out = {}
-    for name, head in heads.items():
-        out[name] = head["weight"]
-        if "bias" in head:
-            out[f"{name}_bias"] = head["bias"]
-    return out
-
-
-def _head_dict(tensors: dict, name: str) -> dict:
-    return {"weight": tensors[name], **({"bias": tensors[f"{name}_bias"]} if f"{name}_bias" in tensors else {})}
 
 
 @app.command("wise-ft")
@@ -1041,7 +1025,7 @@ def wise_ft(
     import torch
 
     from clipfuse.embed import EmbedderConfig, read_image
-    from clipfuse.train import load_state, parse_alphas, plot_alpha_curve, read_model_folder, save_model_folder, sweep
+    from clipfuse.train import encode, load_state, parse_alphas, plot_alpha_curve, read_model_folder, save_model_folder, sweep
 
     grid = parse_alphas(alphas)
     meta, heads = read_model_folder(checkpoint)
@@ -1080,15 +1064,11 @@ def wise_ft(
     def val_features(alpha, model):
         if alpha == 0.0 and stored is not None:
             return stored  # the base model made the store's vectors: no need to re-encode
-        with torch.no_grad():
-            model.eval()
-            return torch.cat([model.encode_image(pixels[s:s + 64].to(embedder.device)).cpu()
-                              for s in range(0, len(pixels), 64)])
+        return encode(model, pixels, device=embedder.device)
 
     with console.status("sweeping alpha ..."):
-        result = sweep(embedder.model, base_state, finetuned_state, _head_dict(heads, "start"),
-                       _head_dict(heads, "finetuned"), grid, val_features, labels,
-                       cosine="finetuned_bias" not in heads)
+        result = sweep(embedder.model, base_state, finetuned_state, heads["start"], heads["finetuned"], grid,
+                       val_features, labels)
     table = Table(title=f"WiSE-FT on {len(val_ids)} validation images")
     table.add_column("alpha", justify="right")
     table.add_column("val accuracy", justify="right")
@@ -1099,7 +1079,7 @@ def wise_ft(
     from clipfuse.train import model_config
 
     save_model_folder(out, embedder.model, model_config(meta["base_model"], embedder.model),
-                      heads=_head_tensors(finetuned=result["head"], start=_head_dict(heads, "start")),
+                      heads={"finetuned": result["head"], "start": heads["start"]},
                       tokenizer=embedder.tokenizer,
                       meta={**meta, "kind": "wise-ft", "alpha": result["best_alpha"],
                             "alpha_curve": dict(zip(map(str, result["alphas"]), result["accuracies"]))})

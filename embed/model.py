@@ -96,7 +96,7 @@ def default_pretrained(model: str) -> str | None:
 
 def _describe_weights_error(config: EmbedderConfig, err: Exception) -> str:
     has_schema = config.model.removeprefix("timm:").startswith(("hf-hub:", "local-dir:"))
-    pretrained = config.pretrained if is_image_only(config.model) else _open_clip_tag(config)
+    pretrained = _resolved_pretrained(config)
     what = f"model {config.model!r}" + ("" if has_schema or pretrained is None else f" (pretrained={pretrained!r})")
     if is_image_only(config.model):
         ways = ("pass a weights file with --pretrained /path/to/model.safetensors, use --model effnet-lite0 "
@@ -152,7 +152,7 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
         if (folder / "config.json").is_file() and not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{str(folder)!r} holds a timm model (config.json), not an open_clip one; "
                                     f"pass --model timm:local-dir:{folder}")
-    pretrained = None if has_schema else _open_clip_tag(config)
+    pretrained = None if has_schema else _resolved_pretrained(config)
     if not config.random_weights:
         if pretrained is None and not has_schema and not config.allow_random_weights:
             tags = open_clip.list_pretrained_tags_by_model(config.model.replace("/", "-"))
@@ -167,13 +167,7 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
         except Exception as e:  # offline hub, bad tag, missing file, corrupt checkpoint...
             if isinstance(e, FileNotFoundError) and has_schema:
                 raise FileNotFoundError(f"model folder for {config.model!r} not found: {e}") from e
-            if not config.allow_random_weights:
-                raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
-            warnings.warn(
-                f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
-                "continuing with seeded random weights as asked. Results are a smoke test only.",
-                stacklevel=3,
-            )
+            _fall_back_to_random(config, e)
     torch.manual_seed(RANDOM_WEIGHTS_SEED)
     model, _, preprocess = open_clip.create_model_and_transforms(
         config.model, pretrained=None, load_weights=False, **kwargs
@@ -181,10 +175,22 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
     return model, preprocess, True
 
 
-def _open_clip_tag(config: EmbedderConfig) -> str | None:
+def _resolved_pretrained(config: EmbedderConfig) -> str | None:
+    """The weights a config loads: its own --pretrained, else the open_clip default tag
+    (image-only backbones: None means the model's own weights); None for random weights."""
     if config.random_weights:
         return None
-    return default_pretrained(config.model) if config.pretrained is None else config.pretrained
+    if config.pretrained is None and not is_image_only(config.model):
+        return default_pretrained(config.model)
+    return config.pretrained
+
+
+def _fall_back_to_random(config: EmbedderConfig, err: Exception) -> None:
+    """After pretrained weights failed to load: raise, or warn loudly when random weights are allowed."""
+    if not config.allow_random_weights:
+        raise PretrainedWeightsError(_describe_weights_error(config, err)) from err
+    warnings.warn(f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({err}); "
+                  "continuing with seeded random weights as asked. Results are a smoke test only.", stacklevel=4)
 
 
 def _create_image_backbone(config: EmbedderConfig, device: torch.device):
@@ -198,11 +204,7 @@ def _create_image_backbone(config: EmbedderConfig, device: torch.device):
                 trunk = create_timm_trunk(config.model, config.pretrained, cache_dir=config.cache_dir)
             return ImageBackbone(trunk).to(device), timm_transform(trunk), False
         except Exception as e:  # offline hub, missing file, weights of another architecture...
-            if not config.allow_random_weights:
-                raise PretrainedWeightsError(_describe_weights_error(config, e)) from e
-            warnings.warn(f"RANDOM WEIGHTS: pretrained weights for {config.model!r} could not be loaded ({e}); "
-                          "continuing with seeded random weights as asked. Results are a smoke test only.",
-                          stacklevel=3)
+            _fall_back_to_random(config, e)
     torch.manual_seed(RANDOM_WEIGHTS_SEED)
     trunk = create_random_trunk(config.model)
     return ImageBackbone(trunk).to(device), timm_transform(trunk), True
@@ -238,8 +240,7 @@ class Embedder:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = getattr(self.model, "image_size", None) or getattr(self.model.visual, "image_size", 224)
-        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        return _image_size(self.model)
 
     @property
     def workers(self) -> int:
@@ -305,6 +306,12 @@ class Embedder:
         return np.concatenate(out)
 
 
+def _image_size(model) -> tuple[int, int]:
+    """Input (height, width) of an image-only backbone or of a CLIP model's image tower."""
+    size = getattr(model, "image_size", None) or getattr(model.visual, "image_size", 224)
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
 def _normalize(feats: torch.Tensor) -> np.ndarray:
     feats = feats.float()
     feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -342,19 +349,15 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
         except Exception:  # image-only configs or tokenizers that need a hub download
             tokenizer = None
     model.eval()
-    embedder = Embedder(config, model, preprocess, tokenizer, device, info=None)
     with torch.no_grad():
-        dim = model.encode_image(torch.zeros(1, 3, *embedder.image_size, device=device)).shape[-1]
-    if random_weights or config.model.startswith(("hf-hub:", "local-dir:")):
-        pretrained = None
-    else:
-        pretrained = config.pretrained if is_image_only(config.model) else _open_clip_tag(config)
-    embedder.info = ModelInfo(
+        dim = model.encode_image(torch.zeros(1, 3, *_image_size(model), device=device)).shape[-1]
+    info = ModelInfo(
         model=config.model,
-        pretrained=pretrained,
+        pretrained=None if random_weights or config.model.startswith(("hf-hub:", "local-dir:"))
+        else _resolved_pretrained(config),
         weights_hash=hash_state_dict(model.state_dict()),
         preprocess=repr(preprocess),
         dim=int(dim),
         random_weights=random_weights,
     )
-    return embedder
+    return Embedder(config, model, preprocess, tokenizer, device, info)

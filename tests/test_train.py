@@ -46,7 +46,8 @@ def test_finetune_lowers_loss_and_beats_zero_shot(finetuned):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     best = max(h["val_accuracy"] for h in history)
     assert best > meta["start_accuracy"]
-    assert meta["best_epoch"] >= 1 and heads["finetuned"].shape == heads["start"].shape == (3, 16)
+    assert meta["best_epoch"] >= 1 and heads["finetuned"]["weight"].shape == heads["start"]["weight"].shape == (3, 16)
+    assert "bias" not in heads["finetuned"] and "bias" not in heads["start"]  # cosine classifiers
     assert meta["config"]["epochs"] == 15 and meta["train_images"] == 30
     assert "validation accuracy" in output
     preprocess = json.loads((root / "ft" / "open_clip_config.json").read_text())["preprocess_cfg"]
@@ -83,10 +84,10 @@ def test_interpolation_ends_are_exact_and_the_sweep_takes_the_argmax():
     # a linear classifier (image-only backbones): weights and bias are interpolated, rows are not normalised
     start = {"weight": torch.eye(2) * 2, "bias": torch.tensor([1.0, 0.0])}
     end = {"weight": torch.eye(2) * 4, "bias": torch.tensor([0.0, 3.0])}
-    mid = interpolate_head(start, end, 0.5, cosine=False)
+    mid = interpolate_head(start, end, 0.5)
     assert torch.equal(mid["weight"], torch.eye(2) * 3) and torch.equal(mid["bias"], torch.tensor([0.5, 1.5]))
     # the bias decides: features [1, 0] score 3 + 0.5 for class 0 and 0 + 1.5 for class 1
-    assert torch.equal(head_logits(torch.tensor([[1.0, 0.0]]), mid, cosine=False), torch.tensor([[3.5, 1.5]]))
+    assert torch.equal(head_logits(torch.tensor([[1.0, 0.0]]), mid), torch.tensor([[3.5, 1.5]]))
     assert parse_alphas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
     with pytest.raises(ValueError, match="start:stop:step"):
         parse_alphas("0:1")
@@ -163,7 +164,7 @@ def test_model_folders_written_before_image_only_backbones_still_read(tmp_path):
     save_file({"finetuned": torch.ones(2, 4), "zero_shot": torch.zeros(2, 4)}, str(tmp_path / "classifier.safetensors"))
     (tmp_path / "clipfuse.json").write_text(json.dumps({"kind": "finetuned", "zero_shot_accuracy": 0.5}))
     meta, heads = read_model_folder(tmp_path)
-    assert set(heads) == {"finetuned", "start"} and torch.equal(heads["start"], torch.zeros(2, 4))
+    assert set(heads) == {"finetuned", "start"} and torch.equal(heads["start"]["weight"], torch.zeros(2, 4))
     assert meta["start_accuracy"] == 0.5 and meta["start"] == "zero-shot"
 
 
@@ -223,19 +224,22 @@ def timm_finetuned(tmp_path_factory, tiny_timm):
 
 
 def test_image_only_finetune_starts_from_the_linear_probe_and_improves(timm_finetuned):
+    from safetensors.torch import load_file
+
     from clipfuse.data import split_labeled
 
     root, db, _ = timm_finetuned
     meta, heads = read_model_folder(root / "ft")
     assert meta["start"] == "linear probe" and meta["base_model"] == "timm:test_efficientnet"
-    assert heads["finetuned"].shape == heads["start"].shape == (10, 256)
-    assert heads["finetuned_bias"].shape == heads["start_bias"].shape == (10,)
+    assert heads["finetuned"]["weight"].shape == heads["start"]["weight"].shape == (10, 256)
+    assert heads["finetuned"]["bias"].shape == heads["start"]["bias"].shape == (10,)
+    assert sorted(load_file(str(root / "ft" / "classifier.safetensors"))) == [
+        "finetuned", "finetuned_bias", "start", "start_bias"]  # the flat layout on disk
     # the start is the frozen backbone + FC: on the store's vectors (the base model's features) it scores
     # exactly the validation accuracy finetuning started from
     es = Store(db).load_embeddings()
     _, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=0)
-    start = {"weight": heads["start"], "bias": heads["start_bias"]}
-    logits = head_logits(torch.from_numpy(es.X[val_idx]), start, cosine=False)
+    logits = head_logits(torch.from_numpy(es.X[val_idx]), heads["start"])
     assert float((logits.argmax(1).numpy() == es.labels[val_idx]).mean()) == pytest.approx(meta["start_accuracy"])
     best = max(h["val_accuracy"] for h in meta["history"])
     assert meta["best_epoch"] >= 1 and best > meta["start_accuracy"]

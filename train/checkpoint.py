@@ -10,8 +10,7 @@ import torch
 
 MODEL_CONFIG = "open_clip_config.json"
 MODEL_WEIGHTS = "open_clip_model.safetensors"
-TIMM_CONFIG = "config.json"  # timm's save_for_hf layout, loaded by timm.create_model("local-dir:...")
-TIMM_WEIGHTS = "model.safetensors"
+TIMM_WEIGHTS = "model.safetensors"  # timm's save_for_hf layout (+ config.json), loaded as timm.create_model("local-dir:...")
 HEAD_WEIGHTS = "classifier.safetensors"
 META = "clipfuse.json"
 
@@ -48,13 +47,15 @@ def model_config(model_name: str, model) -> dict | None:
 
 
 def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict | None, *,
-                      heads: dict[str, torch.Tensor] | None = None, meta: dict | None = None,
+                      heads: dict[str, dict] | None = None, meta: dict | None = None,
                       tokenizer=None) -> Path:
     """Write a model as a `local-dir:` folder (replacing ``folder`` as a whole).
 
     A CLIP model gets open_clip's layout (``config`` from :func:`model_config`), an
     image-only backbone timm's (``config.json`` + ``model.safetensors``, written by
-    ``timm.models.save_for_hf``). Weights go to safetensors only; loading them never
+    ``timm.models.save_for_hf``). ``heads`` maps a classifier name (``finetuned``,
+    ``start``) to ``{"weight"[, "bias"]}``; they are stored flat in classifier.safetensors
+    as ``name`` and ``name_bias``. Weights go to safetensors only; loading them never
     unpickles code.
     """
     from safetensors.torch import save_file
@@ -74,7 +75,9 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict |
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / MODEL_WEIGHTS))
     if heads:
-        save_file({k: v.detach().cpu().float().contiguous().clone() for k, v in heads.items()},
+        flat = {f"{name}{'' if part == 'weight' else '_' + part}": tensor
+                for name, head in heads.items() for part, tensor in head.items()}
+        save_file({k: v.detach().cpu().float().contiguous().clone() for k, v in flat.items()},
                   str(staging / HEAD_WEIGHTS))
     (staging / META).write_text(json.dumps(meta or {}, indent=2))
     hf_tokenizer = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
@@ -99,11 +102,12 @@ def model_name_of(folder: str | Path) -> str:
     return f"timm:local-dir:{folder}" if _is_timm_folder(folder) else f"local-dir:{folder}"
 
 
-def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and the classifier of a model folder.
+def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, dict]]:
+    """The metadata and the classifiers of a model folder.
 
-    The classifier is ``finetuned`` and ``start`` (the zero-shot text classifier of a CLIP
-    model, the linear probe of an image-only one), each with ``_bias`` for a linear layer.
+    The classifiers are ``finetuned`` and ``start`` (the zero-shot text classifier of a
+    CLIP model, the linear probe of an image-only one), each ``{"weight"[, "bias"]}``; a
+    bias means a linear layer, none a cosine classifier.
     """
     from safetensors.torch import load_file
 
@@ -112,12 +116,14 @@ def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]
         raise FileNotFoundError(f"{str(folder)!r} is not a clipfuse model folder (no {MODEL_WEIGHTS} or "
                                 f"{TIMM_WEIGHTS}, or no {META}); pass the folder `clipfuse finetune` or "
                                 "`clipfuse wise-ft` wrote.")
-    heads = load_file(str(folder / HEAD_WEIGHTS)) if (folder / HEAD_WEIGHTS).exists() else {}
+    flat = load_file(str(folder / HEAD_WEIGHTS)) if (folder / HEAD_WEIGHTS).exists() else {}
     meta = json.loads((folder / META).read_text())
-    if "zero_shot" in heads:  # folders written before image-only backbones named the start "zero_shot"
-        heads["start"] = heads.pop("zero_shot")
+    if "zero_shot" in flat:  # folders written before image-only backbones named the start "zero_shot"
+        flat["start"] = flat.pop("zero_shot")
         meta.setdefault("start_accuracy", meta.get("zero_shot_accuracy"))
         meta.setdefault("start", "zero-shot")
+    heads = {name: {"weight": tensor, **({"bias": flat[f"{name}_bias"]} if f"{name}_bias" in flat else {})}
+             for name, tensor in flat.items() if not name.endswith("_bias")}
     return meta, heads
 
 

@@ -52,14 +52,21 @@ class FinetuneResult:
 
 
 class ClassifierHead(torch.nn.Module):
-    """Logits of unit image features: ``scale * unit(f) @ unit(W).T`` (cosine, CLIP) or
-    ``unit(f) @ W.T + b`` (a linear layer, image-only backbones)."""
+    """Logits of unit image features: ``scale * unit(f) @ unit(W).T`` without a bias (cosine, CLIP)
+    or ``unit(f) @ W.T + b`` with one (a linear layer, image-only backbones).
 
-    def __init__(self, weight, bias=None, *, scale: float = 1.0, cosine: bool = False):
+    The same rule reads a saved classifier everywhere: a bias means a linear layer.
+    """
+
+    def __init__(self, weight, bias=None, *, scale: float = 1.0):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.as_tensor(weight, dtype=torch.float32).clone())
         self.bias = None if bias is None else torch.nn.Parameter(torch.as_tensor(bias, dtype=torch.float32).clone())
-        self.scale, self.cosine = float(scale), cosine
+        self.scale = float(scale)
+
+    @property
+    def cosine(self) -> bool:
+        return self.bias is None
 
     def forward(self, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
@@ -215,7 +222,7 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
     cached = None if config.augment else torch.stack([transform(img) for img in train_images])
 
     if class_embeddings is not None:
-        head = ClassifierHead(class_embeddings, scale=float(model.logit_scale.detach().exp()), cosine=True)
+        head = ClassifierHead(class_embeddings, scale=float(model.logit_scale.detach().exp()))
     else:
         eval_pixels = cached if cached is not None else torch.stack([embedder.preprocess(im) for im in train_images])
         n_classes = n_classes or int(max(train_labels.max(), val_labels.max() if len(val_labels) else 0)) + 1

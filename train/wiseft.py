@@ -45,29 +45,30 @@ def interpolate(zero_shot: dict, finetuned: dict, alpha: float) -> dict:
     return out
 
 
-def interpolate_head(start: dict, finetuned: dict, alpha: float, *, cosine: bool) -> dict:
+def interpolate_head(start: dict, finetuned: dict, alpha: float) -> dict:
     """The classifier ``(1 - alpha) * start + alpha * finetuned`` (weight, and bias when linear);
-    cosine classifiers get unit rows."""
+    cosine classifiers (no bias) get unit rows."""
     out = {k: (1.0 - alpha) * start[k].float() + alpha * finetuned[k].float() for k in finetuned}
-    if cosine:
+    if "bias" not in out:
         out["weight"] = F.normalize(out["weight"], dim=-1)
     return out
 
 
-def head_logits(features: torch.Tensor, head: dict, *, cosine: bool) -> torch.Tensor:
-    """Logits of a saved classifier (see :class:`clipfuse.train.finetune.ClassifierHead`), up to its scale."""
-    weight = F.normalize(head["weight"].float(), dim=-1) if cosine else head["weight"].float()
-    logits = F.normalize(features.float(), dim=-1) @ weight.T
-    return logits + head["bias"].float() if "bias" in head else logits
+def head_logits(features: torch.Tensor, head: dict) -> torch.Tensor:
+    """Logits of a saved classifier, up to its scale: cosine without a bias, linear with one
+    (see :class:`clipfuse.train.finetune.ClassifierHead`)."""
+    features = F.normalize(features.float(), dim=-1)
+    if "bias" not in head:
+        return features @ F.normalize(head["weight"].float(), dim=-1).T
+    return features @ head["weight"].float().T + head["bias"].float()
 
 
 def sweep(model, zero_shot_state: dict, finetuned_state: dict, start_head: dict, finetuned_head: dict,
-          alphas: list[float], val_features, val_labels: torch.Tensor, *, cosine: bool = True,
-          progress=None) -> dict:
+          alphas: list[float], val_features, val_labels: torch.Tensor, *, progress=None) -> dict:
     """Validation accuracy of every alpha; loads the best one into ``model``.
 
     ``start_head`` and ``finetuned_head`` are ``{"weight": (n_classes, dim)[, "bias":
-    (n_classes,)]}``: the zero-shot classifier of a CLIP model (``cosine=True``) or the
+    (n_classes,)]}``: the zero-shot classifier of a CLIP model (no bias: cosine) or the
     linear probe of an image-only backbone, and the finetuned one. ``val_features(alpha,
     model)`` returns the (n_val, dim) image features of the validation images under the
     interpolated model (callers answer alpha 0 from the store's cached embeddings when
@@ -81,9 +82,9 @@ def sweep(model, zero_shot_state: dict, finetuned_state: dict, start_head: dict,
     accuracies = []
     for i, alpha in enumerate(alphas):
         model.load_state_dict(interpolate(zero_shot_state, finetuned_state, alpha))
-        head = interpolate_head(start_head, finetuned_head, alpha, cosine=cosine)
+        head = interpolate_head(start_head, finetuned_head, alpha)
         feats = torch.as_tensor(val_features(alpha, model), dtype=torch.float32)
-        logits = head_logits(feats, head, cosine=cosine)
+        logits = head_logits(feats, head)
         accuracies.append(float((logits.argmax(dim=1) == val_labels).float().mean()))
         if progress:
             progress(i + 1, len(alphas), alpha, accuracies[-1])
@@ -91,7 +92,7 @@ def sweep(model, zero_shot_state: dict, finetuned_state: dict, start_head: dict,
     alpha = alphas[best]
     model.load_state_dict(interpolate(zero_shot_state, finetuned_state, alpha))
     return {"alphas": alphas, "accuracies": accuracies, "best_alpha": alpha, "best_accuracy": accuracies[best],
-            "head": interpolate_head(start_head, finetuned_head, alpha, cosine=cosine)}
+            "head": interpolate_head(start_head, finetuned_head, alpha)}
 
 
 def plot_alpha_curve(alphas: list[float], accuracies: list[float], path: str | Path, *, best_alpha: float,
