@@ -13,6 +13,7 @@ from scipy.optimize import minimize
 from clipfuse.classify.base import create_head, fit_temperature, softmax
 from clipfuse.classify.linear import HeadUnavailableError
 from clipfuse.classify.metrics import score_predictions
+from clipfuse.data.files import write_text_atomic, write_with
 from clipfuse.data.split import split_labeled
 
 _EPS = 1e-6
@@ -170,6 +171,11 @@ class Ensemble:
             raise ValueError("No labeled rows: label some images (class folders) before training heads.")
         if y.max() >= self.n_classes:
             raise ValueError(f"Labels go up to {y.max()}, but n_classes is {self.n_classes}.")
+        if len(np.unique(y[y >= 0])) < 2:
+            raise ValueError(
+                f"Only one class (index {int(y[y >= 0][0])}) has labeled images: telling classes apart needs "
+                "labeled images of at least two. Add another class folder (LABELED_DIR/<class>/<image>) and index it."
+            )
         train_idx, val_idx = split_labeled(y, val_fraction=self.val_fraction, seed=self.seed)
         if len(val_idx) == 0:
             raise ValueError(
@@ -382,11 +388,9 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
         "heads": heads,
         **(extra or {}),
     }
-    tmp_json, tmp_arrays = folder / "ensemble.json.tmp", folder / "ensemble.safetensors.tmp"
-    save_file(arrays, str(tmp_arrays))
-    tmp_json.write_text(json.dumps(meta, indent=2, allow_nan=True))
-    tmp_arrays.replace(folder / "ensemble.safetensors")
-    tmp_json.replace(folder / "ensemble.json")
+    # arrays first, the JSON that names them last: a reader never finds a JSON without its arrays
+    write_with(folder / "ensemble.safetensors", lambda tmp: save_file(arrays, tmp))
+    write_text_atomic(folder / "ensemble.json", json.dumps(meta, indent=2, allow_nan=True))
     return folder
 
 

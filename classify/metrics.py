@@ -82,12 +82,13 @@ def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib figure as a PNG (creating the folder) and close it."""
     import matplotlib.pyplot as plt
 
+    from clipfuse.data.files import write_with
+
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], path: str | Path) -> Path:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import numpy as np
+
+from .files import write_csv
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -61,9 +62,5 @@ def write_digits_dataset(
     for stale in set(labeled_dir.glob("*/digit_*.png")) | set(unlabeled_dir.glob("digit_*.png")):
         if stale not in planned:
             stale.unlink()
-    truth = root / "unlabeled_labels.csv"
-    with open(truth, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label"])
-        writer.writerows(truth_rows)
+    truth = write_csv(root / "unlabeled_labels.csv", ["path", "label"], truth_rows)
     return {"labeled": labeled_dir, "unlabeled": unlabeled_dir, "truth": truth}

@@ -7,9 +7,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import is_printable, printable_path
+
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+     ".avif", ".heic", ".heif"}  # AVIF: Pillow itself; HEIC/HEIF: pillow-heif
 )
+# Image files that are listed (so they are reported) but can't be read: the reason says what to do.
+UNSUPPORTED_EXTENSIONS = {
+    **dict.fromkeys((".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".srw", ".pef"),
+                    "camera RAW files are not read; export them as JPEG, PNG or TIFF"),
+    ".jxl": "JPEG XL is not read; convert it to JPEG, PNG or AVIF",
+    ".svg": "vector drawings (SVG) are not read; render them to PNG",
+}
 SPLITS = ("labeled", "unlabeled", "test")
 SPLIT_PRIORITY = {"labeled": 0, "test": 1, "unlabeled": 2}  # one file or id in several splits takes the first
 
@@ -30,6 +40,7 @@ class ImageFolders:
     files: list[ImageFile]
     classes: list[str]
     roots: list[str] = field(default_factory=list)  # absolute folders that were scanned
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of folders not entered
 
 
 def hash_bytes(data: bytes) -> str:
@@ -37,45 +48,76 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def list_images(root: str | os.PathLike) -> list[str]:
-    """List image files under ``root`` recursively, sorted, skipping hidden files.
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension, readable or reported (case-insensitive)."""
+    ext = os.path.splitext(name)[1].lower()
+    return ext in IMAGE_EXTENSIONS or ext in UNSUPPORTED_EXTENSIONS
 
-    Parameters
-    ----------
-    root : path-like
-        Folder to walk. Symbolic links to folders are not followed.
+
+def walk_images(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files under ``root`` recursively, and the folders that were not entered.
+
+    Hidden files and folders are skipped. Symbolic links to folders are not followed
+    (a link such as ``cat/loop -> ..`` would list images twice, under another label);
+    they are returned in ``skipped`` with the reason. Links to files are kept.
 
     Returns
     -------
     paths : list of str
-        Absolute paths of files whose extension is in ``IMAGE_EXTENSIONS``
-        (case-insensitive).
+        Sorted absolute paths of files with an image extension (``IMAGE_EXTENSIONS``,
+        and ``UNSUPPORTED_EXTENSIONS`` so that those are reported rather than ignored).
+    skipped : list of (path, reason)
     """
     root = Path(root).absolute()
-    found = []
+    found, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(dirpath, name))
-    return sorted(found)
+            if os.path.islink(os.path.join(dirpath, d)):
+                skipped.append((printable_path(os.path.join(dirpath, d)), "symbolic link to a folder: not followed"))
+            else:
+                kept.append(d)
+        dirnames[:] = kept
+        found += [os.path.join(dirpath, name) for name in filenames if not name.startswith(".") and is_image_name(name)]
+    return sorted(found), skipped
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def list_images(root: str | os.PathLike) -> list[str]:
+    """Image files under ``root`` recursively, sorted (see :func:`walk_images`)."""
+    return walk_images(root)[0]
+
+
+def _class_dirs(root: Path, skipped: list | None = None, *, check_names: bool = True) -> list[Path]:
+    """Class sub-folders: real folders only (a symlinked one is reported in ``skipped``)."""
+    dirs = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if p.is_symlink():
+            if skipped is not None:
+                skipped.append((printable_path(p), "symbolic link to a folder: not followed"))
+            continue
+        if check_names and not is_printable(p.name):
+            raise ValueError(f"class folder {printable_path(p)!r} has a name that is not valid UTF-8, so it can't "
+                             "be a class name; rename the folder.")
+        dirs.append(p)
+    return dirs
 
 
 def _top_level_images(root: Path) -> list[Path]:
     return sorted(
         p for p in root.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if p.is_file() and not p.name.startswith(".") and is_image_name(p.name)
     )
 
 
 def _require_dir(path: str | os.PathLike, what: str) -> Path:
     path = Path(path).absolute()
+    if not is_printable(path):
+        raise ValueError(f"{what} folder {printable_path(path)!r} has a name that is not valid UTF-8; the store keeps "
+                         "paths as text, so rename the folder.")
     if not path.exists():
         raise FileNotFoundError(f"{what} folder {str(path)!r} does not exist; check the path.")
     if not path.is_dir():
@@ -83,8 +125,11 @@ def _require_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def scan_labeled(root: str | os.PathLike) -> tuple[list[ImageFile], list[str]]:
+def scan_labeled(root: str | os.PathLike, skipped: list | None = None) -> tuple[list[ImageFile], list[str]]:
     """Read a labeled folder laid out as ``root/<class name>/<images...>``.
+
+    ``skipped``, when given, receives ``(path, reason)`` for the folders not entered
+    (symbolic links to folders).
 
     Returns
     -------
@@ -103,8 +148,10 @@ def scan_labeled(root: str | os.PathLike) -> tuple[list[ImageFile], list[str]]:
             "Move them into class folders, or pass the folder with --unlabeled instead."
         )
     files, classes = [], []
-    for class_dir in _class_dirs(root):
-        paths = list_images(class_dir)
+    skipped = [] if skipped is None else skipped
+    for class_dir in _class_dirs(root, skipped):
+        paths, inner = walk_images(class_dir)
+        skipped += inner
         if paths:
             classes.append(class_dir.name)
             files.extend(ImageFile(p, "labeled", class_dir.name) for p in paths)
@@ -145,17 +192,19 @@ def scan_folders(
         raise ValueError("no folder given: pass a labeled folder and/or --unlabeled / --test folders.")
     classes = list(known_classes or [])
     files: list[ImageFile] = []
+    skipped: list[tuple[str, str]] = []
     if labeled is not None:
-        labeled_files, labeled_classes = scan_labeled(labeled)
+        labeled_files, labeled_classes = scan_labeled(labeled, skipped)
         classes += [c for c in labeled_classes if c not in classes]
         files += labeled_files
     if unlabeled is not None:
-        root = _require_dir(unlabeled, "unlabeled")
-        files += [ImageFile(p, "unlabeled", None) for p in list_images(root)]
+        paths, inner = walk_images(_require_dir(unlabeled, "unlabeled"))
+        skipped += inner
+        files += [ImageFile(p, "unlabeled", None) for p in paths]
     if test is not None:
         root = _require_dir(test, "test")
-        class_dirs = [d for d in _class_dirs(root) if list_images(d)]
-        if class_dirs and not _top_level_images(root):
+        if not _top_level_images(root) and any(list_images(d) for d in _class_dirs(root, check_names=False)):
+            class_dirs = [d for d in _class_dirs(root, skipped) if list_images(d)]
             unknown = [d.name for d in class_dirs if d.name not in classes]
             if unknown:
                 raise ValueError(
@@ -163,9 +212,13 @@ def scan_folders(
                     f"classes {classes}; rename them to match, or index a labeled folder that has them."
                 )
             for d in class_dirs:
-                files += [ImageFile(p, "test", d.name) for p in list_images(d)]
+                paths, inner = walk_images(d)
+                skipped += inner
+                files += [ImageFile(p, "test", d.name) for p in paths]
         else:
-            files += [ImageFile(p, "test", None) for p in list_images(root)]
+            paths, inner = walk_images(root)
+            skipped += inner
+            files += [ImageFile(p, "test", None) for p in paths]
     if not files:
         raise ValueError("the given folders hold no image files; check the paths and extensions.")
     # A file reached through two of the folders (e.g. --unlabeled pointing at a parent of the
@@ -175,4 +228,5 @@ def scan_folders(
         if f.path not in unique or SPLIT_PRIORITY[f.split] < SPLIT_PRIORITY[unique[f.path].split]:
             unique[f.path] = f
     roots = [str(Path(r).absolute()) for r in (labeled, unlabeled, test) if r is not None]
-    return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes, roots=roots)
+    return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes, roots=roots,
+                        skipped=sorted(set(skipped)))

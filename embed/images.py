@@ -11,9 +11,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipfuse.data import hash_bytes
+from clipfuse.data import DEFAULT_MAX_FILE_BYTES, UNSUPPORTED_EXTENSIONS, FileTooLargeError, hash_bytes, read_regular_file
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+
+
+def _register_heif() -> None:
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # HEIC files then fail to decode with Pillow's own "not an image" reason
+        return
+    register_heif_opener()
+
+
+_register_heif()
 
 
 @dataclass
@@ -91,11 +102,13 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[ImageRecord, Image.Image | None]:
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> tuple[ImageRecord, Image.Image | None]:
     """Read, hash and decode one file.
 
     Never raises for a bad file: the returned record carries the reason in ``error``
-    and the image is ``None``.
+    and the image is ``None``. Only regular files (or symlinks to them) of at most
+    ``max_bytes`` are read: a FIFO, a device or a runaway file is an error, never a hang.
 
     Returns
     -------
@@ -110,10 +123,15 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     except UnicodeEncodeError:
         record.error = "file name is not valid UTF-8; rename the file"
         return record, None
+    unsupported = UNSUPPORTED_EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    if unsupported:
+        record.error = f"unsupported image type: {unsupported}"
+        return record, None
     try:
-        st = os.stat(path)
-        with open(path, "rb") as f:
-            data = f.read()
+        data, st = read_regular_file(path, max_bytes=max_bytes)
+    except FileTooLargeError as e:
+        record.error = str(e)
+        return record, None
     except OSError as e:
         record.error = f"cannot read file: {e.strerror or e}"
         return record, None

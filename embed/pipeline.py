@@ -9,6 +9,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from clipfuse.data import DEFAULT_MAX_FILE_BYTES
+
 from .images import DEFAULT_MAX_PIXELS, ImageRecord, read_image
 
 
@@ -27,16 +29,18 @@ class ImageBatch:
 class ImageFileDataset(Dataset):
     """Reads, hashes, decodes and preprocesses one file per item; never raises for a bad file."""
 
-    def __init__(self, paths: list[str], preprocess: Callable, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, paths: list[str], preprocess: Callable, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_bytes: int | None = DEFAULT_MAX_FILE_BYTES):
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[ImageRecord, torch.Tensor | None]:
-        record, img = read_image(self.paths[i], max_pixels=self.max_pixels)
+        record, img = read_image(self.paths[i], max_pixels=self.max_pixels, max_bytes=self.max_bytes)
         if img is None:
             return record, None
         try:
@@ -60,6 +64,7 @@ def iter_image_batches(
     batch_size: int = 32,
     workers: int = 1,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     pin_memory: bool = False,
 ) -> Iterator[ImageBatch]:
     """Yield :class:`ImageBatch` es in the order of ``paths``.
@@ -67,7 +72,7 @@ def iter_image_batches(
     With ``workers > 0`` files are read and preprocessed in that many worker
     processes, a few batches ahead of the consumer, so decoding overlaps the model.
     """
-    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels)
+    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, max_bytes=max_bytes)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

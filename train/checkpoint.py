@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -58,14 +57,16 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict |
     as ``name`` and ``name_bias``. Weights go to safetensors only; loading them never
     unpickles code.
     """
+    from clipfuse.data import replace_folder
+
+    return replace_folder(folder, lambda staging: _write_model_folder(staging, model, config, heads, meta, tokenizer))
+
+
+def _write_model_folder(staging: Path, model, config, heads, meta, tokenizer) -> None:
     from safetensors.torch import save_file
 
     from clipfuse.embed.backbones import ImageBackbone
 
-    folder = Path(folder)
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     if isinstance(model, ImageBackbone):
         from timm.models import save_for_hf
 
@@ -83,13 +84,6 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict |
     hf_tokenizer = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
     if hasattr(hf_tokenizer, "save_pretrained"):
         hf_tokenizer.save_pretrained(str(staging))  # local-dir models with hf_tokenizer_name load it from here
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def _is_timm_folder(folder: Path) -> bool:
@@ -111,11 +105,16 @@ def read_model_folder(folder: str | Path) -> tuple[dict, dict[str, dict]]:
     """
     from safetensors.torch import load_file
 
+    from clipfuse.data import leftover_folders
+
     folder = Path(folder)
     if not ((folder / MODEL_WEIGHTS).exists() or (folder / TIMM_WEIGHTS).exists()) or not (folder / META).exists():
+        left = leftover_folders(folder)
+        hint = (f" A run killed while replacing it left the previous model in {str(left[-1])!r}: rename that "
+                "folder back." if left and not folder.exists() else "")
         raise FileNotFoundError(f"{str(folder)!r} is not a clipfuse model folder (no {MODEL_WEIGHTS} or "
                                 f"{TIMM_WEIGHTS}, or no {META}); pass the folder `clipfuse finetune` or "
-                                "`clipfuse wise-ft` wrote.")
+                                f"`clipfuse wise-ft` wrote.{hint}")
     flat = load_file(str(folder / HEAD_WEIGHTS)) if (folder / HEAD_WEIGHTS).exists() else {}
     meta = json.loads((folder / META).read_text())
     if "zero_shot" in flat:  # folders written before image-only backbones named the start "zero_shot"
