@@ -49,7 +49,12 @@ class AnnIndex:
 
     def extend(self, ids: np.ndarray, X: np.ndarray) -> int:
         """Add the rows whose ids are not yet in the index; return how many were added."""
-        new = np.array([i not in self._position for i in ids], dtype=bool)
+        seen = set(self._position)
+        new = np.zeros(len(ids), dtype=bool)
+        for j, id_ in enumerate(ids):  # an id given twice is added once
+            if id_ not in seen:
+                seen.add(id_)
+                new[j] = True
         if not new.any():
             return 0
         ids, X = np.asarray(ids, dtype=object)[new], np.ascontiguousarray(X[new], dtype=np.float32)
@@ -79,19 +84,15 @@ class AnnIndex:
     def save(self, folder: str | os.PathLike, name: str) -> None:
         """Write ``name.hnsw`` (the graph), ``name.ids.npy`` and ``name.json`` into ``folder``.
 
-        The graph is written to a temporary file and renamed, so a crash never leaves a
-        half-written index behind.
+        Each file is written to a unique temporary file and renamed, so a crash never
+        leaves a half-written index behind (and :meth:`load` checks that the three agree).
         """
+        from clipfuse.data import write_text_atomic, write_with
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for suffix, write in (
-            (".hnsw", lambda p: self._index.save_index(str(p))),
-            (".ids.npy", lambda p: _save_npy(p, self.ids.astype(str))),
-            (".json", lambda p: p.write_text(json.dumps({"dim": self.dim, "n": len(self.ids), **vars(self.config)}))),
-        ):
-            tmp = folder / f".{name}{suffix}.tmp"
-            write(tmp)
-            os.replace(tmp, folder / f"{name}{suffix}")
+        write_with(folder / f"{name}.hnsw", self._index.save_index)
+        write_with(folder / f"{name}.ids.npy", lambda p: _save_npy(Path(p), self.ids.astype(str)))
+        write_text_atomic(folder / f"{name}.json", json.dumps({"dim": self.dim, "n": len(self.ids), **vars(self.config)}))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, name: str, config: AnnConfig | None = None) -> AnnIndex | None:
@@ -106,7 +107,7 @@ class AnnIndex:
             ids = np.load(folder / f"{name}.ids.npy", allow_pickle=False).astype(object)
         except (OSError, ValueError):
             return None
-        if meta.get("n") != len(ids):
+        if meta.get("n") != len(ids) or len(set(ids)) != len(ids):  # an index built with an id twice is rebuilt
             return None
         config = config or AnnConfig()
         config = AnnConfig(m=meta.get("m", config.m), ef_construction=meta.get("ef_construction", config.ef_construction),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import time
@@ -13,7 +14,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from clipfuse.data import SPLITS, hash_bytes
+from clipfuse.data import SPLITS, hash_bytes, read_regular_file
 
 from .store import Store
 
@@ -56,15 +57,25 @@ def _normalise_meta(meta: pl.DataFrame, where: str) -> pl.DataFrame:
 
 
 def _as_unit_float32(vectors: np.ndarray, where: str) -> np.ndarray:
+    """Unit rows as float32, normalised in float64 so that rows of any magnitude keep their direction.
+
+    (In float32 the norm of a row of ~1e30 values overflows to inf, which turned it into
+    zeros, and a row of ~1e-30 values underflows to a norm of 0.)
+    """
     if vectors.ndim != 2:
         raise ValueError(f"{where} holds an array of shape {vectors.shape}; expected (n_images, dim).")
-    vectors = vectors.astype(np.float32)
+    if not np.issubdtype(vectors.dtype, np.number) or np.iscomplexobj(vectors):
+        raise ValueError(f"{where} holds {vectors.dtype} values; expected real numbers (float32 or float16).")
+    vectors = vectors.astype(np.float64)
     if not np.isfinite(vectors).all():
         raise ValueError(f"{where} contains NaN or infinite values.")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError(f"{where} has {int((norms == 0).sum())} all-zero vectors, which have no direction.")
-    return vectors / norms
+    scale = np.abs(vectors).max(axis=1, keepdims=True)  # a row's largest entry first: no over- or underflow
+    zero = scale[:, 0] == 0
+    if zero.any():
+        raise ValueError(f"{where} has {int(zero.sum())} all-zero vectors (first: row {int(np.flatnonzero(zero)[0])}), "
+                         "which have no direction.")
+    vectors = vectors / scale
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def read_clip_retrieval(folder: str | os.PathLike) -> ImportedEmbeddings:
@@ -107,12 +118,11 @@ def _file_row(path: str) -> dict | None:
     from PIL import Image
 
     try:
-        data = Path(path).read_bytes()
-        st = os.stat(path)
-    except OSError:
+        data, st = read_regular_file(path)
+    except (OSError, ValueError):  # missing, not a regular file (a FIFO would hang), or over the size cap
         return None
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except Exception:  # the vector is what matters; a header Pillow can't parse just leaves size unknown
         width = height = 0
@@ -132,7 +142,8 @@ def import_embeddings(store: Store, data: ImportedEmbeddings, *, model_info: dic
         here: then images and texts can be queried against them. Without it the version
         is fingerprinted by the vectors' bytes and only id queries work.
     image_root : path-like, optional
-        Folder that relative paths in the metadata are resolved against.
+        Folder that relative paths in the metadata are resolved against; they must stay
+        inside it (``../`` out of it is refused).
     split : str, default "unlabeled"
         Split of rows whose metadata has no ``split`` column; rows with a ``label`` and
         no split are ``labeled``.
@@ -140,7 +151,15 @@ def import_embeddings(store: Store, data: ImportedEmbeddings, *, model_info: dic
     Returns
     -------
     dict
-        ``{"fingerprint", "rows", "hashed", "images"}``.
+        ``{"fingerprint", "rows", "hashed", "images", "duplicate_ids", "conflicting_ids",
+        "duplicate_paths", "example"}``: a content id given twice keeps its first vector
+        (``conflicting_ids`` of them came with a different vector), a path given twice
+        keeps its first row; ``example`` names one such row.
+
+    Raises
+    ------
+    ValueError
+        For metadata that can't be imported as it is; nothing is written then.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -149,14 +168,18 @@ def import_embeddings(store: Store, data: ImportedEmbeddings, *, model_info: dic
     if model_info is not None and model_info["dim"] != dim:
         raise ValueError(f"the vectors are {dim}-d but model {model_info['model']!r} makes "
                          f"{model_info['dim']}-d vectors: they were not made by that model.")
-    root = Path(image_root) if image_root else None
-    ids, image_rows, unreadable, hashed = [], [], [], 0
+    root = os.path.abspath(image_root) if image_root else None
+    ids, image_rows, unreadable, escaping, hashed = [], [], [], [], 0
     now = time.time()
     for row in meta.iter_rows(named=True):
         path = row.get("path")
         if path is not None and root is not None and not os.path.isabs(path):
-            path = str(root / path)
-        path = str(Path(path).absolute()) if path is not None else None
+            joined = os.path.normpath(os.path.join(root, path))
+            if os.path.commonpath([root, joined]) != root:
+                escaping.append(path)
+                continue
+            path = joined
+        path = os.path.normpath(os.path.abspath(path)) if path is not None else None
         file_row = _file_row(path) if path is not None else None
         id_ = row.get("id") or (file_row or {}).get("id")
         hashed += not row.get("id") and id_ is not None
@@ -170,28 +193,46 @@ def import_embeddings(store: Store, data: ImportedEmbeddings, *, model_info: dic
             raise ValueError(f"row for {path or id_!r} has split {row_split!r}; use one of {SPLITS}.")
         image_rows.append({"id": id_, "path": path or f"id:{id_}", "split": row_split, "label": label,
                            "indexed_at": now, **{k: v for k, v in (file_row or {}).items() if k != "id"}})
+    if escaping:
+        raise ValueError(
+            f"{len(escaping)} relative paths lead out of --image-root {root!r} (first: {escaping[0]!r}); relative "
+            "paths must stay inside it. Fix the metadata, give absolute paths, or pass the right --image-root. "
+            "Nothing was imported."
+        )
     if unreadable:
         raise ValueError(
             f"{len(unreadable)} rows have no 'id' column value and an image file that can't be read "
             f"(first: {unreadable[0]!r}), so they get no content id. Pass --image-root for relative paths, "
             "or add an 'id' column to the metadata."
         )
+    first: dict[str, int] = {}
+    conflicting, example = 0, None
+    for i, id_ in enumerate(ids):
+        j = first.setdefault(id_, i)
+        if j != i:
+            example = example or f"id {id_!r} (rows {j} and {i})"
+            conflicting += not np.allclose(vectors[i], vectors[j], atol=1e-6)
+    order = sorted(first.values())
+    unique_rows: dict[str, dict] = {}
+    for i, r in enumerate(image_rows):
+        if unique_rows.setdefault(r["path"], r) is not r and example is None:
+            example = f"path {r['path']!r} (row {i})"
     if model_info is None:
         h = hashlib.sha256(vectors.tobytes())
         h.update("\n".join(ids).encode())
         model_info = {"fingerprint": h.hexdigest()[:16], "model": f"imported:{data.source}", "pretrained": None,
                       "weights_hash": None, "preprocess": None, "dim": dim}
-    store.register_version(model_info, source=f"import:{data.source}")
-    store.add_classes(sorted({r["label"] for r in image_rows if r["label"]}))
-    fp = model_info["fingerprint"]
-    first = {}
-    for i, id_ in enumerate(ids):
-        first.setdefault(id_, i)
-    order = sorted(first.values())
-    for start in range(0, len(order), 10_000):
-        chunk = order[start:start + 10_000]
-        store.add_embeddings(fp, [ids[i] for i in chunk], vectors[chunk])
-    store.upsert_images(image_rows)
-    store.activate(fp)
-    store.optimize()
-    return {"fingerprint": fp, "rows": len(order), "images": len(image_rows), "hashed": hashed}
+    with store.writer("clipfuse import-embeddings"):
+        store.repair()
+        store.register_version(model_info, source=f"import:{data.source}")
+        store.add_classes(sorted({r["label"] for r in image_rows if r["label"]}))
+        fp = model_info["fingerprint"]
+        for start in range(0, len(order), 10_000):
+            chunk = order[start:start + 10_000]
+            store.add_embeddings(fp, [ids[i] for i in chunk], vectors[chunk])
+        store.upsert_images(list(unique_rows.values()))
+        store.activate(fp)
+        store.optimize()
+    return {"fingerprint": fp, "rows": len(order), "images": len(unique_rows), "hashed": hashed,
+            "duplicate_ids": len(ids) - len(order), "conflicting_ids": conflicting,
+            "duplicate_paths": len(image_rows) - len(unique_rows), "example": example}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from clipfuse.data import printable_path
 
 from .store import Store
 
@@ -32,7 +35,9 @@ class IndexSummary:
     duplicates: int = 0  # content already embedded under another path (or earlier in the run)
     relabeled: int = 0  # unchanged files whose split or label changed
     removed: int = 0  # rows of files no longer found under the scanned folders
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason); paths shown as in printable_path
+    repaired: dict[str, int] = field(default_factory=dict)  # duplicate rows removed first (written before the lock)
+    previous_active: dict | None = None  # the version that was active before, when this run made another one active
     seconds: float = 0.0
     fingerprint: str = ""
 
@@ -74,7 +79,8 @@ class _Writer:
 
     def submit(self, pending: _Pending) -> None:
         self.wait()
-        self._pending = self._pool.submit(self._commit, pending)
+        # with the caller's context, so the commit thread writes under the run's writer lock
+        self._pending = self._pool.submit(contextvars.copy_context().run, self._commit, pending)
 
     def _commit(self, p: _Pending) -> None:
         vectors = np.concatenate(p.vectors) if p.vectors else np.zeros((0, self.dim), dtype=np.float32)
@@ -127,14 +133,28 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
     Safe to kill at any point: vectors are committed before the image rows that point
     at them, vectors are inserted only for ids not yet present, and image rows are
     upserted by path. Re-running finishes the work without duplicates.
+
+    The run holds the store's writer lock from start to end: a second writer waits
+    (``store.on_lock_wait`` is told who holds it). Duplicate rows left by writers that ran
+    at once before the lock existed are removed first (``summary.repaired``).
     """
-    config = config or IndexConfig()
+    with store.writer("clipfuse index"):
+        return _index_locked(store, embedder, files, classes, roots=roots, config=config or IndexConfig(),
+                             progress=progress)
+
+
+def _index_locked(store: Store, embedder, files, classes, *, roots, config, progress) -> IndexSummary:
     started = time.perf_counter()
     info = embedder.info
     fp = info.fingerprint
+    summary = IndexSummary(found=len(files), fingerprint=fp)
+    summary.repaired = {k: v for k, v in store.repair().items() if v}
+    try:
+        before = store.get_version()
+    except LookupError:
+        before = None
     store.register_version(info.to_dict())
     store.add_classes(classes)
-    summary = IndexSummary(found=len(files), fingerprint=fp)
 
     known = {r["path"]: r for r in store.images().to_pylist()}
     embedded = store.embedded_ids(fp)
@@ -155,6 +175,7 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
     by_path = {f.path: f for f in todo}
     # Errors of files that are fine now and need no reading (e.g. a run killed before it cleared them).
     store.clear_errors([f.path for f in files if f.path in previous_errors and f.path not in by_path])
+    found = {printable_path(f.path) for f in files}
 
     seen = set(embedded)
     writer = _Writer(store, fp, info.dim)
@@ -178,8 +199,9 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
                 summary.embedded += len(forward)
             for rec in batch.records:
                 if rec.error is not None:
-                    summary.errors.append((rec.path, rec.error))
-                    pending.error_rows.append({"path": rec.path, "reason": rec.error, "bytes": rec.bytes,
+                    shown = printable_path(rec.path)  # a name that isn't UTF-8 is recorded with its bytes escaped
+                    summary.errors.append((shown, rec.error))
+                    pending.error_rows.append({"path": shown, "reason": rec.error, "bytes": rec.bytes,
                                                "mtime": rec.mtime, "at": now})
                     if rec.path in known:
                         pending.dropped.append(rec.path)
@@ -201,7 +223,6 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
         writer.close()
     if roots:
         # Last, so a killed run never loses a row it still needs: moved or deleted files.
-        found = {f.path for f in files}
         prefixes = tuple(os.path.join(r, "") for r in roots)
         gone = [p for p in known if p.startswith(prefixes) and p not in found]
         stale_errors = [p for p in previous_errors if p.startswith(prefixes) and p not in found]
@@ -209,6 +230,8 @@ def index_images(store: Store, embedder, files, classes: list[str], *, roots: li
         store.clear_errors(stale_errors)
         summary.removed = len(gone)
     store.activate(fp)
+    if before is not None and before["fingerprint"] != fp:
+        summary.previous_active = before
     if config.optimize:
         store.optimize()
     if config.build_ann and store.get_version(fp)["rows"] >= store.ann_threshold:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipfuse.data import SPLIT_PRIORITY
 
 from .ann import AnnConfig, AnnIndex
+from .lock import WriterLock
 
 DEFAULT_DB = "clipfuse.lance"
 IMAGES, ERRORS, VERSIONS, CLASSES = "images", "index_errors", "embedding_versions", "classes"
@@ -70,6 +76,59 @@ def _read_columns(table, columns: list[str]) -> pa.Table:
     return table.search().select(columns).limit(None).to_arrow()
 
 
+def _first_rows(keys: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
+    """Row positions that keep the first row of each key, in order; None when every key is unique."""
+    if pc.count_distinct(keys).as_py() == len(keys):
+        return None
+    _, first = np.unique(np.asarray(keys.to_numpy(zero_copy_only=False), dtype=object).astype(str), return_index=True)
+    return np.sort(first)
+
+
+def _last_by(table: pa.Table, key: str, order: str) -> pa.Table:
+    """One row per ``key``: the one with the largest ``order`` (the later one on a tie)."""
+    if pc.count_distinct(table[key]).as_py() == table.num_rows:
+        return table
+    import polars as pl
+
+    df = pl.from_arrow(table).with_row_index("_row")
+    df = df.sort([order, "_row"], nulls_last=False).unique(key, keep="last", maintain_order=True)
+    return df.sort("_row").drop("_row").to_arrow().cast(table.schema)
+
+
+_LANCE_LOCATION = re.compile(r",?\s*/\S*\.rs:\d+:\d+\s*$")
+
+
+def _storage_message(uri: str, e: Exception) -> str:
+    """A one-line message for an error that LanceDB raised while reading or writing the store."""
+    text = _LANCE_LOCATION.sub("", str(e).strip()).removeprefix("lance error: ")
+    text = re.sub(r"^LanceError\((\w+)\):\s*", "", text)
+    low = text.lower()
+    if "permission denied" in low or "operation not permitted" in low or "read-only file system" in low:
+        hint = "the store is not writable here; use a writable --db, or copy the store"
+    elif "conflict" in low:
+        hint = "another program changed the store at the same moment; run the command again"
+    elif "no space" in low:
+        hint = "the disk is full; free some space and run the command again (nothing was half-written)"
+    else:
+        hint = "the store may be damaged or written by a newer clipfuse; `clipfuse info` shows what it holds"
+    return f"store {uri!r}: {text} ({hint})."
+
+
+def _storage_errors(method):
+    """Turn LanceDB's RuntimeErrors into OSErrors with a one-line message naming the store."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as e:
+            if "lance" not in str(e).lower() and "commit" not in str(e).lower():
+                raise
+            raise OSError(_storage_message(self.uri, e)) from e
+
+    return wrapper
+
+
 @dataclass
 class EmbeddingSet:
     """The interchange format of the later stages: one row per unique image id.
@@ -99,19 +158,58 @@ class Store:
     ann_threshold : int, default 50_000
         Embedding versions with at least this many rows answer neighbour queries with an
         hnswlib index saved beside the tables; smaller ones use exact search.
+    lock_timeout : float, optional
+        Seconds a write waits for another writer of the store; None waits as long as it takes.
+    on_lock_wait : callable(str), optional
+        Called once with a description of the other writer when a write has to wait.
+
+    Notes
+    -----
+    One writer at a time: every method that changes the store holds the store's writer
+    lock (:meth:`writer`), a file lock the operating system drops when its holder exits
+    or is killed. Readers never take it and never wait.
     """
 
-    def __init__(self, uri: str | Path = DEFAULT_DB, *, ann_threshold: int = 50_000, ann_config: AnnConfig | None = None):
+    def __init__(self, uri: str | Path = DEFAULT_DB, *, ann_threshold: int = 50_000, ann_config: AnnConfig | None = None,
+                 lock_timeout: float | None = None, on_lock_wait: Callable[[str], None] | None = None):
         self.uri = str(uri)
-        if "://" not in self.uri and Path(self.uri).is_file():
+        self.is_local = "://" not in self.uri
+        if self.is_local and Path(self.uri).is_file():
             raise NotADirectoryError(f"--db {self.uri!r} is a file; a store is a folder (e.g. clipfuse.lance).")
         self.ann_threshold = ann_threshold
         self.ann_config = ann_config or AnnConfig()
-        self.db = lancedb.connect(self.uri)
+        self.lock_timeout = lock_timeout
+        self.on_lock_wait = on_lock_wait
+        self._db = None
         self._ann: dict[str, AnnIndex] = {}
+        folder = Path(self.uri).absolute() if self.is_local else None
+        self._lock = WriterLock(folder, str(folder.resolve()) if folder else self.uri)
+
+    @property
+    def db(self):
+        """The LanceDB connection, opened on first use (connecting creates the folder)."""
+        if self._db is None:
+            self._db = lancedb.connect(self.uri)
+        return self._db
+
+    def writer(self, what: str = "a clipfuse writer"):
+        """Context manager holding the store's writer lock (re-entrant in one thread).
+
+        Commands that read, then write, hold it for their whole run; each write method
+        takes it by itself too, so nothing writes unlocked. Raises PermissionError at once
+        on a store that is not writable.
+        """
+        return self._lock.hold(what, timeout=self.lock_timeout, on_wait=self.on_lock_wait)
+
+    @property
+    def exists(self) -> bool:
+        """Whether the store has been written to (its folder exists; always True off disk)."""
+        return not self.is_local or Path(self.uri).is_dir()
 
     # ---- tables -------------------------------------------------------------------------
     def _table_names(self) -> set[str]:
+        if not self.exists:
+            return set()
         names, token = set(), None
         while True:
             page = self.db.list_tables(page_token=token)
@@ -125,7 +223,8 @@ class Store:
             return self.db.open_table(name)
         if schema is None:
             return None
-        return self.db.create_table(name, schema=schema, exist_ok=True)
+        with self.writer():
+            return self.db.create_table(name, schema=schema, exist_ok=True)
 
     def _read(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         table = self._table(name)
@@ -138,47 +237,73 @@ class Store:
         return VERSIONS not in self._table_names()
 
     # ---- classes ------------------------------------------------------------------------
+    @_storage_errors
     def classes(self) -> list[str]:
-        """Ordered class names; a class keeps its index for the life of the store."""
+        """Ordered class names; a class keeps its index for the life of the store.
+
+        A name recorded twice (by two writers before the store had a writer lock)
+        counts once, at its first place.
+        """
         t = self._read(CLASSES)
         if t is None:
             return []
-        order = np.argsort(t["index"].to_numpy())
-        return [t["name"][int(i)].as_py() for i in order]
+        order = np.argsort(t["index"].to_numpy(), kind="stable")
+        return list(dict.fromkeys(t["name"][int(i)].as_py() for i in order))
 
+    @_storage_errors
     def add_classes(self, names: list[str]) -> list[str]:
         """Append the names not yet known; return the full class list."""
-        known = self.classes()
-        new = [n for n in names if n not in known]
-        if new:
-            rows = pa.table({"index": pa.array(range(len(known), len(known) + len(new)), pa.int32()),
-                             "name": pa.array(new, pa.string())}, schema=CLASSES_SCHEMA)
-            self._table(CLASSES, CLASSES_SCHEMA).add(rows)
-        return known + new
+        with self.writer():
+            t = self._read(CLASSES, ["index"])
+            known = self.classes()
+            new = [n for n in dict.fromkeys(names) if n not in known]
+            if new:
+                start = int(pc.max(t["index"]).as_py()) + 1 if t is not None and t.num_rows else 0
+                rows = pa.table({"index": pa.array(range(start, start + len(new)), pa.int32()),
+                                 "name": pa.array(new, pa.string())}, schema=CLASSES_SCHEMA)
+                self._table(CLASSES, CLASSES_SCHEMA).add(rows)
+            return known + new
 
     # ---- embedding versions ---------------------------------------------------------------
-    def versions(self) -> list[dict]:
-        """Every embedding version, oldest first, with its row count."""
+    def _version_rows(self) -> list[dict]:
+        """The version records, one per fingerprint, oldest first (a fingerprint recorded
+        twice keeps its first record and its latest activation)."""
         t = self._read(VERSIONS)
         if t is None:
             return []
-        rows = sorted(t.to_pylist(), key=lambda r: r["created_at"])
+        unique: dict[str, dict] = {}
+        for r in sorted(t.to_pylist(), key=lambda r: r["created_at"]):
+            first = unique.setdefault(r["fingerprint"], r)
+            if r["activated_at"] is not None and (first["activated_at"] or 0) < r["activated_at"]:
+                first["activated_at"] = r["activated_at"]
+        return list(unique.values())
+
+    @_storage_errors
+    def versions(self) -> list[dict]:
+        """Every embedding version, oldest first, with its row count."""
+        rows = self._version_rows()
         names = self._table_names()
         for r in rows:
             r["rows"] = self.db.open_table(r["table"]).count_rows() if r["table"] in names else 0
         return rows
 
+    @_storage_errors
     def register_version(self, info: dict, *, source: str = "index") -> dict:
         """Record the model behind an embedding version (idempotent) and create its table.
 
         ``info`` holds ``fingerprint, model, pretrained, weights_hash, preprocess, dim``
         and optionally ``random_weights``, as :class:`clipfuse.embed.ModelInfo` gives it.
         """
+        with self.writer():
+            return self._register_version(info, source)
+
+    def _register_version(self, info: dict, source: str) -> dict:
         fp = info["fingerprint"]
         for v in self.versions():
             if v["fingerprint"] == fp:
                 if v["dim"] != info["dim"]:
                     raise ValueError(f"version {fp} is recorded with dim {v['dim']}, got {info['dim']}.")
+                self._table(v["table"], _embeddings_schema(v["dim"]))  # a run killed between the two writes
                 return v
         row = {
             "fingerprint": fp, "table": f"embeddings_{fp}", "model": info["model"],
@@ -191,11 +316,14 @@ class Store:
         self._table(VERSIONS, VERSIONS_SCHEMA).add(pa.Table.from_pylist([row], schema=VERSIONS_SCHEMA))
         return {**row, "rows": 0}
 
+    @_storage_errors
     def activate(self, fingerprint: str) -> None:
         """Make a version the default of neighbour queries and later stages."""
-        fp = self.get_version(fingerprint)["fingerprint"]
-        self._table(VERSIONS).update(where=f"fingerprint = '{fp}'", values={"activated_at": time.time()})
+        with self.writer():
+            fp = self.get_version(fingerprint)["fingerprint"]
+            self._table(VERSIONS).update(where=f"fingerprint = '{fp}'", values={"activated_at": time.time()})
 
+    @_storage_errors
     def get_version(self, fingerprint: str | None = None) -> dict:
         """Look a version up by fingerprint (or a unique prefix); None gives the active one.
 
@@ -227,6 +355,7 @@ class Store:
         return table
 
     # ---- embeddings ---------------------------------------------------------------------
+    @_storage_errors
     def embedded_ids(self, fingerprint: str) -> set[str]:
         """Ids that already have a vector in this version."""
         t = _read_columns(self._version_table(self.get_version(fingerprint)), ["id"])
@@ -246,57 +375,134 @@ class Store:
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors.")
         if not len(ids):
             return
+        first = {}
+        for j, id_ in enumerate(ids):
+            first.setdefault(id_, j)  # merge_insert would insert a repeated id twice
+        keep = sorted(first.values())
         data = pa.table({
-            "id": pa.array(ids, pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), version["dim"]),
+            "id": pa.array([ids[j] for j in keep], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[keep].reshape(-1)), version["dim"]),
         }, schema=_embeddings_schema(version["dim"]))
-        self._version_table(version).merge_insert("id").when_not_matched_insert_all().execute(data)
+        with self.writer():
+            self._version_table(version).merge_insert("id").when_not_matched_insert_all().execute(data)
 
     def _read_vectors(self, version: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, X)`` of a version, one row per id (the first, should an id be stored twice)."""
         t = self._version_table(version).to_arrow()
+        keep = _first_rows(t["id"])
+        if keep is not None:
+            t = t.take(keep)
         vec = t["vector"].combine_chunks()
         X = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, version["dim"])
         return np.asarray(t["id"].to_pylist(), dtype=object), np.ascontiguousarray(X, dtype=np.float32)
 
     # ---- images and errors ------------------------------------------------------------------
+    @_storage_errors
     def upsert_images(self, rows: list[dict]) -> None:
         """Insert or replace image rows by path, in one commit (the last row of a path wins)."""
         rows = list({r["path"]: r for r in rows}.values())  # merge_insert would insert a repeated path twice
         if rows:
             data = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
-            (self._table(IMAGES, IMAGES_SCHEMA).merge_insert("path")
-             .when_matched_update_all().when_not_matched_insert_all().execute(data))
+            with self.writer():
+                (self._table(IMAGES, IMAGES_SCHEMA).merge_insert("path")
+                 .when_matched_update_all().when_not_matched_insert_all().execute(data))
 
     def _delete_paths(self, name: str, paths: list[str]) -> None:
         table = self._table(name)
         if table is not None and paths:
-            for start in range(0, len(paths), 500):
-                table.delete(f"path IN ({_sql_list(paths[start:start + 500])})")
+            with self.writer():
+                for start in range(0, len(paths), 500):
+                    table.delete(f"path IN ({_sql_list(paths[start:start + 500])})")
 
+    @_storage_errors
     def delete_images(self, paths: list[str]) -> None:
         """Remove the image rows of some paths (their vectors stay: content may be shared)."""
         self._delete_paths(IMAGES, paths)
 
+    @_storage_errors
     def images(self) -> pa.Table:
-        """Every image row (one per path)."""
+        """Every image row, one per path (the latest, should a path be stored twice)."""
         t = self._read(IMAGES)
-        return t if t is not None else IMAGES_SCHEMA.empty_table()
+        return _last_by(t, "path", "indexed_at") if t is not None else IMAGES_SCHEMA.empty_table()
 
+    @_storage_errors
     def record_errors(self, rows: list[dict]) -> None:
+        """Insert or replace index errors by path (``path`` must be valid UTF-8: see
+        :func:`clipfuse.data.printable_path`)."""
+        rows = list({r["path"]: r for r in rows}.values())
         if rows:
             data = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
-            (self._table(ERRORS, ERRORS_SCHEMA).merge_insert("path")
-             .when_matched_update_all().when_not_matched_insert_all().execute(data))
+            with self.writer():
+                (self._table(ERRORS, ERRORS_SCHEMA).merge_insert("path")
+                 .when_matched_update_all().when_not_matched_insert_all().execute(data))
 
+    @_storage_errors
     def clear_errors(self, paths: list[str]) -> None:
         """Forget the index errors of some paths."""
         self._delete_paths(ERRORS, paths)
 
+    @_storage_errors
     def errors(self) -> pa.Table:
+        """Every index error, one per path."""
         t = self._read(ERRORS)
-        return t if t is not None else ERRORS_SCHEMA.empty_table()
+        return _last_by(t, "path", "at") if t is not None else ERRORS_SCHEMA.empty_table()
+
+    # ---- duplicates written before the writer lock ------------------------------------------------
+    @_storage_errors
+    def duplicates(self) -> dict[str, int]:
+        """Rows stored twice (by writers that ran at once before the store had a writer lock).
+
+        Reads hide them; :meth:`repair` removes them. Returns the extra rows per kind:
+        ``{"versions", "classes", "images", "errors", "vectors"}``.
+        """
+        out = {}
+        for kind, name, key in (("versions", VERSIONS, "fingerprint"), ("classes", CLASSES, "name"),
+                                ("images", IMAGES, "path"), ("errors", ERRORS, "path")):
+            t = self._read(name, [key])
+            out[kind] = 0 if t is None else t.num_rows - pc.count_distinct(t[key]).as_py()
+        names = self._table_names()
+        out["vectors"] = 0
+        for v in self._version_rows():
+            if v["table"] in names:
+                ids = _read_columns(self.db.open_table(v["table"]), ["id"])["id"]
+                out["vectors"] += len(ids) - pc.count_distinct(ids).as_py()
+        return out
+
+    @_storage_errors
+    def repair(self) -> dict[str, int]:
+        """Rewrite every table that holds duplicates with one row per key (one commit each).
+
+        Returns what :meth:`duplicates` counted before the repair.
+        """
+        with self.writer("repairing the store"):
+            found = self.duplicates()
+            if found["versions"]:
+                rows = [{k: v for k, v in r.items()} for r in self._version_rows()]
+                self._table(VERSIONS).add(pa.Table.from_pylist(rows, schema=VERSIONS_SCHEMA), mode="overwrite")
+            if found["classes"]:
+                names = self.classes()
+                self._table(CLASSES).add(pa.table({"index": pa.array(range(len(names)), pa.int32()),
+                                                   "name": pa.array(names, pa.string())}, schema=CLASSES_SCHEMA),
+                                         mode="overwrite")
+            if found["images"]:
+                self._table(IMAGES).add(self.images(), mode="overwrite")
+            if found["errors"]:
+                self._table(ERRORS).add(self.errors(), mode="overwrite")
+            if found["vectors"]:
+                names = self._table_names()
+                for v in self._version_rows():
+                    if v["table"] not in names:
+                        continue
+                    table = self.db.open_table(v["table"])
+                    t = table.to_arrow()
+                    keep = _first_rows(t["id"])
+                    if keep is not None:
+                        table.add(t.take(keep), mode="overwrite")
+                        self._ann.pop(v["fingerprint"], None)
+            return found
 
     # ---- reading for later stages --------------------------------------------------------------
+    @_storage_errors
     def load_embeddings(self, fingerprint: str | None = None) -> EmbeddingSet:
         """Load one version as ``(ids, X, labels)``: one row per image id that has a vector.
 
@@ -340,6 +546,7 @@ class Store:
                             test_labels=test_labels, classes=classes,
                             fingerprint=version["fingerprint"], conflicts=conflicts)
 
+    @_storage_errors
     def vectors_for(self, ids: list[str], fingerprint: str | None = None) -> np.ndarray:
         """Stored vectors of some ids, in order.
 
@@ -349,7 +556,7 @@ class Store:
             Naming the first id that this version does not hold.
         """
         version = self.get_version(fingerprint)
-        t = self._version_table(version).search().where(f"id IN ({_sql_list(ids)})").limit(len(ids)).to_arrow()
+        t = self._version_table(version).search().where(f"id IN ({_sql_list(ids)})").limit(None).to_arrow()
         found = dict(zip(t["id"].to_pylist(), t["vector"].to_numpy(zero_copy_only=False)))
         missing = [i for i in ids if i not in found]
         if missing:
@@ -361,6 +568,7 @@ class Store:
     def _ann_folder(self) -> Path | None:
         return None if "://" in self.uri else Path(self.uri) / "_ann"
 
+    @_storage_errors
     def ann_index(self, fingerprint: str | None = None) -> AnnIndex:
         """The version's hnswlib index: loaded from disk or built, extended with rows added since.
 
@@ -378,10 +586,12 @@ class Store:
         if len(index) != version["rows"]:
             ids, X = self._read_vectors(version)
             if index.extend(ids, X) and folder is not None:
-                index.save(folder, fp)
+                with contextlib.suppress(OSError):  # a read-only store still answers, from memory
+                    index.save(folder, fp)
         self._ann[fp] = index
         return index
 
+    @_storage_errors
     def search(self, queries: np.ndarray, *, k: int = 10, fingerprint: str | None = None,
                exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k neighbours by cosine similarity.
@@ -437,6 +647,7 @@ class Store:
     def _predictions_name(self, version: dict) -> str:
         return "predictions_" + version["table"].removeprefix("embeddings_")
 
+    @_storage_errors
     def write_predictions(self, predictions: pa.Table, fingerprint: str | None = None) -> str:
         """Replace the version's predictions table (one LanceDB commit); returns the table name.
 
@@ -444,28 +655,33 @@ class Store:
         """
         if "id" not in predictions.column_names:
             raise ValueError("a predictions table needs an 'id' column.")
-        name = self._predictions_name(self.get_version(fingerprint))
-        table = self._table(name)
-        if table is None:
-            self.db.create_table(name, predictions)
-        elif table.schema != predictions.schema:  # other heads, other columns
-            self.db.create_table(name, predictions, mode="overwrite")
-        else:
-            table.add(predictions, mode="overwrite")
+        with self.writer():
+            name = self._predictions_name(self.get_version(fingerprint))
+            table = self._table(name)
+            if table is None:
+                self.db.create_table(name, predictions)
+            elif table.schema != predictions.schema:  # other heads, other columns
+                self.db.create_table(name, predictions, mode="overwrite")
+            else:
+                table.add(predictions, mode="overwrite")
         return name
 
+    @_storage_errors
     def predictions(self, fingerprint: str | None = None) -> pa.Table | None:
         """The version's predictions table, or None before `clipfuse predict`."""
         return self._read(self._predictions_name(self.get_version(fingerprint)))
 
     # ---- maintenance and summary ------------------------------------------------------------------
+    @_storage_errors
     def optimize(self) -> None:
         """Compact the small fragments that batched commits leave behind."""
-        for name in self._table_names():
-            self.db.open_table(name).optimize()
+        with self.writer():
+            for name in self._table_names():
+                self.db.open_table(name).optimize()
 
+    @_storage_errors
     def info(self) -> dict:
-        """Tables, row counts per split and class, versions and error count."""
+        """Tables, row counts per split and class, versions, error count and duplicate rows."""
         images = self.images()
         import polars as pl
 
@@ -486,4 +702,5 @@ class Store:
             "versions": self.versions(),
             "active": active,
             "errors": self.errors().num_rows,
+            "duplicates": self.duplicates(),
         }

@@ -1,0 +1,206 @@
+"""One writer per store at a time: a kernel-held file lock beside the tables, re-entrant per thread."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+LOCK_FILE = "_writer.lock"
+_POLL_SECONDS = 0.2
+
+
+class StoreBusyError(TimeoutError):
+    """Another writer held the store for longer than the caller was willing to wait."""
+
+
+class _ProcessLock:
+    """This process's share of one store's lock: a thread lock, and the file lock while it is held.
+
+    POSIX record locks (``fcntl.lockf``) belong to a process, so the holders inside one
+    process are kept apart by ``thread_lock``; forked children (data-loader workers)
+    never inherit the lock, and the kernel drops it the moment the holding process
+    dies, even under ``kill -9``: a lock can never be left stale.
+    """
+
+    def __init__(self):
+        self.thread_lock = threading.Lock()
+        self.what = ""
+        self.fd: int | None = None
+
+
+# The locks the running code holds. Re-entry goes by context, not by thread, so a helper
+# thread started with the holder's context (contextvars.copy_context) writes under its lock.
+_HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("clipfuse_held_store_locks", default=frozenset())
+_REGISTRY: dict[str, _ProcessLock] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _process_lock(key: str) -> _ProcessLock:
+    with _REGISTRY_LOCK:
+        return _REGISTRY.setdefault(key, _ProcessLock())
+
+
+def describe_holder(info: dict) -> str:
+    """``"clipfuse index (pid 123), since 10:42:07"`` from the holder record in a lock file."""
+    what = info.get("what") or "a writer"
+    where = f"pid {info.get('pid', '?')}"
+    if info.get("host") and info["host"] != socket.gethostname():
+        where += f" on {info['host']}"
+    since = datetime.fromtimestamp(info["since"]).strftime("%H:%M:%S") if info.get("since") else "?"
+    return f"{what} ({where}), since {since}"
+
+
+class WriterLock:
+    """The writer lock of one store.
+
+    Parameters
+    ----------
+    folder : path or None
+        The store's folder; None for stores that are not on this machine's disk
+        (``memory://``), which are locked between the threads of this process only.
+    key : str
+        Identity of the store (its resolved path or URI).
+    """
+
+    def __init__(self, folder: Path | None, key: str):
+        self.folder = folder
+        self.key = key
+        self._lock = _process_lock(key)
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder / LOCK_FILE
+
+    def held(self) -> bool:
+        """Whether the running code holds the lock."""
+        return self.key in _HELD.get()
+
+    @contextlib.contextmanager
+    def hold(self, what: str = "a clipfuse writer", *, timeout: float | None = None,
+             on_wait: Callable[[str], None] | None = None):
+        """Hold the lock for the block; re-entrant within the holder's context (see ``_HELD``).
+
+        Parameters
+        ----------
+        what : str
+            What the holder is doing, shown to writers that wait for it.
+        timeout : float, optional
+            Seconds to wait for another writer; None waits as long as it takes.
+        on_wait : callable(str), optional
+            Called once, with a description of the holder, when the lock is busy.
+
+        Raises
+        ------
+        StoreBusyError
+            When ``timeout`` passes first.
+        PermissionError
+            When the store's folder is not writable (checked before anything else happens).
+        """
+        if self.held():
+            yield self
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lock = self._lock
+        if not lock.thread_lock.acquire(blocking=False):
+            if on_wait:
+                on_wait(f"{lock.what or 'another writer'} (this process)")
+            if not lock.thread_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+                raise StoreBusyError(f"the store {self.key!r} is being written by {lock.what or 'another writer'} "
+                                     "in this process; try again when it is done.")
+        try:
+            if self.folder is not None:
+                lock.fd = self._acquire_file(what, deadline, on_wait)
+            lock.what = what
+        except BaseException:
+            lock.thread_lock.release()
+            raise
+        token = _HELD.set(_HELD.get() | {self.key})
+        try:
+            yield self
+        finally:
+            _HELD.reset(token)
+            lock.what = ""
+            if lock.fd is not None:
+                fd, lock.fd = lock.fd, None
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            lock.thread_lock.release()
+
+    def _open(self) -> int:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except PermissionError as e:
+            raise PermissionError(e.errno, f"the store {str(self.folder)!r} is not writable ({e.strerror}); "
+                                  "commands that change it (index, reembed, import-embeddings, train-heads, "
+                                  "predict) need write access. Use a writable --db, or copy the store.") from e
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EPERM):
+                raise PermissionError(e.errno, f"the store {str(self.folder)!r} is on a read-only file system "
+                                      f"({e.strerror}); copy it somewhere writable to change it.") from e
+            raise
+
+    def _acquire_file(self, what: str, deadline: float | None, on_wait) -> int:
+        fd = self._open()
+        try:
+            self._probe_writable()
+            told = False
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise OSError(e.errno, f"can't lock the store {str(self.folder)!r}: {e.strerror}; its file "
+                                      "system does not support file locks, which keep two writers apart. Use a "
+                                      "local folder for --db.") from e
+                holder = self._read_holder(fd)
+                if not told and on_wait:
+                    on_wait(describe_holder(holder))
+                    told = True
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise StoreBusyError(f"the store {str(self.folder)!r} is being written by "
+                                         f"{describe_holder(holder)}; try again when it is done.")
+                time.sleep(_POLL_SECONDS)
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                                 "since": time.time()}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _probe_writable(self) -> None:
+        """The lock file may be writable in a folder that is not (or in one that a
+        root-owned immutable flag protects): make sure a new file can be created."""
+        probe = self.folder / f".write-probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        except OSError as e:
+            raise PermissionError(e.errno, f"the store {str(self.folder)!r} is not writable ({e.strerror}); "
+                                  "commands that change it (index, reembed, import-embeddings, train-heads, "
+                                  "predict) need write access. Use a writable --db, or copy the store.") from e
+
+    @staticmethod
+    def _read_holder(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
