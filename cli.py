@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
@@ -93,12 +94,47 @@ def _quiet_libraries() -> None:
 
 
 def _open_store(db: Path, *, must_exist: bool = True):
+    """The store at ``--db``; writers that find it busy say who holds it, then wait."""
     from clipfuse.store import Store
 
+    if db.exists() and not db.is_dir():
+        raise typer.BadParameter(f"{str(db)!r} is a file; a store is a folder (e.g. clipfuse.lance).", param_hint="--db")
     if must_exist and not db.exists():
         raise FileNotFoundError(f"no store at {str(db)!r}; run `clipfuse index ... --db {db}` first, "
                                 "or pass the right --db.")
-    return Store(db)
+
+    def waiting(holder: str) -> None:
+        err_console.print(f"[yellow]the store {db} is being written by {holder}; waiting for it to finish "
+                          "(Ctrl-C to stop) ...[/]", highlight=False, soft_wrap=True)
+
+    return Store(db, on_lock_wait=waiting)
+
+
+def _get_version(store, version: Optional[str]) -> dict:
+    """The version ``--version`` names (a wrong one is a command-line mistake: exit 2), else the active one."""
+    try:
+        return store.get_version(version)
+    except LookupError as e:
+        if version is not None and store.versions():
+            raise typer.BadParameter(str(e), param_hint="--version") from e
+        raise
+
+
+def _check_device(device: str, precision: str = "fp32") -> None:
+    """Refuse a device or precision this machine can't run before anything is loaded (exit 2)."""
+    from clipfuse.embed import check_device
+
+    try:
+        check_device(device, precision)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--device" if "device" in str(e) else "--precision") from e
+
+
+def _print_skipped(skipped) -> None:
+    for path, reason in skipped[:10]:
+        err_console.print(f"[yellow]skipped {path}: {reason}[/]", highlight=False, soft_wrap=True)
+    if len(skipped) > 10:
+        err_console.print(f"[yellow]... and {len(skipped) - 10} more folders not entered[/]")
 
 
 def _embedder_config(store, *, model, pretrained, device, precision, batch_size, workers, allow_random):
@@ -154,6 +190,7 @@ def _progress() -> Progress:
 def _run_index(store, embedder, folders, *, commit_every: int = 512):
     from clipfuse.store import IndexConfig, index_images
 
+    _print_skipped(folders.skipped)
     with _progress() as progress:
         task = progress.add_task("indexing", total=len(folders.files))
         summary = index_images(store, embedder, folders.files, folders.classes, roots=folders.roots,
@@ -162,7 +199,11 @@ def _run_index(store, embedder, folders, *, commit_every: int = 512):
     return summary
 
 
-def _print_index_summary(summary, db: Path, *, show_errors: int = 20) -> None:
+def _print_index_summary(summary, db: Path, *, show_errors: int = 20, activation_notice: bool = True) -> None:
+    if summary.repaired:
+        err_console.print("[yellow]repaired the store first: removed " + ", ".join(
+            f"{n} duplicate {kind} row(s)" for kind, n in summary.repaired.items())
+            + " (written by two commands at once before the store had a writer lock)[/]")
     table = Table(title=f"index summary ({db})", show_header=False)
     for name, value in (("image files found", summary.found), ("newly embedded", summary.embedded),
                         ("skipped as unchanged", summary.unchanged), ("duplicates (same content)", summary.duplicates),
@@ -181,6 +222,12 @@ def _print_index_summary(summary, db: Path, *, show_errors: int = 20) -> None:
         if len(summary.errors) > show_errors:
             errors.add_row(f"... and {len(summary.errors) - show_errors} more", "see `clipfuse info --errors`")
         console.print(errors)
+    before = summary.previous_active
+    if before is not None and activation_notice:
+        err_console.print(
+            f"[yellow]version {summary.fingerprint[:12]} is now the active version (the default of every command); "
+            f"the previously active {before['fingerprint'][:12]} ({before['model']}, {before['rows']} images) is kept: "
+            f"pass --version {before['fingerprint'][:12]} to use it.[/]", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -201,6 +248,8 @@ def index(
     workers: WorkersOpt = None,
     allow_random_weights: RandomOpt = False,
     commit_every: Annotated[int, typer.Option(min=1, help="Images per database commit (work lost on a crash).")] = 512,
+    max_file_size: Annotated[int, typer.Option(
+        min=1, help="Largest image file read, in MiB; larger files are listed as errors.")] = 512,
 ):
     """Embed every new or changed image once into the store.
 
@@ -219,11 +268,13 @@ def index(
 
     if labeled_dir is None and unlabeled is None and test is None:
         raise typer.BadParameter("give a LABELED_DIR and/or --unlabeled DIR / --test DIR.")
+    _check_device(device, precision.value)
     store = _open_store(db, must_exist=False)
     folders = scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
                            known_classes=None if store.is_empty else store.classes())
     config = _embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision.value,
                               batch_size=batch_size, workers=workers, allow_random=allow_random_weights)
+    config = dataclasses.replace(config, max_file_bytes=max_file_size * 2**20)
     embedder = _load_embedder(config)
     summary = _run_index(store, embedder, folders, commit_every=commit_every)
     _print_index_summary(summary, db)
@@ -250,8 +301,15 @@ def _resolve_query(store, version: dict, query: Optional[str], text: Optional[st
         embedder = _query_embedder(version, model_config, device)
         return embedder.encode_texts([text]), f"text {text!r}"
     path = Path(query)
-    if path.is_file():
-        id_ = hash_bytes(path.read_bytes())
+    if path.exists() and not path.is_dir():
+        from clipfuse.data import read_regular_file
+
+        try:
+            data, _ = read_regular_file(path)
+        except OSError as e:
+            raise typer.BadParameter(f"can't read query image {query!r}: {e.strerror or e}.",
+                                     param_hint="IMAGE_OR_ID") from e
+        id_ = hash_bytes(data)
         if model_config is None and id_ in store.embedded_ids(version["fingerprint"]):
             return store.vectors_for([id_], version["fingerprint"]), f"{path} (id {id_}, stored vector)"
         if version["model"].startswith("imported:"):
@@ -259,14 +317,19 @@ def _resolve_query(store, version: dict, query: Optional[str], text: Optional[st
                              "model to embed it with; re-import with --model.")
         from clipfuse.embed import read_image
 
-        embedder = _query_embedder(version, model_config, device)
         record, img = read_image(str(path))
         if img is None:
-            raise ValueError(f"can't read query image {str(path)!r}: {record.error}.")
+            raise typer.BadParameter(f"can't read query image {str(path)!r}: {record.error}.", param_hint="IMAGE_OR_ID")
+        embedder = _query_embedder(version, model_config, device)
         return embedder.encode_images([img]), f"{path} (embedded now)"
-    if not path.exists() and (path.suffix.lower() in IMAGE_EXTENSIONS or os.sep in query):
-        raise FileNotFoundError(f"query image {query!r} does not exist; pass an existing image file or an image id.")
-    return store.vectors_for([query], version["fingerprint"]), f"id {query}"
+    try:  # an id, which may look like a path ("train/0001")
+        return store.vectors_for([query], version["fingerprint"]), f"id {query}"
+    except KeyError:
+        if not (path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS or os.sep in query):
+            raise
+    what = "is a folder" if path.is_dir() else "does not exist"
+    raise typer.BadParameter(f"query image {query!r} {what}, and no image of version {version['fingerprint'][:12]} "
+                             "has that id; pass an existing image file or an image id.", param_hint="IMAGE_OR_ID")
 
 
 def _query_embedder(version: dict, model_config, device: str):
@@ -316,8 +379,9 @@ def neighbors(
 
     if (query is None) == (text is None):
         raise typer.BadParameter("give either an IMAGE_OR_ID argument or --text, not both or neither.")
+    _check_device(device)
     store = _open_store(db)
-    ver = store.get_version(version)
+    ver = _get_version(store, version)
     if model == ver["model"] and pretrained is None:
         pretrained = ver["pretrained"]
     model_config = EmbedderConfig(model=model, pretrained=pretrained, device=device) if model else None
@@ -398,6 +462,11 @@ def info(
     console.print(versions)
     console.print(f"index errors: {summary['errors']}" + ("" if errors or not summary["errors"] else
                                                           "  (list them with --errors)"))
+    dups = {k: v for k, v in summary["duplicates"].items() if v}
+    if dups:
+        err_console.print("[yellow]duplicate rows: " + ", ".join(f"{n} {kind}" for kind, n in dups.items())
+                          + " (written by two commands at once before the store had a writer lock; reads count "
+                          "each once, and the next `clipfuse index` removes them)[/]")
     for e in summary.get("error_list", []):
         console.print(f"  {e['path']}: {e['reason']}", highlight=False)
 
@@ -446,10 +515,17 @@ def import_embeddings(
         raise typer.BadParameter(f"SOURCE {str(source)!r} must be a clip-retrieval folder or a .npy file.")
     model_info = None
     if model is not None:
+        _check_device(device)
         embedder = _load_embedder(EmbedderConfig(model=model, pretrained=pretrained, device=device))
         model_info = embedder.info.to_dict()
     store = _open_store(db, must_exist=False)
     result = run_import(store, data, model_info=model_info, image_root=image_root, split=split.value)
+    if result["duplicate_ids"] or result["duplicate_paths"]:
+        err_console.print(
+            f"[yellow]{result['duplicate_ids']} row(s) repeat a content id (the first vector of each id is kept"
+            + (f"; {result['conflicting_ids']} came with a different vector" if result["conflicting_ids"] else "")
+            + f") and {result['duplicate_paths']} repeat a path (the first row is kept), e.g. {result['example']}[/]",
+            highlight=False, soft_wrap=True)
     console.print(f"imported {result['rows']} vectors ({data.vectors.shape[1]}-d) for {result['images']} images "
                   f"as version {result['fingerprint']} ({result['hashed']} ids hashed from files) into {db}")
 
@@ -524,19 +600,44 @@ def _scores_table(title: str, scores: dict, weights: dict | None = None, seconds
     return table
 
 
+def _require_labels(store, version: dict, es, *, val_fraction: float, seed: int) -> None:
+    """Fail, saying what is missing, unless the labels can train and score a classifier:
+    two classes or more, and at least one label that the seeded split holds out."""
+    import numpy as np
+
+    from clipfuse.data import split_labeled
+
+    n_labeled = int(np.sum(es.labels >= 0))
+    if n_labeled == 0:
+        others = [v for v in store.versions() if v["fingerprint"] != version["fingerprint"] and v["rows"]]
+        hint = ("; other versions: " + ", ".join(f"{v['fingerprint'][:12]} ({v['model']}, {v['rows']} images)"
+                                                  for v in others) + ". Pick one with --version"
+                if others else "; index a folder with one sub-folder per class")
+        raise ValueError(f"version {version['fingerprint'][:12]} ({version['model']}, {len(es.ids)} images) of store "
+                         f"{store.uri!r} has no labeled images{hint}.")
+    labeled_classes = sorted({es.classes[i] for i in es.labels[es.labels >= 0]})
+    if len(labeled_classes) < 2:
+        raise ValueError(f"only one class ({labeled_classes[0]!r}) has labeled images in version "
+                         f"{version['fingerprint'][:12]}: telling classes apart needs labeled images of at least two. "
+                         "Add another class folder (LABELED_DIR/<class>/<image>) and index it.")
+    if not split_labeled(es.labels, val_fraction=val_fraction, seed=seed)[1].size:
+        raise ValueError(f"every class has a single labeled image ({n_labeled} labels for {len(labeled_classes)} "
+                         "classes), so none can be held out for validation; label at least two images of some "
+                         "classes.")
+
+
 def _train_heads(store, version: dict, config, *, device: str, embedder=None):
     """Fit the configured heads and fusion on a version and save them beside the store."""
     import numpy as np
 
-    from clipfuse.classify import create_ensemble_from_config, save_ensemble
+    from clipfuse.classify import create_ensemble_from_config
 
     es = store.load_embeddings(version["fingerprint"])
     if es.conflicts:
         err_console.print(f"[yellow]{len(es.conflicts)} image(s) are filed under two classes and count as "
                           f"unlabeled, e.g. id {es.conflicts[0]}[/]")
+    _require_labels(store, version, es, val_fraction=config.val_fraction, seed=config.seed)
     n_labeled = int(np.sum(es.labels >= 0))
-    if n_labeled == 0:
-        raise ValueError(f"store {store.uri!r} has no labeled images; index a folder with one sub-folder per class.")
     wants_text = any(h in config.heads for h in ("zero-shot", "knn", "probe"))
     text, reason = _text_embeddings(version, es.classes, config.class_words and Path(config.class_words),
                                     device, embedder) if wants_text else (None, None)
@@ -562,24 +663,52 @@ def _train_heads(store, version: dict, config, *, device: str, embedder=None):
         ensemble.unavailable_["zero-shot"] = reason
     if finetuned_reason and "finetuned" in ensemble.unavailable_:
         ensemble.unavailable_["finetuned"] = finetuned_reason
-    folder = store.heads_folder(version["fingerprint"])
     resolved = {**dataclasses.asdict(config), "fingerprint": version["fingerprint"], "model": version["model"],
                 "pretrained": version["pretrained"], "rows": len(es.ids), "labeled": n_labeled,
                 "classes": es.classes, "trained_at": time.time(), "text_embeddings": text is not None}
-    # everything goes into a fresh folder that then replaces the old one, so a crash leaves
-    # either the previous heads or the new ones, never a mix
-    staging, retired = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_ensemble(ensemble, staging, extra={"classes": es.classes, "fingerprint": version["fingerprint"],
-                                            "n_fit_rows": len(es.ids)})
-    np.save(staging / "fit_ids.npy", es.ids.astype("U"), allow_pickle=False)
-    (staging / "config.json").write_text(json.dumps(resolved, indent=2))
-    shutil.rmtree(retired, ignore_errors=True)
-    if folder.exists():
-        folder.rename(retired)
-    staging.rename(folder)
-    shutil.rmtree(retired, ignore_errors=True)
+    folder = _save_heads(store, version, ensemble, es, resolved)
     return ensemble, es, folder
+
+
+def _save_heads(store, version: dict, ensemble, es, resolved: dict) -> Path:
+    """Publish the fitted heads as a new generation of the version's heads folder.
+
+    Everything goes into a fresh folder, then one atomic symlink swap makes it current: a
+    crash leaves the previous heads, and a reader (evaluate, predict) that opened the
+    previous generation reads it whole.
+    """
+    import numpy as np
+
+    from clipfuse.classify import save_ensemble
+    from clipfuse.data import publish_folder
+
+    def fill(staging: Path) -> None:
+        save_ensemble(ensemble, staging, extra={"classes": es.classes, "fingerprint": version["fingerprint"],
+                                                "n_fit_rows": len(es.ids)})
+        np.save(staging / "fit_ids.npy", es.ids.astype("U"), allow_pickle=False)
+        (staging / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    link = store.heads_folder(version["fingerprint"])
+    with store.writer("clipfuse train-heads"):
+        for leftover in (link.with_name(link.name + ".tmp"), link.with_name(link.name + ".old")):
+            if leftover.is_dir() and (link.exists() or leftover.name.endswith(".tmp")):
+                shutil.rmtree(leftover)  # left by a run killed before heads had generations
+        if not link.exists() and link.with_name(link.name + ".old").is_dir():
+            link.with_name(link.name + ".old").rename(link)
+        publish_folder(link, fill)
+    return link
+
+
+def _heads_generation(store, version: dict) -> Path | None:
+    """The folder of the version's current heads (read-only: readers never rename or repair)."""
+    from clipfuse.data import resolve_published
+
+    link = store.heads_folder(version["fingerprint"])
+    current = resolve_published(link)
+    legacy = link.with_name(link.name + ".old")  # a run killed between the renames of earlier versions
+    if current is None and (legacy / "ensemble.json").exists():
+        return legacy
+    return current
 
 
 def _finetuned_head(version: dict, classes: list[str]):
@@ -607,10 +736,8 @@ def _load_trained(store, version: dict, es=None):
 
     from clipfuse.classify import load_ensemble
 
-    folder = store.heads_folder(version["fingerprint"])
-    if not folder.exists() and folder.with_name(folder.name + ".old").exists():
-        folder.with_name(folder.name + ".old").rename(folder)  # a crash between the two renames
-    if not (folder / "ensemble.json").exists():
+    folder = _heads_generation(store, version)
+    if folder is None or not (folder / "ensemble.json").exists():
         raise FileNotFoundError(f"no trained heads for version {version['fingerprint'][:12]} in {store.uri}; "
                                 "run `clipfuse train-heads` first.")
     es = es or store.load_embeddings(version["fingerprint"])
@@ -680,9 +807,11 @@ def train_heads(
                              class_words=str(class_words) if class_words else None)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--heads") from e
+    _check_device(device)
     store = _open_store(db)
-    v = store.get_version(version)
-    ensemble, es, folder = _train_heads(store, v, config, device=device)
+    v = _get_version(store, version)
+    with store.writer("clipfuse train-heads"):  # taken first: an unwritable store fails before any fitting
+        ensemble, es, folder = _train_heads(store, v, config, device=device)
     _print_training(ensemble, folder)
 
 
@@ -745,13 +874,18 @@ def predict(
     import numpy as np
 
     store = _open_store(db)
-    v = store.get_version(version)
-    ensemble, meta, es, fit_rows, _ = _load_trained(store, v)
-    names = [h.strip() for h in heads.split(",")] if heads else None
-    with console.status(f"predicting {len(es.ids)} images ..."):
-        fused, per_head = ensemble.predict_proba(es.X, fit_rows=fit_rows, heads=names)
-    table = _predictions_table(es, fused, per_head, meta["classes"])
-    name = store.write_predictions(table, v["fingerprint"])
+    v = _get_version(store, version)
+    with store.writer("clipfuse predict"):
+        ensemble, meta, es, fit_rows, _ = _load_trained(store, v)
+        names = [h.strip() for h in heads.split(",") if h.strip()] if heads else None
+        unknown = [h for h in names or () if h not in ensemble.head_names_ and h not in ensemble.unavailable_]
+        if unknown:
+            raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; the trained heads are "
+                                     f"{', '.join(ensemble.head_names_)}.", param_hint="--heads")
+        with console.status(f"predicting {len(es.ids)} images ..."):
+            fused, per_head = ensemble.predict_proba(es.X, fit_rows=fit_rows, heads=names)
+        table = _predictions_table(es, fused, per_head, meta["classes"])
+        name = store.write_predictions(table, v["fingerprint"])
     new = int(np.sum(fit_rows < 0))
     console.print(f"predicted {len(es.ids)} images ({new} new since train-heads) with "
                   f"{', '.join(per_head)}; mean confidence {float(fused.max(axis=1).mean()):.3f}; "
@@ -778,8 +912,10 @@ def evaluate(
 
     from clipfuse.classify import plot_class_similarity, plot_confusion, score_predictions
 
+    from clipfuse.data import write_text_atomic
+
     store = _open_store(db)
-    v = store.get_version(version)
+    v = _get_version(store, version)
     ensemble, meta, es, fit_rows, _ = _load_trained(store, v)
     classes = meta["classes"]
     y_val = ensemble.val_labels_  # the labels as they were at train-heads time
@@ -794,6 +930,12 @@ def evaluate(
               "weights": ensemble.weights_, "unavailable": ensemble.unavailable_}
     console.print(_scores_table(f"validation ({len(y_val)} held-out labels)", scores, ensemble.weights_))
     test = (es.test_labels >= 0) & (es.test_labels < len(classes))  # classes added later: not scored
+    later = int(np.sum(es.test_labels >= len(classes)))
+    if later:
+        err_console.print(f"[yellow]{later} labeled test image(s) belong to classes added after train-heads "
+                          f"({', '.join(es.classes[len(classes):][:5])}) and are not scored; run `clipfuse "
+                          "train-heads` and `clipfuse predict` again to score them.[/]", highlight=False)
+        report["test_skipped_new_classes"] = later
     predictions = store.predictions(v["fingerprint"])
     if test.any() and predictions is not None:
         pred_index = {id_: i for i, id_ in enumerate(predictions["id"].to_pylist())}
@@ -814,7 +956,7 @@ def evaluate(
         acc = scores["fused"]["per_class_accuracy"][i]
         per_class.add_row(c, "-" if np.isnan(acc) else f"{acc:.3f}", str(int(np.sum(y_val == i))))
     console.print(per_class)
-    (out / "metrics.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
+    write_text_atomic(out / "metrics.json", json.dumps(_finite(report), indent=2, allow_nan=False))
     console.print(f"fused validation accuracy {scores['fused']['accuracy']:.3f}; wrote metrics.json, "
                   + ", ".join(p.name for p in plots) + f" to {out}")
 
@@ -828,11 +970,16 @@ def export(
     split: Annotated[ExportSplit, typer.Option(help="Images to export: unlabeled, test or all.")] = ExportSplit.unlabeled,
     probs: Annotated[bool, typer.Option("--probs", help="Add one probability column per class.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    raw_cells: Annotated[bool, typer.Option(
+        "--raw-cells", help="Write text cells exactly as stored, even ones a spreadsheet would run as a formula "
+        "(for programs that read the CSV; never open such a file in a spreadsheet).")] = False,
 ):
     """Write the predictions as a CSV: path, id, label, confidence [, one column per class].
 
     One row per image file of the chosen split, in path order, ready for a Kaggle-style
-    submission. Run `clipfuse predict` first.
+    submission. Run `clipfuse predict` first. Text cells (and headers) that start with
+    = + - @ or a tab get a leading ' so that a spreadsheet shows them instead of running
+    them (CSV injection); --raw-cells turns that off.
 
     Examples:
 
@@ -842,10 +989,12 @@ def export(
     """
     import polars as pl
 
-    if path.exists() and not force:
+    from clipfuse.data import write_frame_csv
+
+    if os.path.lexists(path) and not force:
         raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
     store = _open_store(db)
-    v = store.get_version(version)
+    v = _get_version(store, version)
     predictions = store.predictions(v["fingerprint"])
     if predictions is None:
         raise LookupError(f"no predictions for version {v['fingerprint'][:12]}; run `clipfuse predict` first.")
@@ -862,10 +1011,7 @@ def export(
     else:
         df = df.drop("probs")
     df = df.drop("split")
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.write_csv(tmp)
-    tmp.replace(path)
+    write_frame_csv(path, df, raw=raw_cells)  # a unique temporary file, renamed over the target (never through it)
     console.print(f"wrote {df.height} rows ({split.value}) to {path}"
                   + (f"; {missing} image(s) have no prediction yet: run `clipfuse predict` again" if missing else ""))
 
@@ -951,8 +1097,9 @@ def finetune(
     config = FinetuneConfig(epochs=epochs, lr=lr, weight_decay=wd, batch_size=batch_size, augment=augment,
                             train_text=train_text, freeze_backbone=freeze_backbone, patience=patience,
                             mean_teacher=mean_teacher, seed=seed)
+    _check_device(device)
     store = _open_store(db)
-    v = store.get_version(version)
+    v = _get_version(store, version)
     if v["model"].startswith("imported:"):
         raise ValueError(f"version {v['fingerprint'][:12]} was imported without a model; finetuning needs one. "
                          "Re-import with --model, or index the images with a model.")
@@ -960,6 +1107,7 @@ def finetune(
         raise typer.BadParameter(f"--train-text needs a CLIP model; {v['model']} is an image-only backbone.")
     _refuse_model_folder_in_use(store, out)
     es = store.load_embeddings(v["fingerprint"])
+    _require_labels(store, v, es, val_fraction=0.2, seed=seed)
     train_idx, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=seed)
     train, val = _labeled_items(store, es, train_idx), _labeled_items(store, es, val_idx)
     if pseudo_labels:
@@ -1027,7 +1175,11 @@ def wise_ft(
     from clipfuse.embed import EmbedderConfig, read_image
     from clipfuse.train import encode, load_state, parse_alphas, plot_alpha_curve, read_model_folder, save_model_folder, sweep
 
-    grid = parse_alphas(alphas)
+    try:
+        grid = parse_alphas(alphas)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--alphas") from e
+    _check_device(device)
     meta, heads = read_model_folder(checkpoint)
     if meta.get("kind") != "finetuned":
         raise ValueError(f"{str(checkpoint)!r} holds a {meta.get('kind')} model; pass a `clipfuse finetune` folder.")
@@ -1101,6 +1253,8 @@ def reembed(
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     commit_every: Annotated[int, typer.Option(min=1, help="Images per database commit (work lost on a crash).")] = 512,
+    max_file_size: Annotated[int, typer.Option(
+        min=1, help="Largest image file read, in MiB; larger files are listed as errors.")] = 512,
 ):
     """Embed every image of the store with a finetuned model, as a new embedding version.
 
@@ -1115,11 +1269,15 @@ def reembed(
     from clipfuse.embed import EmbedderConfig
     from clipfuse.train import model_name_of, read_model_folder
 
-    read_model_folder(model_checkpoint)  # fails clearly on a folder that isn't one
+    meta = read_model_folder(model_checkpoint)[0]  # fails clearly on a folder that isn't one
+    _check_device(device)
     store = _open_store(db)
-    previous = store.get_version()["fingerprint"]
+    active = store.get_version()["fingerprint"]
     embedder = _load_embedder(EmbedderConfig(model=model_name_of(model_checkpoint), device=device,
-                                             batch_size=batch_size, workers=workers))
+                                             batch_size=batch_size, workers=workers,
+                                             max_file_bytes=max_file_size * 2**20))
+    # the version this one replaces: the active one, or (re-running a finished reembed) the one it came from
+    previous = active if active != embedder.fingerprint else meta.get("base_fingerprint")
     rows = store.images().select(["path", "split", "label"]).to_pylist()
     # only files that exist: rows of imported vectors ("id:..." paths) or of files gone since indexing
     # have nothing to embed, and must not be dropped from the image table the old version still uses
@@ -1128,10 +1286,11 @@ def reembed(
         err_console.print(f"[yellow]{len(rows) - len(files)} image row(s) have no file on disk and are not "
                           "re-embedded (imported vectors or moved files).[/]")
     summary = _run_index(store, embedder, ImageFolders(files, store.classes(), []), commit_every=commit_every)
-    _print_index_summary(summary, db)
+    _print_index_summary(summary, db, activation_notice=False)
+    kept = (f"; previous version {previous[:12]} is kept (select it with --version)"
+            if previous and previous != summary.fingerprint else "")
     console.print(f"re-embedded {summary.embedded} images ({summary.unchanged} already done) as version "
-                  f"{summary.fingerprint[:12]}, now active; previous version {previous[:12]} is kept "
-                  "(select it with --version).")
+                  f"{summary.fingerprint[:12]}, now active{kept}.")
 
 
 @app.command()
@@ -1188,7 +1347,8 @@ def demo(
     summary = _run_index(store, embedder, folders)
     _print_index_summary(summary, db)
 
-    truth = dict(line.rstrip("\n").split(",", 1) for line in paths["truth"].read_text().splitlines()[1:])
+    with open(paths["truth"], newline="", encoding="utf-8") as f:
+        truth = {row["path"]: row["label"] for row in csv.DictReader(f)}
     query_path = sorted(truth)[0]
     version = store.get_version(embedder.fingerprint)
     vector, described = _resolve_query(store, version, query_path, None)
@@ -1245,7 +1405,7 @@ def _demo_heads(workdir: Path, db: Path, store, version: dict, truth: dict, *, d
     store.write_predictions(_predictions_table(es, fused, per_head, es.classes), version["fingerprint"])
     _print_demo_accuracy(store, es, fused, per_head, truth)
     export(workdir / "predictions.csv", db=db, version=version["fingerprint"], split=ExportSplit.unlabeled,
-           probs=False, force=True)
+           probs=False, force=True, raw_cells=False)
 
 
 def _print_demo_accuracy(store, es, fused, per_head, truth: dict) -> None:

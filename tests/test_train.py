@@ -179,7 +179,7 @@ def test_finetune_explains_bad_inputs(tmp_path):
     result = invoke("wise-ft", "--checkpoint", tmp_path, "--db", tmp_path / "db")
     assert result.exit_code == 1 and "not a clipfuse model folder" in result.output
     result = invoke("wise-ft", "--checkpoint", tmp_path, "--alphas", "1:0")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a command-line mistake
 
 
 def test_demo_with_finetune_runs_end_to_end(tmp_path, tiny_model):
@@ -223,7 +223,7 @@ def timm_finetuned(tmp_path_factory, tiny_timm):
     return root, db, weights
 
 
-def test_image_only_finetune_starts_from_the_linear_probe_and_improves(timm_finetuned):
+def test_image_only_finetune_starts_from_the_linear_probe_and_keeps_the_best_epoch(timm_finetuned):
     from safetensors.torch import load_file
 
     from clipfuse.data import split_labeled
@@ -241,8 +241,14 @@ def test_image_only_finetune_starts_from_the_linear_probe_and_improves(timm_fine
     _, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=0)
     logits = head_logits(torch.from_numpy(es.X[val_idx]), heads["start"])
     assert float((logits.argmax(1).numpy() == es.labels[val_idx]).mean()) == pytest.approx(meta["start_accuracy"])
-    best = max(h["val_accuracy"] for h in meta["history"])
-    assert meta["best_epoch"] >= 1 and best > meta["start_accuracy"]
+    # backbone and layer train together; the kept epoch is the best on validation, or the start (epoch 0)
+    # when no epoch beat it: with random backbone weights, which of the two happens depends on the CPU's
+    # rounding (it went both ways on AVX2 and AVX-512 machines), so the test checks the choice, not the luck
+    history = meta["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 4
+    accuracies = [h["val_accuracy"] for h in history]
+    expected = 0 if max(accuracies) <= meta["start_accuracy"] else 1 + int(np.argmax(accuracies))
+    assert meta["best_epoch"] == expected
     # a timm folder: timm's config.json + model.safetensors, loadable as timm:local-dir:
     assert json.loads((root / "ft" / "config.json").read_text())["architecture"] == "test_efficientnet"
 
