@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_csv
+from .files import write_csv, write_with
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -56,9 +56,8 @@ def write_digits_dataset(
             path = unlabeled_dir / f"digit_{i:04d}.png"
             truth_rows.append((str(path), name))
         planned.add(path)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(path)
+        if not path.exists():  # written whole or not at all: a killed run never leaves half a PNG to skip
+            write_with(path, lambda tmp, img=img: Image.fromarray(img).save(tmp, format="PNG"))
     for stale in set(labeled_dir.glob("*/digit_*.png")) | set(unlabeled_dir.glob("digit_*.png")):
         if stale not in planned:
             stale.unlink()
