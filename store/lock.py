@@ -138,18 +138,18 @@ class WriterLock:
                 os.close(fd)
             lock.thread_lock.release()
 
+    def _not_writable(self, e: OSError) -> PermissionError:
+        return PermissionError(e.errno, f"the store {str(self.folder)!r} is not writable ({e.strerror}); commands "
+                               "that change it (index, reembed, import-embeddings, train-heads, predict) need write "
+                               "access. Use a writable --db, or copy the store.")
+
     def _open(self) -> int:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except PermissionError as e:
-            raise PermissionError(e.errno, f"the store {str(self.folder)!r} is not writable ({e.strerror}); "
-                                  "commands that change it (index, reembed, import-embeddings, train-heads, "
-                                  "predict) need write access. Use a writable --db, or copy the store.") from e
         except OSError as e:
-            if e.errno in (errno.EROFS, errno.EPERM):
-                raise PermissionError(e.errno, f"the store {str(self.folder)!r} is on a read-only file system "
-                                      f"({e.strerror}); copy it somewhere writable to change it.") from e
+            if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+                raise self._not_writable(e) from e
             raise
 
     def _acquire_file(self, what: str, deadline: float | None, on_wait) -> int:
@@ -194,9 +194,7 @@ class WriterLock:
             with contextlib.suppress(OSError):
                 os.unlink(probe)
         except OSError as e:
-            raise PermissionError(e.errno, f"the store {str(self.folder)!r} is not writable ({e.strerror}); "
-                                  "commands that change it (index, reembed, import-embeddings, train-heads, "
-                                  "predict) need write access. Use a writable --db, or copy the store.") from e
+            raise self._not_writable(e) from e
 
     @staticmethod
     def _read_holder(fd: int) -> dict:

@@ -193,7 +193,8 @@ class Store:
         return self._db
 
     def writer(self, what: str = "a clipfuse writer"):
-        """Context manager holding the store's writer lock (re-entrant in one thread).
+        """Context manager holding the store's writer lock (re-entrant: inside it, and in threads
+        started with its context, further ``writer()`` blocks pass straight through).
 
         Commands that read, then write, hold it for their whole run; each write method
         takes it by itself too, so nothing writes unlocked. Raises PermissionError at once
