@@ -95,8 +95,16 @@ def _quiet_libraries() -> None:
 
 def _open_store(db: Path, *, must_exist: bool = True):
     """The store at ``--db``; writers that find it busy say who holds it, then wait."""
+    import re
+
     from clipfuse.store import Store
 
+    text = str(db)  # a URI arrives as a Path: file:///abs -> file:/abs
+    if re.match(r"^file:/", text):
+        db = Path("/" + text[len("file:"):].lstrip("/"))
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:(/|$)", text):
+        raise typer.BadParameter(f"{text!r} looks like a URI; --db takes a folder on this machine (object storage "
+                                 "is not supported yet).", param_hint="--db")
     if db.exists() and not db.is_dir():
         raise typer.BadParameter(f"{str(db)!r} is a file; a store is a folder (e.g. clipfuse.lance).", param_hint="--db")
     if must_exist and not db.exists():
@@ -270,13 +278,20 @@ def index(
         raise typer.BadParameter("give a LABELED_DIR and/or --unlabeled DIR / --test DIR.")
     _check_device(device, precision.value)
     store = _open_store(db, must_exist=False)
-    folders = scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
-                           known_classes=None if store.is_empty else store.classes())
+
+    def scan():
+        return scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
+                            known_classes=None if store.is_empty else store.classes())
+
+    scan()  # a layout mistake fails now, before the model loads
     config = _embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision.value,
                               batch_size=batch_size, workers=workers, allow_random=allow_random_weights)
     config = dataclasses.replace(config, max_file_bytes=max_file_size * 2**20)
     embedder = _load_embedder(config)
-    summary = _run_index(store, embedder, folders, commit_every=commit_every)
+    with store.writer("clipfuse index"):
+        # listed again under the lock: a run that waited for another writer sees the files as they are now,
+        # so it never removes the rows of files that appeared meanwhile
+        summary = _run_index(store, embedder, scan(), commit_every=commit_every)
     _print_index_summary(summary, db)
     console.print(f"indexed {summary.embedded} new, {summary.unchanged} unchanged, {summary.duplicates} duplicates, "
                   f"{len(summary.errors)} errors into {db}")
@@ -877,7 +892,10 @@ def predict(
     v = _get_version(store, version)
     with store.writer("clipfuse predict"):
         ensemble, meta, es, fit_rows, _ = _load_trained(store, v)
-        names = [h.strip() for h in heads.split(",") if h.strip()] if heads else None
+        names = [h.strip() for h in heads.split(",") if h.strip()] if heads is not None else None
+        if names == []:
+            raise typer.BadParameter(f"name at least one head; the trained heads are "
+                                     f"{', '.join(ensemble.head_names_)}.", param_hint="--heads")
         unknown = [h for h in names or () if h not in ensemble.head_names_ and h not in ensemble.unavailable_]
         if unknown:
             raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; the trained heads are "
@@ -989,9 +1007,13 @@ def export(
     """
     import polars as pl
 
-    from clipfuse.data import write_frame_csv
+    from clipfuse.data import is_stream, write_frame_csv
 
-    if os.path.lexists(path) and not force:
+    try:
+        stream = is_stream(path)  # /dev/stdout or a FIFO: written into
+    except OSError as e:
+        raise typer.BadParameter(str(e), param_hint="PATH") from e
+    if os.path.lexists(path) and not force and not stream:
         raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
     store = _open_store(db)
     v = _get_version(store, version)
@@ -1028,7 +1050,10 @@ def _labeled_items(store, es, rows) -> list[tuple[str, int]]:
 
 
 def _refuse_model_folder_in_use(store, out: Path) -> None:
-    """A model folder that made one of the store's versions must not be overwritten."""
+    """A model folder that made one of the store's versions must not be overwritten, nor a folder of other files."""
+    from clipfuse.train import check_model_folder_target
+
+    check_model_folder_target(out)
     names = {f"local-dir:{out.resolve()}", f"timm:local-dir:{out.resolve()}"}
     used = [v["fingerprint"][:12] for v in store.versions() if v["model"] in names]
     if used:
@@ -1278,14 +1303,15 @@ def reembed(
                                              max_file_bytes=max_file_size * 2**20))
     # the version this one replaces: the active one, or (re-running a finished reembed) the one it came from
     previous = active if active != embedder.fingerprint else meta.get("base_fingerprint")
-    rows = store.images().select(["path", "split", "label"]).to_pylist()
-    # only files that exist: rows of imported vectors ("id:..." paths) or of files gone since indexing
-    # have nothing to embed, and must not be dropped from the image table the old version still uses
-    files = [ImageFile(r["path"], r["split"], r["label"]) for r in rows if os.path.isfile(r["path"])]
-    if len(files) < len(rows):
-        err_console.print(f"[yellow]{len(rows) - len(files)} image row(s) have no file on disk and are not "
-                          "re-embedded (imported vectors or moved files).[/]")
-    summary = _run_index(store, embedder, ImageFolders(files, store.classes(), []), commit_every=commit_every)
+    with store.writer("clipfuse reembed"):  # the rows read are the rows re-embedded, whoever wrote before
+        rows = store.images().select(["path", "split", "label"]).to_pylist()
+        # only files that exist: rows of imported vectors ("id:..." paths) or of files gone since indexing
+        # have nothing to embed, and must not be dropped from the image table the old version still uses
+        files = [ImageFile(r["path"], r["split"], r["label"]) for r in rows if os.path.isfile(r["path"])]
+        if len(files) < len(rows):
+            err_console.print(f"[yellow]{len(rows) - len(files)} image row(s) have no file on disk and are not "
+                              "re-embedded (imported vectors or moved files).[/]")
+        summary = _run_index(store, embedder, ImageFolders(files, store.classes(), []), commit_every=commit_every)
     _print_index_summary(summary, db, activation_notice=False)
     kept = (f"; previous version {previous[:12]} is kept (select it with --version)"
             if previous and previous != summary.fingerprint else "")

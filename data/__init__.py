@@ -7,6 +7,7 @@ from .files import (
     FileTooLargeError,
     atomic_write,
     is_printable,
+    is_stream,
     leftover_folders,
     neutralise_cell,
     printable_path,
@@ -38,7 +39,7 @@ from .split import split_labeled
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES", "FileTooLargeError", "IMAGE_EXTENSIONS", "SPLITS", "SPLIT_PRIORITY",
     "UNSUPPORTED_EXTENSIONS", "ImageFile", "ImageFolders", "atomic_write", "default_class_words", "hash_bytes",
-    "is_image_name", "is_printable", "leftover_folders", "list_images", "load_class_words", "neutralise_cell",
+    "is_image_name", "is_printable", "is_stream", "leftover_folders", "list_images", "load_class_words", "neutralise_cell",
     "printable_path", "publish_folder", "read_regular_file", "readable_name", "replace_folder", "resolve_published",
     "scan_folders", "scan_labeled", "split_labeled", "walk_images", "write_csv", "write_digits_dataset", "write_frame_csv",
     "write_text_atomic", "write_with",

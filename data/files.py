@@ -108,15 +108,60 @@ def _umask() -> int:
     return umask
 
 
+_SYSTEM_FOLDERS = ("/dev/", "/proc/")
+
+
+def _through_system_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` or a symlink on the way to it lies in /dev or /proc (``/dev/stdout`` is a
+    link to ``/proc/self/fd/1``, which may well lead to a regular file)."""
+    current = os.path.abspath(path)
+    for _ in range(40):
+        if current.startswith(_SYSTEM_FOLDERS):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.abspath(os.path.join(os.path.dirname(current), os.readlink(current)))
+    return False
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether output for ``path`` is written into it rather than put in its place: a FIFO, a
+    character device, or anything reached through /dev or /proc (``/dev/stdout``).
+
+    Raises
+    ------
+    OSError
+        ``path`` is a folder, a block device or a socket, which no output may replace.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        if _through_system_folder(path):
+            raise OSError(f"{printable_path(path)!r} does not exist, and clipfuse creates no files in /dev or /proc; "
+                          "write to a file name instead.") from None
+        return False
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        raise OSError(f"{printable_path(path)!r} is {_kind(mode)}; write to a file name instead.")
+    return _through_system_folder(path)
+
+
 @contextlib.contextmanager
 def _temporary_beside(path: Path):
-    """A new, unique, empty file beside ``path`` (yielded as its name) that replaces ``path`` on success."""
+    """A new, unique, empty file beside ``path`` (yielded as its name) that replaces ``path`` on success.
+
+    A stream target (:func:`is_stream`) is yielded as it is, to be written into.
+    """
+    if is_stream(path):
+        yield str(path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # after the write: some writers recreate the file with mode 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -138,7 +183,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs):
     with _temporary_beside(Path(path)) as tmp, open(tmp, mode, **open_kwargs) as f:
         yield f
         f.flush()
-        os.fsync(f.fileno())
+        if os.path.isfile(tmp):  # not a stream such as /dev/stdout, which can't be synced
+            os.fsync(f.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -77,6 +77,8 @@ def _resolve_device(device: str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from e
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu.")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -371,7 +373,11 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
             tokenizer = None
     model.eval()
     with torch.no_grad():
-        dim = model.encode_image(torch.zeros(1, 3, *_image_size(model), device=device)).shape[-1]
+        probe = model.encode_image(torch.zeros(1, 3, *_image_size(model), device=device))
+    if not torch.isfinite(probe).all():
+        raise ValueError(f"model {config.model!r} turns an image into NaN or infinite values: its weights are broken "
+                         "(e.g. a WiSE-FT mix of NaN). Load other weights.")
+    dim = probe.shape[-1]
     info = ModelInfo(
         model=config.model,
         pretrained=None if random_weights or config.model.startswith(("hf-hub:", "local-dir:"))

@@ -62,8 +62,9 @@ def _as_unit_float32(vectors: np.ndarray, where: str) -> np.ndarray:
     (In float32 the norm of a row of ~1e30 values overflows to inf, which turned it into
     zeros, and a row of ~1e-30 values underflows to a norm of 0.)
     """
-    if vectors.ndim != 2:
-        raise ValueError(f"{where} holds an array of shape {vectors.shape}; expected (n_images, dim).")
+    if vectors.ndim != 2 or 0 in vectors.shape:
+        raise ValueError(f"{where} holds an array of shape {vectors.shape}; expected (n_images, dim) with at least "
+                         "one image and one dimension.")
     if not np.issubdtype(vectors.dtype, np.number) or np.iscomplexobj(vectors):
         raise ValueError(f"{where} holds {vectors.dtype} values; expected real numbers (float32 or float16).")
     vectors = vectors.astype(np.float64)

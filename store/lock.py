@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from datetime import datetime
@@ -36,6 +37,7 @@ class _ProcessLock:
         self.thread_lock = threading.Lock()
         self.what = ""
         self.fd: int | None = None
+        self.inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the locked file
 
 
 # The locks the running code holds. Re-entry goes by context, not by thread, so a helper
@@ -107,6 +109,7 @@ class WriterLock:
             When the store's folder is not writable (checked before anything else happens).
         """
         if self.held():
+            self._check_still_ours()
             yield self
             return
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -120,6 +123,7 @@ class WriterLock:
         try:
             if self.folder is not None:
                 lock.fd = self._acquire_file(what, deadline, on_wait)
+                lock.inode = _inode(os.fstat(lock.fd))
             lock.what = what
         except BaseException:
             lock.thread_lock.release()
@@ -129,7 +133,7 @@ class WriterLock:
             yield self
         finally:
             _HELD.reset(token)
-            lock.what = ""
+            lock.what, lock.inode = "", None
             if lock.fd is not None:
                 fd, lock.fd = lock.fd, None
                 with contextlib.suppress(OSError):
@@ -144,13 +148,43 @@ class WriterLock:
                                "access. Use a writable --db, or copy the store.")
 
     def _open(self) -> int:
+        """Open (or create) the lock file: never through a symlink, and only a regular file."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = os.open(self.path, flags, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise self._not_a_lock_file("a symbolic link") from e
             if isinstance(e, PermissionError) or e.errno == errno.EROFS:
                 raise self._not_writable(e) from e
+            if isinstance(e, IsADirectoryError):
+                raise self._not_a_lock_file("a folder") from e
             raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise self._not_a_lock_file("not a regular file")
+        os.set_blocking(fd, True)
+        return fd
+
+    def _not_a_lock_file(self, what: str) -> OSError:
+        return OSError(f"{str(self.path)!r} is {what}, so it can't be the store's writer lock (it is never followed "
+                       "or written through); remove it, and clipfuse creates a plain file there.")
+
+    def _check_still_ours(self) -> None:
+        """A holder whose lock file was deleted (or replaced) no longer keeps other writers out: stop."""
+        if self.folder is None or self._lock.inode is None:
+            return
+        try:
+            current = _inode(os.stat(self.path, follow_symlinks=False))
+        except FileNotFoundError:
+            current = None
+        if current != self._lock.inode:
+            raise OSError(f"the writer lock {str(self.path)!r} was removed or replaced while this command held it, "
+                               "so another writer may have started; this command stops here (what it committed is "
+                               "complete). Never delete the lock file: it can't go stale, the system drops the lock "
+                               "when its holder exits. Run the command again.")
 
     def _acquire_file(self, what: str, deadline: float | None, on_wait) -> int:
         fd = self._open()
@@ -160,7 +194,13 @@ class WriterLock:
             while True:
                 try:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    if self._is_current(fd):
+                        break
+                    # the file was deleted or replaced while we waited: lock the one that is there now
+                    os.close(fd)
+                    fd = -1
+                    fd = self._open()
+                    continue
                 except OSError as e:
                     if e.errno not in (errno.EACCES, errno.EAGAIN):
                         raise OSError(e.errno, f"can't lock the store {str(self.folder)!r}: {e.strerror}; its file "
@@ -180,7 +220,8 @@ class WriterLock:
             os.pwrite(fd, record, 0)
             return fd
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
 
     def _probe_writable(self) -> None:
@@ -196,9 +237,19 @@ class WriterLock:
         except OSError as e:
             raise self._not_writable(e) from e
 
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return _inode(os.fstat(fd)) == _inode(os.stat(self.path, follow_symlinks=False))
+        except FileNotFoundError:
+            return False
+
     @staticmethod
     def _read_holder(fd: int) -> dict:
         try:
             return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         except (OSError, ValueError):
             return {}
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino

@@ -173,6 +173,8 @@ class Store:
     def __init__(self, uri: str | Path = DEFAULT_DB, *, ann_threshold: int = 50_000, ann_config: AnnConfig | None = None,
                  lock_timeout: float | None = None, on_lock_wait: Callable[[str], None] | None = None):
         self.uri = str(uri)
+        if self.uri.startswith("file://"):  # the same folder under the same lock as its plain path
+            self.uri = self.uri[len("file://"):]
         self.is_local = "://" not in self.uri
         if self.is_local and Path(self.uri).is_file():
             raise NotADirectoryError(f"--db {self.uri!r} is a file; a store is a folder (e.g. clipfuse.lance).")
@@ -362,6 +364,7 @@ class Store:
         t = _read_columns(self._version_table(self.get_version(fingerprint)), ["id"])
         return set(t["id"].to_pylist())
 
+    @_storage_errors
     def add_embeddings(self, fingerprint: str, ids: list[str], vectors: np.ndarray) -> None:
         """Insert vectors for ids not yet present (an id already there is left as it is).
 
@@ -374,6 +377,10 @@ class Store:
                              f"got an array of shape {vectors.shape}.")
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors.")
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"{int((~np.isfinite(vectors).all(axis=1)).sum())} vectors for version "
+                             f"{version['fingerprint']} hold NaN or infinite values; the model that made them is "
+                             "broken (check its weights). Nothing of them was written.")
         if not len(ids):
             return
         first = {}
@@ -461,6 +468,9 @@ class Store:
                                 ("images", IMAGES, "path"), ("errors", ERRORS, "path")):
             t = self._read(name, [key])
             out[kind] = 0 if t is None else t.num_rows - pc.count_distinct(t[key]).as_py()
+        t = self._read(CLASSES)
+        if t is not None:  # two classes given one index count too: repair numbers them anew
+            out["classes"] += len(self.classes()) - pc.count_distinct(t["index"]).as_py()
         names = self._table_names()
         out["vectors"] = 0
         for v in self._version_rows():
@@ -587,7 +597,9 @@ class Store:
         if len(index) != version["rows"]:
             ids, X = self._read_vectors(version)
             if index.extend(ids, X) and folder is not None:
-                with contextlib.suppress(OSError):  # a read-only store still answers, from memory
+                # saved under the writer lock if it is free right now: a reader never waits, and a busy or
+                # read-only store still answers from memory (the next query saves it)
+                with contextlib.suppress(OSError), self._lock.hold("saving the neighbour index", timeout=0):
                     index.save(folder, fp)
         self._ann[fp] = index
         return index

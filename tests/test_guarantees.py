@@ -736,3 +736,227 @@ def test_rerunning_a_finished_reembed_names_the_version_it_replaced(trained, emb
     for result in (first, again):
         out = plain(result)
         assert f"previous version {base[:12]} is kept" in out and f"previous version {new[:12]}" not in out
+
+
+# ---- found by a hostile review of the fixes above ------------------------------------------------------
+def test_the_lock_file_is_never_followed_or_written_through(tmp_path):
+    db = tmp_path / "s.lance"
+    db.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, db / "_writer.lock")
+    with pytest.raises(OSError, match="symbolic link"):
+        with Store(db).writer():
+            pass
+    assert victim.read_text() == "precious"
+    (db / "_writer.lock").unlink()
+    os.symlink(tmp_path / "nowhere", db / "_writer.lock")  # dangling: nothing may be created there
+    with pytest.raises(OSError, match="symbolic link"):
+        with Store(db).writer():
+            pass
+    assert not (tmp_path / "nowhere").exists()
+    (db / "_writer.lock").unlink()
+    os.mkfifo(db / "_writer.lock")
+    with pytest.raises(OSError, match="not a regular file"):
+        with Store(db).writer():
+            pass
+
+
+def test_a_holder_whose_lock_file_is_deleted_stops_and_a_waiter_locks_the_new_one(tmp_path):
+    store = Store(tmp_path / "s.lance")
+    with store.writer("first"):
+        os.unlink(tmp_path / "s.lance" / "_writer.lock")  # "stale", thinks a user
+        with pytest.raises(OSError, match="was removed or replaced while this command held it"):
+            store.add_classes(["a"])
+    assert store.classes() == []
+    holding, release, got = threading.Event(), threading.Event(), []
+
+    def hold():
+        with Store(store.uri).writer("holder"):
+            holding.set()
+            release.wait(30)
+
+    def wait_then_hold():
+        with Store(store.uri, lock_timeout=30).writer("waiter"):
+            got.append(True)
+            probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+                     "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+                     "except OSError:\n    print('held')\n")
+            out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "s.lance" / "_writer.lock")],
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+            got.append(out)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    waiter = threading.Thread(target=wait_then_hold)
+    waiter.start()
+    time.sleep(0.5)
+    os.unlink(tmp_path / "s.lance" / "_writer.lock")
+    release.set()
+    holder.join(10)
+    waiter.join(60)
+    assert got == [True, "held"]  # the waiter holds the lock file that is there now, not the deleted one
+
+
+def test_file_uris_name_the_same_store_and_other_uris_are_refused(tmp_path, tiny_model, monkeypatch):
+    write_shapes_folder(tmp_path / "lab", n_per_class=2)
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "s.lance"
+    result = invoke("index", tmp_path / "lab", "--db", f"file://{db}", "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    assert (db / "_writer.lock").is_file() and not (tmp_path / "file:").exists()
+    assert invoke("info", "--db", db).exit_code == 0
+    result = invoke("info", "--db", "s3://bucket/store")
+    assert result.exit_code == 2 and "looks like a URI" in plain(result)
+
+
+def test_an_index_that_waited_lists_the_folders_again(tmp_path, tiny_model):
+    """A run that waited for another writer must not remove rows of files that appeared meanwhile."""
+    from PIL import Image
+
+    pool = tmp_path / "pool"
+    write_shapes_folder(pool, n_per_class=2)
+    db = tmp_path / "s.lance"
+    assert invoke("index", "--unlabeled", pool, "--db", db, "--model", tiny_model).exit_code == 0
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Store(db).writer("a long writer"):
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        proc = subprocess.Popen(CLIPFUSE + ["index", "--unlabeled", str(pool), "--db", str(db)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any("being written by" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any("being written by" in line for line in lines), lines
+        Image.new("RGB", (48, 48), (250, 250, 0)).save(pool / "red" / "new.png")  # appears while it waits
+    finally:
+        release.set()
+        holder.join()
+    assert proc.wait(timeout=240) == 0, lines
+    reader.join()
+    assert "indexed 1 new, 6 unchanged" in " ".join(" ".join(lines).split())
+    assert Store(db).images().num_rows == 7
+
+
+def test_export_streams_into_devices_and_fifos_and_refuses_folders(trained):
+    root, db = trained
+    proc = subprocess.run(CLIPFUSE + ["export", "/dev/stdout", "--db", str(db)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("path,id,label,confidence"), proc.stderr
+    assert os.path.islink("/dev/stdout")  # written into, never replaced
+    assert invoke("export", "/dev/null", "--db", db, "--force").exit_code == 0
+    assert Path("/dev/null").is_char_device()
+    os.mkfifo(root / "pipe.csv")
+    received = []
+    reader = threading.Thread(target=lambda: received.append((root / "pipe.csv").read_text()))
+    reader.start()
+    assert invoke("export", root / "pipe.csv", "--db", db).exit_code == 0
+    reader.join(30)
+    assert received[0].startswith("path,id,label") and (root / "pipe.csv").is_fifo()
+    result = invoke("export", "/dev/clipfuse-nothing.csv", "--db", db)
+    assert result.exit_code == 2 and "creates no files in /dev" in plain(result)
+
+
+def test_a_model_that_makes_nan_fails_before_anything_is_written(tmp_path, tiny_model, shapes_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan-model"
+    shutil.copytree(tiny_model.removeprefix("local-dir:"), folder)
+    state = load_file(str(folder / "open_clip_model.safetensors"))
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    db = tmp_path / "s.lance"
+    result = invoke("index", shapes_dir, "--db", db, "--model", f"local-dir:{folder}")
+    assert result.exit_code == 1 and "NaN or infinite" in result.output and "Traceback" not in result.output
+    assert not db.exists()
+    store = Store(tmp_path / "t.lance")
+    store.register_version({"fingerprint": "f" * 16, "model": "m", "dim": 4})
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        store.add_embeddings("f" * 16, ["a"], np.full((1, 4), np.nan, dtype=np.float32))
+
+
+def test_more_command_line_mistakes_exit_2(trained, tmp_path):
+    root, db = trained
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "open_clip_model.safetensors").write_bytes(b"")
+    (ft / "clipfuse.json").write_text("{}")
+    for args, option in (
+        (("wise-ft", "--checkpoint", ft, "--db", db, "--alphas", "nan"), "--alphas"),
+        (("wise-ft", "--checkpoint", ft, "--db", db, "--alphas", "0:1:1e-9"), "--alphas"),
+        (("index", root / "lab", "--db", db, "--device", "meta"), "--device"),
+        (("index", root / "lab", "--db", db, "--device", "mps"), "--device"),
+        (("predict", "--db", db, "--heads", ","), "--heads"),
+    ):
+        result = invoke(*args)
+        assert result.exit_code == 2 and option in plain(result), (args, result.output)
+
+
+def test_an_empty_import_is_refused(tmp_path):
+    np.save(tmp_path / "v.npy", np.zeros((0, 16), dtype=np.float32))
+    pl.DataFrame({"id": []}, schema={"id": pl.String}).write_csv(tmp_path / "rows.csv")
+    result = invoke("import-embeddings", tmp_path / "v.npy", "--metadata", tmp_path / "rows.csv", "--db",
+                    tmp_path / "s.lance")
+    assert result.exit_code == 1 and "at least one image" in plain(result) and not (tmp_path / "s.lance").exists()
+
+
+def test_finetune_never_replaces_a_folder_of_other_files(trained):
+    root, db = trained
+    out = root / "thesis"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("years of work")
+    result = invoke("finetune", "--db", db, "--out", out, "--epochs", 1)
+    assert result.exit_code == 1 and "not a clipfuse model" in plain(result) and "epoch" not in result.output
+    assert (out / "thesis.txt").read_text() == "years of work" and (out / "sub").is_dir()
+
+
+def test_a_reader_saves_the_neighbour_index_only_when_no_writer_holds_the_store(trained):
+    root, db = trained
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Store(db).writer("a writer"):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        result = invoke("neighbors", root / "lab" / "red" / "000.png", "--db", db, "--ann", "-k", 2)
+        assert result.exit_code == 0, result.output
+        assert not list((db / "_ann").glob("*.hnsw"))  # not saved while a writer holds the store
+    finally:
+        release.set()
+        holder.join()
+    assert invoke("neighbors", root / "lab" / "red" / "000.png", "--db", db, "--ann", "-k", 2).exit_code == 0
+    assert len(list((db / "_ann").glob("*.hnsw"))) == 1
+
+
+def test_classes_that_old_writers_gave_one_index_are_counted_and_renumbered(tmp_path, tiny_model):
+    import pyarrow as pa
+
+    write_shapes_folder(tmp_path / "lab", n_per_class=2)
+    db = tmp_path / "s.lance"
+    assert invoke("index", tmp_path / "lab", "--db", db, "--model", tiny_model).exit_code == 0
+    table = Store(db).db.open_table("classes")
+    table.add(pa.table({"index": pa.array([2], pa.int32()), "name": ["yellow"]}))  # index 2 is red's
+    assert Store(db).classes() == ["blue", "green", "red", "yellow"]
+    assert Store(db).duplicates()["classes"] == 1
+    Store(db).repair()
+    assert sorted(raw_rows(db, "classes")["index"].to_list()) == [0, 1, 2, 3]
+    assert Store(db).classes() == ["blue", "green", "red", "yellow"]

@@ -59,7 +59,26 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict |
     """
     from clipfuse.data import replace_folder
 
+    check_model_folder_target(folder)
     return replace_folder(folder, lambda staging: _write_model_folder(staging, model, config, heads, meta, tokenizer))
+
+
+def check_model_folder_target(folder: str | Path) -> None:
+    """Refuse to replace anything but a new or empty folder or an earlier clipfuse model folder.
+
+    Raises
+    ------
+    FileExistsError
+        ``folder`` is a file, or a folder holding other things (replacing it would delete them).
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{str(folder)!r} is a file; pass a folder for the model (a new or empty one).")
+    if any(folder.iterdir()) and not (folder / META).is_file():
+        raise FileExistsError(f"{str(folder)!r} holds files that are not a clipfuse model, and writing the model "
+                              "would replace them; pass a new or empty folder.")
 
 
 def _write_model_folder(staging: Path, model, config, heads, meta, tokenizer) -> None:

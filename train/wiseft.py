@@ -11,20 +11,31 @@ import torch.nn.functional as F
 from clipfuse.classify.metrics import save_figure
 
 
+MAX_ALPHAS = 101  # each alpha re-encodes the validation images
+
+
 def parse_alphas(text: str) -> list[float]:
     """``"0:1:0.1"`` (start:stop:step, stop included) or ``"0,0.5,1"`` -> list of floats in [0, 1]."""
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
+            if not (np.isfinite([start, stop, step]).all() and step > 0):
                 raise ValueError
+            count = int(np.floor((stop - start) / step + 0.5)) + 1 if stop >= start else 0
+            if count > MAX_ALPHAS:
+                raise ValueError(f"alphas {text!r} make {count:,} mixing weights; use at most {MAX_ALPHAS} "
+                                 "(e.g. 0:1:0.05).")
             alphas = list(np.round(np.arange(start, stop + step / 2, step), 6))
         else:
             alphas = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+    except ValueError as e:
+        if str(e).startswith("alphas"):
+            raise
         raise ValueError(f"alphas must look like 0:1:0.1 (start:stop:step) or 0,0.5,1; got {text!r}.") from None
-    if not alphas or any(a < 0 or a > 1 for a in alphas):
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):  # NaN fails this too
         raise ValueError(f"alphas must lie in [0, 1]; got {text!r}.")
+    if len(alphas) > MAX_ALPHAS:
+        raise ValueError(f"alphas {text!r} are {len(alphas)} mixing weights; use at most {MAX_ALPHAS}.")
     return [float(a) for a in alphas]
 
 
