@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -48,7 +49,30 @@ class Split(str, Enum):
 
 
 # ---- shared options -------------------------------------------------------------------------
-DbOpt = Annotated[Path, typer.Option("--db", help="LanceDB folder of the store (created on first index).")]
+def _db_path(value) -> Path:
+    """``--db``: a folder, or a ``file:`` URI of one (``file:///abs``, ``file://localhost/abs``)."""
+    from urllib.parse import unquote, urlparse
+
+    text = str(value)
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", text):
+        return Path(text)
+    uri = urlparse(text)
+    if uri.scheme == "file" and uri.netloc in ("", "localhost") and uri.path.startswith("/"):
+        return Path(unquote(uri.path))
+    if uri.scheme == "file":
+        raise typer.BadParameter(f"{text!r} names the host {uri.netloc!r}; a file URI for --db is "
+                                 "file:///absolute/path (or file://localhost/absolute/path).")
+    if uri.scheme == "memory":
+        raise typer.BadParameter(f"{text!r}: in-memory stores live only inside one Python process (use "
+                                 "clipfuse.store.Store('memory://')); --db takes a folder.")
+    if "/" in text.split(":", 1)[1][:2] or uri.netloc:
+        raise typer.BadParameter(f"{text!r} looks like a URI; --db takes a folder on this machine (object storage "
+                                 "is not supported yet).")
+    return Path(text)  # a folder that merely has a colon in its name
+
+
+DbOpt = Annotated[Path, typer.Option("--db", parser=_db_path, help="LanceDB folder of the store (created on first "
+                                     "index), or a file:/// URI of one.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="CLIP (open_clip) model: a built-in name (ViT-B-32), `hf-hub:org/repo` or `local-dir:/path`; "
     "or an image-only backbone: `timm:<name>` (timm:resnet50.a1_in1k) or `effnet-lite0` (ImageNet weights "
@@ -95,16 +119,8 @@ def _quiet_libraries() -> None:
 
 def _open_store(db: Path, *, must_exist: bool = True):
     """The store at ``--db``; writers that find it busy say who holds it, then wait."""
-    import re
-
     from clipfuse.store import Store
 
-    text = str(db)  # a URI arrives as a Path: file:///abs -> file:/abs
-    if re.match(r"^file:/", text):
-        db = Path("/" + text[len("file:"):].lstrip("/"))
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:(/|$)", text):
-        raise typer.BadParameter(f"{text!r} looks like a URI; --db takes a folder on this machine (object storage "
-                                 "is not supported yet).", param_hint="--db")
     if db.exists() and not db.is_dir():
         raise typer.BadParameter(f"{str(db)!r} is a file; a store is a folder (e.g. clipfuse.lance).", param_hint="--db")
     if must_exist and not db.exists():
@@ -146,7 +162,8 @@ def _print_skipped(skipped) -> None:
 
 
 def _embedder_config(store, *, model, pretrained, device, precision, batch_size, workers, allow_random):
-    """Config of the model to run: the one asked for, else the store's active one, else the default."""
+    """Config of the model to run: the one asked for, else the store's active one (or, after a first run
+    was killed before it finished, the version it was writing), else the default."""
     from clipfuse.embed import DEFAULT_MODEL, EmbedderConfig
 
     random_weights = False
@@ -154,7 +171,7 @@ def _embedder_config(store, *, model, pretrained, device, precision, batch_size,
         try:
             active = store.get_version()
         except LookupError:
-            active = None
+            active = (store.versions() or [None])[-1]  # none complete yet: resume the newest
         if active is not None and not active["model"].startswith("imported:"):
             model = active["model"]
             pretrained = pretrained or active["pretrained"]
@@ -1034,8 +1051,9 @@ def export(
         df = df.drop("probs")
     df = df.drop("split")
     write_frame_csv(path, df, raw=raw_cells)  # a unique temporary file, renamed over the target (never through it)
-    console.print(f"wrote {df.height} rows ({split.value}) to {path}"
-                  + (f"; {missing} image(s) have no prediction yet: run `clipfuse predict` again" if missing else ""))
+    (err_console if stream else console).print(  # a CSV streamed to stdout gets no summary line mixed in
+        f"wrote {df.height} rows ({split.value}) to {path}"
+        + (f"; {missing} image(s) have no prediction yet: run `clipfuse predict` again" if missing else ""))
 
 
 

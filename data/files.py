@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -108,61 +109,75 @@ def _umask() -> int:
     return umask
 
 
-_SYSTEM_FOLDERS = ("/dev/", "/proc/")
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd)/(\d+)$")
+_STD_PATHS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 
 
-def _through_system_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` or a symlink on the way to it lies in /dev or /proc (``/dev/stdout`` is a
-    link to ``/proc/self/fd/1``, which may well lead to a regular file)."""
-    current = os.path.abspath(path)
-    for _ in range(40):
-        if current.startswith(_SYSTEM_FOLDERS):
-            return True
-        if not os.path.islink(current):
-            return False
-        current = os.path.abspath(os.path.join(os.path.dirname(current), os.readlink(current)))
-    return False
+def _descriptor_of(path: str | os.PathLike) -> int | None:
+    """The open descriptor that ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` or ``/proc/self/fd/N`` names."""
+    text = re.sub(r"^/+", "/", os.path.normpath(os.path.abspath(path)))
+    if text in _STD_PATHS:
+        return _STD_PATHS[text]
+    match = _FD_PATH.match(text)
+    return int(match.group(1)) if match else None
 
 
-def is_stream(path: str | os.PathLike) -> bool:
-    """Whether output for ``path`` is written into it rather than put in its place: a FIFO, a
-    character device, or anything reached through /dev or /proc (``/dev/stdout``).
+def _output_kind(path: str | os.PathLike) -> str:
+    """``"descriptor"`` (an open descriptor, e.g. ``/dev/stdout``), ``"stream"`` (a FIFO or a character
+    device, judged on the file a path finally leads to) or ``"file"`` (put in place by a rename).
 
     Raises
     ------
     OSError
-        ``path`` is a folder, a block device or a socket, which no output may replace.
+        For a folder, a block device or a socket, and for a new file in /dev or /proc.
     """
+    if _descriptor_of(path) is not None:
+        return "descriptor"
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        if _through_system_folder(path):
-            raise OSError(f"{printable_path(path)!r} does not exist, and clipfuse creates no files in /dev or /proc; "
-                          "write to a file name instead.") from None
-        return False
-    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
-        return True
-    if not stat.S_ISREG(mode):
+        mode = None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return "stream"
+    if mode is not None and not stat.S_ISREG(mode):
         raise OSError(f"{printable_path(path)!r} is {_kind(mode)}; write to a file name instead.")
-    return _through_system_folder(path)
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if parent in ("/dev", "/proc") or parent.startswith(("/dev/", "/proc/")) and not parent.startswith("/dev/shm"):
+        raise OSError(f"{printable_path(path)!r} would put a file into {parent}; clipfuse writes no files into /dev "
+                      "or /proc. Write to a file name instead.")
+    return "file"
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether output for ``path`` is written into it (``/dev/stdout``, a FIFO, a character device)
+    rather than put in its place; raises OSError for targets no output may go to (see above)."""
+    return _output_kind(path) != "file"
 
 
 @contextlib.contextmanager
 def _temporary_beside(path: Path):
-    """A new, unique, empty file beside ``path`` (yielded as its name) that replaces ``path`` on success.
+    """A new, unique, empty file (yielded as its name) that becomes ``path`` on success.
 
-    A stream target (:func:`is_stream`) is yielded as it is, to be written into.
+    For a file it lies beside ``path`` and replaces it in one rename. For a stream or
+    an open descriptor it lies in the temporary folder and is copied into the target
+    afterwards: written into, never replaced (``/dev/stdout`` from its current offset).
     """
-    if is_stream(path):
-        yield str(path)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    kind = _output_kind(path)
+    folder = path.parent if kind == "file" else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.close(fd)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # after the write: some writers recreate the file with mode 0600
-        os.replace(tmp, path)
+        if kind == "file":
+            os.chmod(tmp, 0o666 & ~_umask())  # after the write: some writers recreate the file with mode 0600
+            os.replace(tmp, path)
+            return
+        target = os.dup(_descriptor_of(path)) if kind == "descriptor" else os.open(path, os.O_WRONLY)
+        with open(tmp, "rb") as src, os.fdopen(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.unlink(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -183,8 +198,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs):
     with _temporary_beside(Path(path)) as tmp, open(tmp, mode, **open_kwargs) as f:
         yield f
         f.flush()
-        if os.path.isfile(tmp):  # not a stream such as /dev/stdout, which can't be synced
-            os.fsync(f.fileno())
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

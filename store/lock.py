@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import threading
 import time
 from datetime import datetime
@@ -27,10 +28,13 @@ class StoreBusyError(TimeoutError):
 class _ProcessLock:
     """This process's share of one store's lock: a thread lock, and the file lock while it is held.
 
-    POSIX record locks (``fcntl.lockf``) belong to a process, so the holders inside one
-    process are kept apart by ``thread_lock``; forked children (data-loader workers)
-    never inherit the lock, and the kernel drops it the moment the holding process
-    dies, even under ``kill -9``: a lock can never be left stale.
+    The file lock is an open-file-description lock (Linux ``F_OFD_SETLK``; ``flock``
+    elsewhere): it belongs to the one open file that took it, so no other open or close
+    of the same file in this process can release it (as happens to classic POSIX
+    locks), and the kernel drops it when the holder dies, even under ``kill -9``: a lock
+    can never be left stale. Forked data-loader workers share it until they exit, a
+    few seconds after their parent. ``thread_lock`` keeps holders in one process apart
+    without touching the file.
     """
 
     def __init__(self):
@@ -45,6 +49,27 @@ class _ProcessLock:
 _HELD: contextvars.ContextVar[frozenset] = contextvars.ContextVar("clipfuse_held_store_locks", default=frozenset())
 _REGISTRY: dict[str, _ProcessLock] = {}
 _REGISTRY_LOCK = threading.Lock()
+
+
+def _lock_file(fd: int) -> bool:
+    """Take the exclusive lock on an open file without waiting; False when another holder has it."""
+    try:
+        if hasattr(fcntl, "F_OFD_SETLK"):
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+
+
+def _unlock_file(fd: int) -> None:
+    if hasattr(fcntl, "F_OFD_SETLK"):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _process_lock(key: str) -> _ProcessLock:
@@ -138,7 +163,7 @@ class WriterLock:
                 fd, lock.fd = lock.fd, None
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
-                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                    _unlock_file(fd)
                 os.close(fd)
             lock.thread_lock.release()
 
@@ -161,10 +186,11 @@ class WriterLock:
             if isinstance(e, IsADirectoryError):
                 raise self._not_a_lock_file("a folder") from e
             raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
-            raise self._not_a_lock_file("not a regular file")
+            raise self._not_a_lock_file("not a regular file" if not stat.S_ISREG(st.st_mode)
+                                        else "a file with other names (hard links)")
         os.set_blocking(fd, True)
         return fd
 
@@ -193,19 +219,18 @@ class WriterLock:
             told = False
             while True:
                 try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    if self._is_current(fd):
-                        break
-                    # the file was deleted or replaced while we waited: lock the one that is there now
+                    locked = _lock_file(fd)
+                except OSError as e:
+                    raise OSError(e.errno, f"can't lock the store {str(self.folder)!r}: {e.strerror}; its file "
+                                  "system does not support file locks, which keep two writers apart. Use a "
+                                  "local folder for --db.") from e
+                if locked and self._is_current(fd):
+                    break
+                if locked:  # the file was deleted or replaced while we waited: lock the one that is there now
                     os.close(fd)
                     fd = -1
                     fd = self._open()
                     continue
-                except OSError as e:
-                    if e.errno not in (errno.EACCES, errno.EAGAIN):
-                        raise OSError(e.errno, f"can't lock the store {str(self.folder)!r}: {e.strerror}; its file "
-                                      "system does not support file locks, which keep two writers apart. Use a "
-                                      "local folder for --db.") from e
                 holder = self._read_holder(fd)
                 if not told and on_wait:
                     on_wait(describe_holder(holder))

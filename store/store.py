@@ -174,7 +174,12 @@ class Store:
                  lock_timeout: float | None = None, on_lock_wait: Callable[[str], None] | None = None):
         self.uri = str(uri)
         if self.uri.startswith("file://"):  # the same folder under the same lock as its plain path
-            self.uri = self.uri[len("file://"):]
+            from urllib.parse import unquote, urlparse
+
+            parsed = urlparse(self.uri)
+            if parsed.netloc not in ("", "localhost"):
+                raise ValueError(f"store URI {self.uri!r} names the host {parsed.netloc!r}; use file:///absolute/path.")
+            self.uri = unquote(parsed.path)
         self.is_local = "://" not in self.uri
         if self.is_local and Path(self.uri).is_file():
             raise NotADirectoryError(f"--db {self.uri!r} is a file; a store is a folder (e.g. clipfuse.lance).")
@@ -470,7 +475,10 @@ class Store:
             out[kind] = 0 if t is None else t.num_rows - pc.count_distinct(t[key]).as_py()
         t = self._read(CLASSES)
         if t is not None:  # two classes given one index count too: repair numbers them anew
-            out["classes"] += len(self.classes()) - pc.count_distinct(t["index"]).as_py()
+            first: dict[str, int] = {}
+            for i in np.argsort(t["index"].to_numpy(), kind="stable"):
+                first.setdefault(t["name"][int(i)].as_py(), int(t["index"][int(i)].as_py()))
+            out["classes"] += len(first) - len(set(first.values()))
         names = self._table_names()
         out["vectors"] = 0
         for v in self._version_rows():

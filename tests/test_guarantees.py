@@ -865,7 +865,7 @@ def test_export_streams_into_devices_and_fifos_and_refuses_folders(trained):
     reader.join(30)
     assert received[0].startswith("path,id,label") and (root / "pipe.csv").is_fifo()
     result = invoke("export", "/dev/clipfuse-nothing.csv", "--db", db)
-    assert result.exit_code == 2 and "creates no files in /dev" in plain(result)
+    assert result.exit_code == 2 and "writes no files into /dev" in plain(result)
 
 
 def test_a_model_that_makes_nan_fails_before_anything_is_written(tmp_path, tiny_model, shapes_dir):
@@ -920,7 +920,8 @@ def test_finetune_never_replaces_a_folder_of_other_files(trained):
     (out / "sub").mkdir(parents=True)
     (out / "thesis.txt").write_text("years of work")
     result = invoke("finetune", "--db", db, "--out", out, "--epochs", 1)
-    assert result.exit_code == 1 and "not a clipfuse model" in plain(result) and "epoch" not in result.output
+    assert result.exit_code == 1 and "clipfuse model doesn't have (sub, thesis.txt)" in plain(result)
+    assert "epoch" not in result.output
     assert (out / "thesis.txt").read_text() == "years of work" and (out / "sub").is_dir()
 
 
@@ -960,3 +961,128 @@ def test_classes_that_old_writers_gave_one_index_are_counted_and_renumbered(tmp_
     Store(db).repair()
     assert sorted(raw_rows(db, "classes")["index"].to_list()) == [0, 1, 2, 3]
     assert Store(db).classes() == ["blue", "green", "red", "yellow"]
+
+
+# ---- found by a second hostile review ---------------------------------------------------------------------
+_PROBE_LOCK = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+               "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+               "except OSError:\n    print('held')\n")
+
+
+def _probe(lock: Path) -> str:
+    """'held' or 'free', as another process sees the lock."""
+    return subprocess.run([sys.executable, "-c", _PROBE_LOCK, str(lock)], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def test_reading_the_lock_file_inside_the_holder_keeps_the_lock(tmp_path):
+    """An image symlinked to the lock file was read (opened, closed) by the holder, which dropped a POSIX lock."""
+    from clipfuse.embed import read_image
+
+    db = tmp_path / "s.lance"
+    os.symlink(db / "_writer.lock", tmp_path / "lock.png")
+    with Store(db).writer("holder"):
+        assert read_image(tmp_path / "lock.png")[1] is None  # not an image: read, and closed
+        (db / "_writer.lock").read_bytes()
+        assert _probe(db / "_writer.lock") == "held"
+    assert _probe(db / "_writer.lock") == "free"
+
+
+def test_a_hard_linked_lock_file_is_refused_and_its_other_name_kept(tmp_path):
+    db = tmp_path / "s.lance"
+    db.mkdir()
+    (tmp_path / "notes.txt").write_text("important notes")
+    os.link(tmp_path / "notes.txt", db / "_writer.lock")
+    with pytest.raises(OSError, match="hard links"):
+        with Store(db).writer():
+            pass
+    assert (tmp_path / "notes.txt").read_text() == "important notes"
+
+
+def test_a_lock_file_replaced_by_a_folder_while_waiting_is_a_clear_error(tmp_path):
+    db = tmp_path / "s.lance"
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Store(db).writer("holder"):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    # the waiter must be a separate process to be waiting on the file itself
+    script = ("import sys\nfrom clipfuse.store import Store\ntry:\n"
+              "    with Store(sys.argv[1], lock_timeout=30).writer('waiter'):\n        print('got it')\n"
+              "except OSError as e:\n    print('error:', e)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(db)], stdout=subprocess.PIPE, text=True)
+    time.sleep(4)  # it is waiting now
+    os.unlink(db / "_writer.lock")
+    (db / "_writer.lock").mkdir()
+    release.set()
+    holder.join(10)
+    out = proc.communicate(timeout=60)[0]
+    assert "is a folder, so it can't be the store's writer lock" in out, out
+
+
+def test_export_to_stdout_appends_and_keeps_the_summary_apart(trained):
+    root, db = trained
+    log = root / "log.txt"
+    log.write_text("kept line\n")
+    with open(log, "a") as f:
+        proc = subprocess.run(CLIPFUSE + ["export", "/dev/stdout", "--db", str(db)], stdout=f,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "kept line" and lines[1].startswith("path,id,label") and len(lines) == 2 + 6
+    assert "wrote 6 rows" in proc.stderr
+
+
+def test_symlinks_through_proc_or_relative_hops_are_outputs_like_any_other(trained):
+    root, db = trained
+    victim = root / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(f"/proc/self/root{victim}", root / "plink.csv")
+    (root / "real" / "sub").mkdir(parents=True)
+    os.symlink("real/sub", root / "dir")
+    (root / "real" / "target").write_text("keep me")
+    os.symlink("../target", root / "real" / "sub" / "out")
+    os.symlink("/dev/null", root / "target")  # what a lexical reading of dir/out would reach
+    for target in (root / "plink.csv", root / "dir" / "out"):
+        assert invoke("export", target, "--db", db).exit_code == 1  # exists: --force first
+        assert invoke("export", target, "--db", db, "--force").exit_code == 0
+        assert not target.is_symlink()  # the link was replaced, its target never written
+    assert victim.read_text() == "precious" and (root / "real" / "target").read_text() == "keep me"
+    os.symlink("/dev", root / "devlink")
+    result = invoke("export", root / "devlink" / "new.csv", "--db", db)
+    assert result.exit_code == 2 and "writes no files into /dev" in plain(result)
+
+
+def test_a_folder_with_a_stray_clipfuse_json_is_not_a_model_folder(trained):
+    root, db = trained
+    proj = root / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "clipfuse.json").write_text('{"my": "settings"}')
+    (proj / "src" / "main.py").write_text("code")
+    result = invoke("finetune", "--db", db, "--out", proj, "--epochs", 1)
+    assert result.exit_code == 1 and "pass a new or empty folder" in plain(result)
+    assert (proj / "src" / "main.py").read_text() == "code"
+
+
+def test_a_class_recorded_under_two_indexes_counts_as_a_duplicate(tmp_path):
+    import pyarrow as pa
+
+    store = Store(tmp_path / "s.lance")
+    store.add_classes(["a"])
+    store.db.open_table("classes").add(pa.table({"index": pa.array([1], pa.int32()), "name": ["a"]}))
+    assert store.duplicates()["classes"] == 1
+    store.repair()
+    assert raw_rows(tmp_path / "s.lance", "classes").height == 1
+
+
+def test_rerunning_a_first_index_killed_before_it_finished_resumes_with_its_model(tmp_path, embedder, shapes_dir):
+    db = tmp_path / "s.lance"
+    Store(db).register_version(embedder.info.to_dict())  # what a first run killed before its end leaves
+    result = invoke("index", shapes_dir, "--db", db)  # no --model: the version it was writing
+    assert result.exit_code == 0, result.output
+    assert Store(db).get_version()["fingerprint"] == embedder.fingerprint

@@ -12,6 +12,12 @@ MODEL_WEIGHTS = "open_clip_model.safetensors"
 TIMM_WEIGHTS = "model.safetensors"  # timm's save_for_hf layout (+ config.json), loaded as timm.create_model("local-dir:...")
 HEAD_WEIGHTS = "classifier.safetensors"
 META = "clipfuse.json"
+# every name a model folder may hold: open_clip's and timm's files, a Hugging Face tokenizer, the WiSE-FT curve
+MODEL_FOLDER_FILES = frozenset({
+    MODEL_CONFIG, MODEL_WEIGHTS, TIMM_WEIGHTS, HEAD_WEIGHTS, META, "config.json", "alpha_curve.png",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+    "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+})
 
 
 def model_config(model_name: str, model) -> dict | None:
@@ -76,9 +82,18 @@ def check_model_folder_target(folder: str | Path) -> None:
         return
     if not folder.is_dir():
         raise FileExistsError(f"{str(folder)!r} is a file; pass a folder for the model (a new or empty one).")
-    if any(folder.iterdir()) and not (folder / META).is_file():
-        raise FileExistsError(f"{str(folder)!r} holds files that are not a clipfuse model, and writing the model "
-                              "would replace them; pass a new or empty folder.")
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    try:
+        kind = json.loads((folder / META).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    foreign = [name for name in entries if name not in MODEL_FOLDER_FILES]
+    if kind not in ("finetuned", "wise-ft") or foreign:
+        what = f"files a clipfuse model doesn't have ({', '.join(foreign[:5])})" if foreign else "no clipfuse model"
+        raise FileExistsError(f"{str(folder)!r} holds {what}, and writing the model would replace the whole folder; "
+                              "pass a new or empty folder.")
 
 
 def _write_model_folder(staging: Path, model, config, heads, meta, tokenizer) -> None:

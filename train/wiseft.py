@@ -21,10 +21,13 @@ def parse_alphas(text: str) -> list[float]:
             start, stop, step = (float(v) for v in text.split(":"))
             if not (np.isfinite([start, stop, step]).all() and step > 0):
                 raise ValueError
-            count = int(np.floor((stop - start) / step + 0.5)) + 1 if stop >= start else 0
-            if count > MAX_ALPHAS:
-                raise ValueError(f"alphas {text!r} make {count:,} mixing weights; use at most {MAX_ALPHAS} "
-                                 "(e.g. 0:1:0.05).")
+            if start > stop:
+                raise ValueError(f"alphas {text!r} start above where they stop; write start:stop:step with "
+                                 "start <= stop, e.g. 0:1:0.1.")
+            count = (stop - start) / step + 1
+            if not count <= MAX_ALPHAS:  # also catches an overflow to inf
+                raise ValueError(f"alphas {text!r} make more than {MAX_ALPHAS} mixing weights; use at most "
+                                 f"{MAX_ALPHAS} (e.g. 0:1:0.05).")
             alphas = list(np.round(np.arange(start, stop + step / 2, step), 6))
         else:
             alphas = [float(v) for v in text.split(",") if v.strip()]
