@@ -5,6 +5,7 @@ Each test names the defect it guards against; every one of them failed before th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -80,6 +81,51 @@ def _assert_store_has_no_duplicates(db: Path, n_files: int) -> None:
     assert vectors.height == vectors["id"].n_unique() == n_files
 
 
+@contextlib.contextmanager
+def _held_elsewhere(db: Path, what: str):
+    """Hold the store's writer lock in another thread (another context) for the block."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Store(db).writer(what):
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+
+
+class _Output:
+    """Collects a process's output lines on a thread, so the test can wait for one."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(proc.stdout))
+        self._reader.start()
+
+    def wait_for(self, text: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any(text in line for line in self.lines), self.lines
+        return self.text
+
+    def finish(self, timeout: float = 240) -> str:
+        assert self.proc.wait(timeout=timeout) == 0, self.lines
+        self._reader.join(30)
+        return self.text
+
+    @property
+    def text(self) -> str:
+        return " ".join(" ".join(self.lines).split())
+
+
 # ---- 1, 2: concurrent writers --------------------------------------------------------------------
 @pytest.mark.parametrize("attempt", range(4))
 def test_two_index_runs_on_a_new_store_register_one_version(tmp_path, embedder, attempt):
@@ -136,20 +182,10 @@ def test_a_second_writer_waits_with_a_message_and_readers_never_wait(tmp_path, t
     write_shapes_folder(tmp_path / "lab", n_per_class=2)
     db = tmp_path / "s.lance"
     assert invoke("index", tmp_path / "lab", "--db", db, "--model", tiny_model).exit_code == 0
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with Store(db).writer("a test holding the lock"):
-            holding.set()
-            release.wait(60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(30)
+    with _held_elsewhere(db, "a test holding the lock"):
         # another process waits, and says for whom
-        proc = subprocess.Popen(CLIPFUSE + ["train-heads", "--db", str(db), "--heads", "probe", "--folds", "2"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out = _Output(subprocess.Popen(CLIPFUSE + ["train-heads", "--db", str(db), "--heads", "probe", "--folds", "2"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         # readers in the meantime: no lock, no wait
         assert invoke("info", "--db", db, "--json").exit_code == 0
         result = invoke("neighbors", tmp_path / "lab" / "red" / "000.png", "--db", db, "-k", 2)
@@ -158,23 +194,11 @@ def test_a_second_writer_waits_with_a_message_and_readers_never_wait(tmp_path, t
         with pytest.raises(StoreBusyError, match="a test holding the lock"):
             with Store(db, lock_timeout=0.5).writer():
                 pass
-        lines = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
-        reader.start()
-        deadline = time.monotonic() + 120
-        while not any("being written by" in line for line in lines) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        waited = " ".join(" ".join(lines).split())
-        assert "being written by a test holding the lock" in waited and "(Ctrl-C to stop)" in waited, lines
+        waited = out.wait_for("being written by")
+        assert "being written by a test holding the lock" in waited and "(Ctrl-C to stop)" in waited
         time.sleep(1)
-        assert proc.poll() is None  # still waiting: it has fitted nothing
-        assert "heads fitted" not in " ".join(lines)
-    finally:
-        release.set()
-        holder.join()
-    assert proc.wait(timeout=240) == 0, lines
-    reader.join()
-    assert "trained 1 heads" in " ".join(" ".join(lines).split())
+        assert out.proc.poll() is None and "heads fitted" not in out.text  # still waiting: it has fitted nothing
+    assert "trained 1 heads" in out.finish()
 
 
 def test_a_killed_writer_never_leaves_the_lock_held(tmp_path):
@@ -769,12 +793,7 @@ def test_a_holder_whose_lock_file_is_deleted_stops_and_a_waiter_locks_the_new_on
         with pytest.raises(OSError, match="was removed or replaced while this command held it"):
             store.add_classes(["a"])
     assert store.classes() == []
-    holding, release, got = threading.Event(), threading.Event(), []
-
-    def hold():
-        with Store(store.uri).writer("holder"):
-            holding.set()
-            release.wait(30)
+    got = []
 
     def wait_then_hold():
         with Store(store.uri, lock_timeout=30).writer("waiter"):
@@ -786,15 +805,11 @@ def test_a_holder_whose_lock_file_is_deleted_stops_and_a_waiter_locks_the_new_on
                                  capture_output=True, text=True, timeout=60).stdout.strip()
             got.append(out)
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(10)
-    waiter = threading.Thread(target=wait_then_hold)
-    waiter.start()
-    time.sleep(0.5)
-    os.unlink(tmp_path / "s.lance" / "_writer.lock")
-    release.set()
-    holder.join(10)
+    with _held_elsewhere(tmp_path / "s.lance", "holder"):
+        waiter = threading.Thread(target=wait_then_hold)
+        waiter.start()
+        time.sleep(0.5)
+        os.unlink(tmp_path / "s.lance" / "_writer.lock")
     waiter.join(60)
     assert got == [True, "held"]  # the waiter holds the lock file that is there now, not the deleted one
 
@@ -819,33 +834,12 @@ def test_an_index_that_waited_lists_the_folders_again(tmp_path, tiny_model):
     write_shapes_folder(pool, n_per_class=2)
     db = tmp_path / "s.lance"
     assert invoke("index", "--unlabeled", pool, "--db", db, "--model", tiny_model).exit_code == 0
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with Store(db).writer("a long writer"):
-            holding.set()
-            release.wait(120)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(10)
-    try:
-        proc = subprocess.Popen(CLIPFUSE + ["index", "--unlabeled", str(pool), "--db", str(db)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
-        reader.start()
-        deadline = time.monotonic() + 120
-        while not any("being written by" in line for line in lines) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert any("being written by" in line for line in lines), lines
+    with _held_elsewhere(db, "a long writer"):
+        out = _Output(subprocess.Popen(CLIPFUSE + ["index", "--unlabeled", str(pool), "--db", str(db)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        out.wait_for("being written by")
         Image.new("RGB", (48, 48), (250, 250, 0)).save(pool / "red" / "new.png")  # appears while it waits
-    finally:
-        release.set()
-        holder.join()
-    assert proc.wait(timeout=240) == 0, lines
-    reader.join()
-    assert "indexed 1 new, 6 unchanged" in " ".join(" ".join(lines).split())
+    assert "indexed 1 new, 6 unchanged" in out.finish()
     assert Store(db).images().num_rows == 7
 
 
@@ -927,23 +921,10 @@ def test_finetune_never_replaces_a_folder_of_other_files(trained):
 
 def test_a_reader_saves_the_neighbour_index_only_when_no_writer_holds_the_store(trained):
     root, db = trained
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with Store(db).writer("a writer"):
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(10)
-    try:
+    with _held_elsewhere(db, "a writer"):
         result = invoke("neighbors", root / "lab" / "red" / "000.png", "--db", db, "--ann", "-k", 2)
         assert result.exit_code == 0, result.output
         assert not list((db / "_ann").glob("*.hnsw"))  # not saved while a writer holds the store
-    finally:
-        release.set()
-        holder.join()
     assert invoke("neighbors", root / "lab" / "red" / "000.png", "--db", db, "--ann", "-k", 2).exit_code == 0
     assert len(list((db / "_ann").glob("*.hnsw"))) == 1
 
@@ -1001,27 +982,18 @@ def test_a_hard_linked_lock_file_is_refused_and_its_other_name_kept(tmp_path):
 
 def test_a_lock_file_replaced_by_a_folder_while_waiting_is_a_clear_error(tmp_path):
     db = tmp_path / "s.lance"
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with Store(db).writer("holder"):
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(10)
     # the waiter must be a separate process to be waiting on the file itself
-    script = ("import sys\nfrom clipfuse.store import Store\ntry:\n"
-              "    with Store(sys.argv[1], lock_timeout=30).writer('waiter'):\n        print('got it')\n"
-              "except OSError as e:\n    print('error:', e)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(db)], stdout=subprocess.PIPE, text=True)
-    time.sleep(4)  # it is waiting now
-    os.unlink(db / "_writer.lock")
-    (db / "_writer.lock").mkdir()
-    release.set()
-    holder.join(10)
-    out = proc.communicate(timeout=60)[0]
+    script = ("import sys\nfrom clipfuse.store import Store\n"
+              "def told(holder):\n    print('waiting for', holder, flush=True)\n"
+              "try:\n    with Store(sys.argv[1], lock_timeout=60, on_lock_wait=told).writer('waiter'):\n"
+              "        print('got it')\nexcept OSError as e:\n    print('error:', e)\n")
+    with _held_elsewhere(db, "holder"):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(db)], stdout=subprocess.PIPE, text=True)
+        waiting = _Output(proc)
+        waiting.wait_for("waiting for holder")
+        os.unlink(db / "_writer.lock")
+        (db / "_writer.lock").mkdir()
+    out = waiting.finish(60)  # the script reports the error and exits 0
     assert "is a folder, so it can't be the store's writer lock" in out, out
 
 
