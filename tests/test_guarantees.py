@@ -822,6 +822,7 @@ def test_file_uris_name_the_same_store_and_other_uris_are_refused(tmp_path, tiny
     assert result.exit_code == 0, result.output
     assert (db / "_writer.lock").is_file() and not (tmp_path / "file:").exists()
     assert invoke("info", "--db", db).exit_code == 0
+    assert invoke("info", "--db", f"file://localhost{db}").exit_code == 0  # RFC 8089: the same folder
     result = invoke("info", "--db", "s3://bucket/store")
     assert result.exit_code == 2 and "looks like a URI" in plain(result)
 
@@ -892,6 +893,10 @@ def test_more_command_line_mistakes_exit_2(trained, tmp_path):
     for args, option in (
         (("wise-ft", "--checkpoint", ft, "--db", db, "--alphas", "nan"), "--alphas"),
         (("wise-ft", "--checkpoint", ft, "--db", db, "--alphas", "0:1:1e-9"), "--alphas"),
+        (("wise-ft", "--checkpoint", ft, "--db", db, "--alphas", "0:1:1e-310"), "--alphas"),  # overflowed to inf
+        (("wise-ft", "--checkpoint", ft, "--db", db, "--alphas", "1:0:0.1"), "start above where they stop"),
+        (("info", "--db", "memory://x"), "in-memory stores live only inside one Python process"),
+        (("info", "--db", "file://tmp/x"), "names the host 'tmp'"),
         (("index", root / "lab", "--db", db, "--device", "meta"), "--device"),
         (("index", root / "lab", "--db", db, "--device", "mps"), "--device"),
         (("predict", "--db", db, "--heads", ","), "--heads"),
