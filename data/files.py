@@ -186,7 +186,8 @@ def _temporary_beside(path: Path):
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs):
-    """Open a unique temporary file beside ``path``; on success it replaces ``path`` in one rename.
+    """Open a unique temporary file beside ``path``; on success it replaces ``path`` in one rename
+    (or, for a stream such as ``/dev/stdout``, is copied into it: see :func:`is_stream`).
 
     The temporary file is created with ``O_EXCL`` under a random name
     (:func:`tempfile.mkstemp`), so nothing planted beside the target (a symlink at

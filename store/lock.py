@@ -1,4 +1,4 @@
-"""One writer per store at a time: a kernel-held file lock beside the tables, re-entrant per thread."""
+"""One writer per store at a time: a kernel-held file lock beside the tables, re-entrant within its holder's context."""
 
 from __future__ import annotations
 

@@ -469,16 +469,17 @@ class Store:
         ``{"versions", "classes", "images", "errors", "vectors"}``.
         """
         out = {}
-        for kind, name, key in (("versions", VERSIONS, "fingerprint"), ("classes", CLASSES, "name"),
-                                ("images", IMAGES, "path"), ("errors", ERRORS, "path")):
+        for kind, name, key in (("versions", VERSIONS, "fingerprint"), ("images", IMAGES, "path"),
+                                ("errors", ERRORS, "path")):
             t = self._read(name, [key])
             out[kind] = 0 if t is None else t.num_rows - pc.count_distinct(t[key]).as_py()
         t = self._read(CLASSES)
-        if t is not None:  # two classes given one index count too: repair numbers them anew
-            first: dict[str, int] = {}
+        out["classes"] = 0
+        if t is not None:  # rows beyond one per index of a kept name: a repeated name, or two names sharing an index
+            first: dict[str, int] = {}  # name -> index of its first row, as classes() keeps them
             for i in np.argsort(t["index"].to_numpy(), kind="stable"):
                 first.setdefault(t["name"][int(i)].as_py(), int(t["index"][int(i)].as_py()))
-            out["classes"] += len(first) - len(set(first.values()))
+            out["classes"] = t.num_rows - len(set(first.values()))
         names = self._table_names()
         out["vectors"] = 0
         for v in self._version_rows():
@@ -496,8 +497,8 @@ class Store:
         with self.writer("repairing the store"):
             found = self.duplicates()
             if found["versions"]:
-                rows = [{k: v for k, v in r.items()} for r in self._version_rows()]
-                self._table(VERSIONS).add(pa.Table.from_pylist(rows, schema=VERSIONS_SCHEMA), mode="overwrite")
+                self._table(VERSIONS).add(pa.Table.from_pylist(self._version_rows(), schema=VERSIONS_SCHEMA),
+                                          mode="overwrite")
             if found["classes"]:
                 names = self.classes()
                 self._table(CLASSES).add(pa.table({"index": pa.array(range(len(names)), pa.int32()),
