@@ -23,7 +23,7 @@ from clipfuse.classify.metrics import (
 )
 from clipfuse.classify.neighbors import KMeansVoteHead, KnnCacheHead
 from clipfuse.classify.propagation import LabelPropagationHead
-from clipfuse.classify.selftrain import MeanTeacherHead, PseudoLabelHead
+from clipfuse.classify.selftrain import MeanTeacherHead, PseudoLabelHead, select_pseudo_labels
 
 __all__ = [
     "DEFAULT_HEADS", "UNLABELED", "Ensemble", "FinetunedHead", "HeadsConfig", "HeadUnavailableError", "KMeansVoteHead", "KnnCacheHead",
@@ -31,5 +31,5 @@ __all__ = [
     "WeightedFusion", "ZeroShotHead", "class_similarity", "create_ensemble", "create_ensemble_from_config", "create_head",
     "expected_calibration_error", "get_head_class", "head_proba", "knn_graph", "list_heads",
     "load_ensemble", "plot_class_similarity", "plot_confusion", "register_head",
-    "save_ensemble", "score_predictions",
+    "save_ensemble", "score_predictions", "select_pseudo_labels",
 ]

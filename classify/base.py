@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import validate_data
+from sklearn.utils.validation import check_array, check_consistent_length, validate_data
 
 UNLABELED = -1
 
@@ -44,11 +46,134 @@ def create_head(name: str, **params):
     return get_head_class(name)(**params)
 
 
-def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), as float32.
+class PreparedRows:
+    """An input matrix checked once for the many head fits and predictions of an ensemble.
 
-    Rows that already have unit length (the store's vectors) are returned without a copy.
+    Made by :func:`prepared_rows`. While its block runs, the helpers below recognise the
+    array (by identity) and reuse the work instead of repeating it per head and per fold:
+    :func:`validate_rows`, :func:`validate_X_y` and :func:`validate_semi_supervised` skip
+    ``check_array`` (they still check the number of features), :func:`l2_normalize` returns
+    :attr:`unit`, :func:`array_digest` hashes each array once, and :func:`take_rows` hands
+    out row subsets that are prepared too.
+
+    Attributes
+    ----------
+    given : array-like
+        The matrix as passed (what heads are handed, so they see their usual input).
+    X : ndarray of shape (n_samples, n_features), float32
+        ``given`` after the checks of ``validate_data(dtype=[float64, float32])``, as float32.
+    unit : ndarray of shape (n_samples, n_features), float32
+        ``l2_normalize(X)``, computed on first use.
     """
+
+    def __init__(self, given, X: np.ndarray):
+        self.given = given
+        self.X = X
+        self._unit: np.ndarray | None = None
+        self._digests: dict[int, str] = {}  # id of given, X or unit (all held here) -> digest
+        self._subsets: dict[bytes, PreparedRows] = {}
+
+    @property
+    def unit(self) -> np.ndarray:
+        if self._unit is None:
+            self._unit = _unit_rows(self.X)
+        return self._unit
+
+    def holds(self, A) -> bool:
+        """Whether ``A`` is this matrix as given or as checked. Not ``unit``: normalising unit
+        rows again is not always a no-op (zero rows), so a head that does it computes it."""
+        return A is self.given or A is self.X
+
+    def digest(self, A) -> str | None:
+        """``array_digest(A)``, hashed once, if ``A`` is one of this matrix's arrays; else None."""
+        if not (self.holds(A) or (self._unit is not None and A is self._unit)):
+            return None
+        if id(A) not in self._digests:
+            self._digests[id(A)] = _digest(A)
+        return self._digests[id(A)]
+
+    def take(self, rows: np.ndarray):
+        """``given[rows]``, prepared as well; the same ``rows`` give the same array."""
+        rows = np.asarray(rows)
+        key = rows.dtype.str.encode() + repr(rows.shape).encode() + rows.tobytes()
+        sub = self._subsets.get(key)
+        if sub is None:
+            X = self.X[rows]
+            given = X if self.given is self.X or not isinstance(self.given, np.ndarray) else self.given[rows]
+            sub = self._subsets[key] = PreparedRows(given, X)
+        return sub.given
+
+    def find(self, A) -> PreparedRows | None:
+        """This matrix or the subset of it that ``A`` is, else None."""
+        if self.holds(A):
+            return self
+        return next((sub for sub in self._subsets.values() if sub.holds(A)), None)
+
+
+_PREPARED: ContextVar[tuple[PreparedRows, ...]] = ContextVar("clipfuse_prepared_rows", default=())
+
+
+def prepared(A) -> PreparedRows | None:
+    """The :class:`PreparedRows` of an active :func:`prepared_rows` block that ``A`` is, else None."""
+    for prep in _PREPARED.get():
+        found = prep.find(A)
+        if found is not None:
+            return found
+    return None
+
+
+@contextmanager
+def prepared_rows(X, *, estimator=None):
+    """Check ``X`` once, as the heads' ``validate_data`` would, and let the heads reuse the work.
+
+    Inside the block, heads fitted on or asked about ``X`` itself (or a :func:`take_rows`
+    subset of it) skip their own ``check_array``, L2 normalisation and hashing of it, so
+    an ensemble does that work once per fit instead of once per head and fold. Heads used
+    outside such a block check their input as usual. ``X`` must not change while the block
+    runs. Yields the :class:`PreparedRows`.
+    """
+    prep = prepared(X)
+    if prep is not None:  # nested: the outer block has checked it
+        yield prep
+        return
+    checked = check_array(X, dtype=[np.float64, np.float32], input_name="X", estimator=estimator)
+    prep = PreparedRows(X, checked.astype(np.float32, copy=False))
+    token = _PREPARED.set(_PREPARED.get() + (prep,))
+    try:
+        yield prep
+    finally:
+        _PREPARED.reset(token)
+
+
+def take_rows(X, rows: np.ndarray):
+    """``X[rows]``; for a prepared ``X``, a prepared subset made once per ``rows``."""
+    prep = prepared(X)
+    return X[rows] if prep is None else prep.take(rows)
+
+
+def validate_rows(estimator, X, *, reset: bool = False) -> np.ndarray:
+    """``validate_data(estimator, X, dtype=[float64, float32], reset=reset)``. A prepared ``X``
+    only has its number of features (and names) checked and comes back checked, as float32."""
+    prep = prepared(X)
+    if prep is None:
+        return validate_data(estimator, X, dtype=[np.float64, np.float32], reset=reset)
+    validate_data(estimator, X, skip_check_array=True, reset=reset)
+    return prep.X
+
+
+def validate_X_y(estimator, X, y):
+    """``validate_data(estimator, X, y, dtype=[float64, float32], reset=True)``. A prepared ``X``
+    is not checked again; ``y`` is, and that the lengths match."""
+    prep = prepared(X)
+    if prep is None:
+        return validate_data(estimator, X, y, dtype=[np.float64, np.float32], reset=True)
+    y = validate_data(estimator, y=y, reset=True)  # y first: a y-only call forgets feature names
+    validate_data(estimator, X, skip_check_array=True, reset=True)
+    check_consistent_length(prep.X, y)
+    return prep.X, y
+
+
+def _unit_rows(X) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     if np.all(np.abs(norms - 1.0) < 1e-4):
@@ -56,13 +181,35 @@ def l2_normalize(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(norms, 1e-12)
 
 
-def array_digest(X: np.ndarray) -> str:
-    """Content hash of an array (shape, dtype and bytes): heads use it to reuse label-free work."""
+def l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32.
+
+    Rows that already have unit length (the store's vectors) are returned without a copy.
+    A prepared matrix (see :func:`prepared_rows`) is normalised once per block.
+    """
+    prep = prepared(X)
+    return _unit_rows(X) if prep is None else prep.unit
+
+
+def _digest(X: np.ndarray) -> str:
     X = np.ascontiguousarray(X)
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((X.shape, X.dtype.str)).encode())
     h.update(memoryview(X).cast("B"))
     return h.hexdigest()
+
+
+def array_digest(X: np.ndarray) -> str:
+    """Content hash of an array (shape, dtype and bytes): heads use it to reuse label-free work.
+
+    The arrays of a prepared matrix (see :func:`prepared_rows`) are hashed once per block.
+    """
+    for prep in _PREPARED.get():
+        for candidate in (prep, *prep._subsets.values()):
+            digest = candidate.digest(X)
+            if digest is not None:
+                return digest
+    return _digest(X)
 
 
 def linear_logits(X: np.ndarray, W: np.ndarray, b: np.ndarray | float = 0.0, *, block: int = 8192) -> np.ndarray:
@@ -99,7 +246,7 @@ def validate_semi_supervised(estimator, X, y):
     they are numbers. Returns ``X`` as float32, ``y`` and the index of each labeled row's class in
     ``classes_`` (``-1`` for unlabeled rows).
     """
-    X, y = validate_data(estimator, X, y, dtype=[np.float64, np.float32], reset=True)
+    X, y = validate_X_y(estimator, X, y)
     check_classification_targets(y)
     y = np.asarray(y)
     unlabeled = (y == UNLABELED) if np.issubdtype(y.dtype, np.number) else np.zeros(len(y), bool)

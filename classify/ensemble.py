@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from clipfuse.classify.base import create_head, fit_temperature, softmax
+from clipfuse.classify.base import create_head, fit_temperature, prepared_rows, softmax, take_rows
 from clipfuse.classify.linear import HeadUnavailableError
 from clipfuse.classify.metrics import score_predictions
 from clipfuse.data.files import write_text_atomic, write_with
@@ -90,16 +90,21 @@ def head_proba(head, X: np.ndarray, n_classes: int, fit_rows: np.ndarray | None 
 
     Rows with ``fit_rows >= 0`` take the head's transductive soft label of that fitted row
     when it has one (``label_distributions_``), the others go through ``predict_proba``.
-    Classes the head never saw get probability 0.
+    Classes the head never saw get probability 0. When no row has a soft label the head
+    gets ``X`` itself (no copy; inside :func:`~clipfuse.classify.base.prepared_rows` it
+    also skips its checks), else the rows it must answer for, taken once per block.
     """
     out = np.zeros((len(X), n_classes), dtype=np.float32)
     cols = np.asarray(head.classes_)
-    done = np.zeros(len(X), dtype=bool)
+    done = None
     if fit_rows is not None and hasattr(head, "label_distributions_"):
+        fit_rows = np.asarray(fit_rows)
         done = fit_rows >= 0
         out[np.ix_(done, cols)] = head.label_distributions_[fit_rows[done]]
-    if not done.all():
-        out[np.ix_(~done, cols)] = head.predict_proba(X[~done])
+    if done is None or not done.any():
+        out[:, cols] = head.predict_proba(X)
+    elif not done.all():
+        out[np.ix_(~done, cols)] = head.predict_proba(take_rows(X, np.flatnonzero(~done)))
     return out
 
 
@@ -132,7 +137,9 @@ class Ensemble:
     the heads nor the fusion have seen, so the per-head and fused validation scores are
     honest. With ``refit`` the heads are finally refitted on every label; the fusion
     weights carry over. Transductive heads see every row at every fit (their neighbour
-    graph and clusters are computed once and reused), only the labels change.
+    graph and clusters are computed once and reused), only the labels change. ``X`` is
+    checked, L2-normalised and hashed once per fit (see
+    :func:`~clipfuse.classify.base.prepared_rows`), not once per head and fold.
 
     A head that cannot run (e.g. zero-shot with no text embeddings) is recorded in
     ``unavailable_`` and the rest go on.
@@ -195,31 +202,33 @@ class Ensemble:
         val_proba: dict[str, np.ndarray] = {}
         all_rows = np.arange(len(X))
         total = self.n_folds + 1 + int(self.refit)
-        for name, head in self.heads.items():
-            start = time.perf_counter()
-            try:
-                out = np.zeros((len(train_idx), self.n_classes))
-                for f in range(self.n_folds):
-                    if progress:
-                        progress(name, f"fold {f + 1}/{self.n_folds}", f, total)
-                    held = train_idx[folds == f]
-                    y_fold = y_train.copy()
-                    y_fold[held] = -1
-                    head.fit(X, y_fold)
-                    out[folds == f] = head_proba(head, X[held], self.n_classes, all_rows[held])
-            except HeadUnavailableError as e:
-                self.unavailable_[name] = str(e)
-                continue
-            if progress:
-                progress(name, "train split", self.n_folds, total)
-            head.fit(X, y_train)
-            oof[name] = out
-            val_proba[name] = head_proba(head, X[val_idx], self.n_classes, all_rows[val_idx])
-            if self.refit:
+        # X checked, normalised and hashed once; each fold's held-out rows taken once for all heads
+        with prepared_rows(X, estimator=self):
+            for name, head in self.heads.items():
+                start = time.perf_counter()
+                try:
+                    out = np.zeros((len(train_idx), self.n_classes))
+                    for f in range(self.n_folds):
+                        if progress:
+                            progress(name, f"fold {f + 1}/{self.n_folds}", f, total)
+                        held = train_idx[folds == f]
+                        y_fold = y_train.copy()
+                        y_fold[held] = -1
+                        head.fit(X, y_fold)
+                        out[folds == f] = head_proba(head, take_rows(X, held), self.n_classes, all_rows[held])
+                except HeadUnavailableError as e:
+                    self.unavailable_[name] = str(e)
+                    continue
                 if progress:
-                    progress(name, "all labels", self.n_folds + 1, total)
-                head.fit(X, y)
-            self.fit_seconds_[name] = time.perf_counter() - start
+                    progress(name, "train split", self.n_folds, total)
+                head.fit(X, y_train)
+                oof[name] = out
+                val_proba[name] = head_proba(head, take_rows(X, val_idx), self.n_classes, all_rows[val_idx])
+                if self.refit:
+                    if progress:
+                        progress(name, "all labels", self.n_folds + 1, total)
+                    head.fit(X, y)
+                self.fit_seconds_[name] = time.perf_counter() - start
         if not oof:
             raise ValueError("No head could run: " + "; ".join(f"{k}: {v}" for k, v in self.unavailable_.items()))
         self.head_names_ = list(oof)
@@ -259,7 +268,8 @@ class Ensemble:
         names = [h for h in self.head_names_ if heads is None or h in heads]
         if not names:
             raise ValueError(f"None of the heads {heads} is fitted; fitted heads: {', '.join(self.head_names_)}.")
-        per_head = {h: head_proba(self.heads[h], X, self.n_classes, fit_rows) for h in names}
+        with prepared_rows(X, estimator=self):  # checked and normalised once, not per head
+            per_head = {h: head_proba(self.heads[h], X, self.n_classes, fit_rows) for h in names}
         w = self.fusion_.weights_for([self.head_names_.index(h) for h in names])
         fused = np.empty((len(X), self.n_classes), dtype=np.float32)
         for start in range(0, len(X), 65_536):  # bounded temporaries at store scale

@@ -7,7 +7,7 @@ from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from clipfuse.classify.base import (
     fit_temperature,
@@ -17,7 +17,9 @@ from clipfuse.classify.base import (
     register_head,
     softmax,
     to_float32,
+    validate_rows,
     validate_semi_supervised,
+    validate_X_y,
 )
 
 PROBE_C_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -81,7 +83,7 @@ class ZeroShotHead(ClassifierMixin, BaseEstimator):
         self.temperature = temperature
 
     def fit(self, X, y):
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=True)
+        X, y = validate_X_y(self, X, y)
         T = check_class_embeddings(self, self.class_embeddings, X.shape[1])
         y = np.asarray(y).astype(np.int64)
         _labeled_in_range(self, y, len(T))
@@ -97,7 +99,7 @@ class ZeroShotHead(ClassifierMixin, BaseEstimator):
 
     def _logits(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_rows(self, X)
         return self.scale_ * linear_logits(l2_normalize(X), self.text_embeddings_)
 
     def predict_proba(self, X):
@@ -135,7 +137,7 @@ class FinetunedHead(ZeroShotHead):
         if self.bias is None:
             self.bias_ = None
             return super().fit(X, y)
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], reset=True)
+        X, y = validate_X_y(self, X, y)
         check_class_embeddings(self, self.class_embeddings, X.shape[1])  # shape and presence
         W = np.asarray(self.class_embeddings, dtype=np.float32)
         b = np.asarray(self.bias, dtype=np.float32).reshape(-1)
@@ -159,7 +161,7 @@ class FinetunedHead(ZeroShotHead):
         if self.bias_ is None:
             return super()._logits(X)
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_rows(self, X)
         return self.scale_ * self._raw_logits(X)
 
 
@@ -293,7 +295,7 @@ class LinearProbeHead(ClassifierMixin, BaseEstimator):
 
     def _logits(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_rows(self, X)
         return linear_logits(l2_normalize(X), self.coef_, self.intercept_)
 
     def predict_proba(self, X):

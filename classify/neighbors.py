@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from clipfuse.classify.base import (
     array_digest,
@@ -14,6 +14,7 @@ from clipfuse.classify.base import (
     one_hot,
     register_head,
     softmax,
+    validate_rows,
     validate_semi_supervised,
 )
 from clipfuse.classify.graph import cluster_rows
@@ -103,7 +104,7 @@ class KnnCacheHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes)."""
         check_is_fitted(self)
-        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        X = l2_normalize(validate_rows(self, X))
         keys = self.keys_.T.astype(np.float64)
         text = self.text_embeddings_.T.astype(np.float64) if hasattr(self, "text_embeddings_") else None
         out = np.empty((len(X), len(self.classes_)))
@@ -223,7 +224,7 @@ class KMeansVoteHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Class probabilities, shape (n_samples, n_classes)."""
         check_is_fitted(self)
-        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        X = l2_normalize(validate_rows(self, X))
         return self._votes(*self._soft_assign(X, self.cluster_centers_))
 
     def predict(self, X):

@@ -8,9 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
-from clipfuse.classify.base import array_digest, l2_normalize, normalize_rows, register_head, validate_semi_supervised
+from clipfuse.classify.base import (
+    array_digest,
+    l2_normalize,
+    normalize_rows,
+    register_head,
+    validate_rows,
+    validate_semi_supervised,
+)
 from clipfuse.classify.graph import EXACT_MAX_ROWS, cluster_rows, knn_graph
 
 
@@ -208,7 +215,7 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_samples, n_classes)
         """
         check_is_fitted(self)
-        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        X = l2_normalize(validate_rows(self, X))
         if getattr(self, "X_fit_", None) is None:
             raise ValueError(
                 "This LabelPropagationHead was loaded without its fitted embeddings, so it can only "

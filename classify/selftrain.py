@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from clipfuse.classify.base import (
@@ -13,10 +13,43 @@ from clipfuse.classify.base import (
     register_head,
     softmax,
     to_float32,
+    validate_rows,
     validate_semi_supervised,
 )
 from clipfuse.classify.linear import fit_softmax_regression, select_C
 from clipfuse.data.split import split_labeled
+
+
+def select_pseudo_labels(pred: np.ndarray, confidence: np.ndarray, per_class: int, *, min_confidence: float = 0.0,
+                         n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The class-balanced pseudo-label pick: for every class, the ``per_class`` most confident
+    rows predicted as it, at ``min_confidence`` or above (ties keep row order).
+
+    Parameters
+    ----------
+    pred : ndarray of int, shape (n_rows,)
+        Predicted class index of each candidate row.
+    confidence : ndarray of float, shape (n_rows,)
+        Probability of that prediction.
+    per_class : int
+        Most rows taken per class.
+
+    Returns
+    -------
+    rows : ndarray of int, shape (n_taken,)
+        Positions into ``pred``, class by class, most confident first.
+    labels : ndarray of int, shape (n_taken,)
+        The class each row is given.
+    """
+    pred, confidence = np.asarray(pred), np.asarray(confidence)
+    n_classes = int(pred.max()) + 1 if n_classes is None and len(pred) else (n_classes or 0)
+    rows, labels = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for c in range(n_classes):
+        mine = np.flatnonzero((pred == c) & (confidence >= min_confidence))
+        best = mine[np.argsort(-confidence[mine], kind="stable")[:per_class]]
+        rows.append(best.astype(np.int64))
+        labels.append(np.full(len(best), c, dtype=np.int64))
+    return np.concatenate(rows), np.concatenate(labels)
 
 
 @register_head("pseudo")
@@ -84,14 +117,9 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
         P = np.empty((len(free), len(b)), dtype=np.float32)
         for start in range(0, len(free), 65_536):
             P[start:start + 65_536] = softmax((X[free[start:start + 65_536]] @ W.T + b).astype(np.float64))
-        pred, conf = np.argmax(P, axis=1), np.max(P, axis=1)
-        rows, labels = [], []
-        for c in range(P.shape[1]):
-            mine = np.flatnonzero((pred == c) & (conf >= self.min_confidence))
-            best = mine[np.argsort(-conf[mine], kind="stable")[:per_class]]
-            rows.append(free[best])
-            labels.append(np.full(len(best), c))
-        return np.concatenate(rows), np.concatenate(labels)
+        best, labels = select_pseudo_labels(np.argmax(P, axis=1), np.max(P, axis=1), per_class,
+                                            min_confidence=self.min_confidence, n_classes=P.shape[1])
+        return free[best], labels
 
     def fit(self, X, y):
         X, y, y_index = validate_semi_supervised(self, X, y)
@@ -149,7 +177,7 @@ class PseudoLabelHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Class probabilities of the final probe, shape (n_samples, n_classes)."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = validate_rows(self, X)
         return softmax(linear_logits(l2_normalize(X), self.coef_, self.intercept_))
 
     def predict(self, X):
@@ -277,7 +305,7 @@ class MeanTeacherHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Class probabilities of the teacher, shape (n_samples, n_classes)."""
         check_is_fitted(self)
-        X = l2_normalize(validate_data(self, X, dtype=[np.float64, np.float32], reset=False))
+        X = l2_normalize(validate_rows(self, X))
         return softmax(_mlp_forward(self.teacher_, X)[1].astype(np.float64))
 
     def predict(self, X):

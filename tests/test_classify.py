@@ -30,6 +30,7 @@ from clipfuse.classify import (
     score_predictions,
 )
 from clipfuse.classify.base import l2_normalize, softmax
+from clipfuse.classify.neighbors import BETA_GRID
 
 SEMI_SUPERVISED_XFAIL = {
     "check_classifiers_classes": "-1 marks unlabeled rows, the semi-supervised convention "
@@ -124,9 +125,39 @@ def test_probe_zero_shot_prior_pulls_toward_text_weights(blobs):
 def test_knn_cache_blends_zero_shot_and_tunes_on_leave_one_out(blobs):
     X, y, centers = blobs
     head = KnnCacheHead(class_embeddings=centers).fit(X, _hide_labels(y, 5))
-    assert head.beta_ in (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 25.0)
     assert head.keys_.shape == (20, 16)
     assert np.mean(head.predict(X) == y) >= 0.98
+
+
+def _arc(angle: float, n: int = 10, width: float = 0.03) -> np.ndarray:
+    """``n`` unit vectors evenly spread over ``angle ± width`` radians on the circle."""
+    t = angle + np.linspace(-width, width, n)
+    return np.column_stack([np.cos(t), np.sin(t)])
+
+
+def _loo_accuracy(X: np.ndarray, y: np.ndarray, beta: float) -> float:
+    """Leave-one-out accuracy of the soft-kNN cache as KnnCacheHead documents it (no zero-shot)."""
+    S = X @ X.T
+    scale = np.mean(1.0 - S[~np.eye(len(X), dtype=bool)])
+    A = np.exp(-beta * (1.0 - S) / scale)
+    np.fill_diagonal(A, 0.0)
+    scores = A @ (np.eye(2)[y] / np.bincount(y))
+    return float(np.mean(scores.argmax(1) == y))
+
+
+def test_knn_cache_picks_the_smallest_beta_with_the_best_leave_one_out_accuracy():
+    # class 0 sits in two arcs, 0 and 1.4 rad, with class 1's arc at 0.4 rad in between: a
+    # flat affinity (small beta) weighs class 0's far arc in and calls most class-1 rows
+    # class 0; from beta ~4 on each row's own arc outvotes the rest. So beta 3 is wrong
+    # on leave-one-out, 5 and above are all perfect, and ties go to the smallest.
+    X = np.vstack([_arc(0.0), _arc(1.4), _arc(0.4)])
+    y = np.repeat([0, 0, 1], 10)
+    assert _loo_accuracy(X, y, 3.0) < 0.8
+    assert all(_loo_accuracy(X, y, b) == 1.0 for b in BETA_GRID if b >= 5.0)
+    head = KnnCacheHead().fit(X, y)
+    assert head.beta_ == 5.0
+    assert head.blend_ == 1.0  # no class embeddings: the cache alone
+    np.testing.assert_array_equal(head.predict(X), y)
 
 
 def _moons():
@@ -346,15 +377,27 @@ def test_softmax_regression_matches_scikit_learn_logistic_regression():
     assert np.mean((X @ W.T + b).argmax(1) == ref.predict(X)) >= 0.99
 
 
-def test_fusion_falls_back_to_calibrated_heads_when_the_weighted_ones_are_missing(digits, digits_ensemble):
-    fusion = digits_ensemble.fusion_
-    names = digits_ensemble.head_names_
-    best = int(np.argmax(fusion.weights_))
-    others = [i for i in range(len(names)) if i != best]
-    w = fusion.weights_for(others)
-    if fusion.weights_[others].sum() < 0.5 * fusion.weights_.sum():
-        np.testing.assert_allclose(w, fusion.temperatures_[others] / len(others))
-    np.testing.assert_allclose(fusion.weights_for(list(range(len(names)))), fusion.weights_)
+def test_fusion_falls_back_to_calibrated_heads_when_the_weighted_ones_are_missing():
+    # one good head between two useless ones: the learned weight sits on the good head, so
+    # fusing only the useless ones must fall back to their calibrated temperatures
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    good = np.full((300, 5), 0.05)
+    good[np.arange(300), y] = 0.8
+    good[:30] = np.roll(good[:30], 1, axis=1)  # 90% right
+    L = np.log(np.stack([rng.dirichlet(np.ones(5), 300), good, rng.dirichlet(np.ones(5), 300)], axis=1))
+    fusion = WeightedFusion().fit(L, y)
+    useless = [0, 2]
+    assert fusion.weights_[useless].sum() < 0.5 * fusion.weights_.sum()  # so the fallback applies
+    np.testing.assert_allclose(fusion.weights_for(useless), fusion.temperatures_[useless] / 2)
+    assert not np.allclose(fusion.weights_for(useless), fusion.weights_[useless])
+    # subsets that keep the good head keep the learned weights
+    np.testing.assert_allclose(fusion.weights_for([1, 2]), fusion.weights_[[1, 2]])
+    np.testing.assert_allclose(fusion.weights_for([0, 1, 2]), fusion.weights_)
+    # and the rule on hand-set weights: [0, 2] holds 0.3 of 2.3, [1] holds 2.0
+    fusion.weights_, fusion.temperatures_ = np.array([0.1, 2.0, 0.2]), np.array([1.5, 3.0, 0.5])
+    np.testing.assert_allclose(fusion.weights_for([0, 2]), [0.75, 0.25])
+    np.testing.assert_allclose(fusion.weights_for([1]), [2.0])
 
 
 def test_propagation_refit_with_other_gamma_rebuilds_the_affinity():
@@ -364,3 +407,126 @@ def test_propagation_refit_with_other_gamma_rebuilds_the_affinity():
     head.set_params(gamma=1.0).fit(X, y_semi)
     fresh = LabelPropagationHead(n_neighbors=10, gamma=1.0).fit(X, y_semi)
     np.testing.assert_allclose(head.label_distributions_, fresh.label_distributions_, atol=1e-6)
+
+
+# --- the ensemble checks, normalises and hashes X once per fit, not once per head and fold ----
+
+_FAST_HEADS = {"probe": {"C": 1.0}, "knn": {}, "propagation": {}, "kmeans": {},
+               "pseudo": {"max_rounds": 1, "C": 1.0}, "mean-teacher": {"steps": 30}}
+
+
+def _semi_blobs(n: int = 1200):
+    """float64 rows that are not unit length, 4 classes, 8 labels each: heads must convert and
+    normalise. Over 1024 rows, so k-means clusters a sample, not a copy of every row."""
+    X, y = make_blobs(n_samples=n, centers=4, n_features=12, cluster_std=1.5, random_state=2)
+    return X * 3.0, y, _hide_labels(y, 8)
+
+
+def _count_passes(monkeypatch, n_rows: int) -> dict:
+    """Counters of the work done on whole ``n_rows``-row matrices while the test runs:
+    ``check_array`` calls, L2 norms over the rows, and BLAKE2b hashes (of anything)."""
+    import hashlib
+
+    import sklearn.utils.validation as skv
+
+    from clipfuse.classify import base
+
+    counts = {"check_array": 0, "norm": 0, "hash": 0}
+    real_check, real_norm, real_hash = skv.check_array, np.linalg.norm, hashlib.blake2b
+
+    def whole(A) -> bool:
+        return np.ndim(A) == 2 and len(A) == n_rows
+
+    def check_array(A, *args, **kwargs):
+        counts["check_array"] += whole(A)
+        return real_check(A, *args, **kwargs)
+
+    def norm(A, *args, **kwargs):
+        counts["norm"] += whole(A)
+        return real_norm(A, *args, **kwargs)
+
+    def blake2b(*args, **kwargs):
+        counts["hash"] += 1
+        return real_hash(*args, **kwargs)
+
+    monkeypatch.setattr(skv, "check_array", check_array)
+    monkeypatch.setattr(base, "check_array", check_array, raising=False)
+    monkeypatch.setattr(np.linalg, "norm", norm)
+    monkeypatch.setattr(hashlib, "blake2b", blake2b)
+    return counts
+
+
+@pytest.mark.parametrize("n_folds", [2, 4])
+def test_ensemble_fit_checks_normalises_and_hashes_x_once(monkeypatch, n_folds):
+    X, _, y_semi = _semi_blobs()
+    ens = create_ensemble(list(_FAST_HEADS), 4, params=_FAST_HEADS, n_folds=n_folds)
+    counts = _count_passes(monkeypatch, len(X))
+    ens.fit(X, y_semi)
+    assert len(ens.head_names_) == 6  # 6 heads x (n_folds + 2) fits each
+    assert counts == {"check_array": 1, "norm": 1, "hash": 1}
+
+    from clipfuse.classify.base import prepared
+
+    assert prepared(X) is None  # nothing stays trusted after the fit
+    counts.update(check_array=0, norm=0, hash=0)
+    KnnCacheHead().fit(X, y_semi)  # a head on its own checks and normalises its input again
+    assert counts["check_array"] == 1 and counts["norm"] == 1
+
+
+def test_ensemble_predict_proba_checks_x_once_and_hands_it_to_every_head(monkeypatch):
+    X, _, y_semi = _semi_blobs()
+    ens = create_ensemble(list(_FAST_HEADS), 4, params=_FAST_HEADS).fit(X, y_semi)
+    seen: dict[str, list] = {}
+    for name, head in ens.heads.items():
+        def spy(A, _real=head.predict_proba, _name=name):
+            seen.setdefault(_name, []).append(A)
+            return _real(A)
+        head.predict_proba = spy  # instance attribute: the ensemble calls this one
+    counts = _count_passes(monkeypatch, len(X))
+    fused, _ = ens.predict_proba(X)
+    assert counts == {"check_array": 1, "norm": 1, "hash": 0}
+    assert set(seen) == set(ens.head_names_)
+    assert all(len(v) == 1 and v[0] is X for v in seen.values())  # X itself: no per-head copy
+    np.testing.assert_allclose(fused.sum(axis=1), 1.0, rtol=1e-5)
+
+    # fitted rows answered transductively, new rows taken once for all heads that need them
+    seen.clear()
+    fit_rows = np.where(np.arange(len(X)) % 3 == 0, -1, np.arange(len(X)))
+    ens.predict_proba(X, fit_rows=fit_rows)
+    assert seen["propagation"][0] is seen["kmeans"][0]
+    np.testing.assert_array_equal(seen["kmeans"][0], X[fit_rows < 0])
+    assert all(seen[h][0] is X for h in seen if h not in ("propagation", "kmeans"))
+
+
+@pytest.mark.parametrize("name", list(_FAST_HEADS) + ["zero-shot"])
+def test_heads_inside_a_prepared_block_match_heads_on_their_own(name):
+    from clipfuse.classify.base import prepared_rows, take_rows
+
+    X, y, y_semi = _semi_blobs()
+    params = dict(_FAST_HEADS.get(name, {}))
+    if name == "zero-shot":
+        params["class_embeddings"] = np.stack([X[y == c].mean(axis=0) for c in range(4)])
+    alone = create_head(name, **params).fit(X, y_semi)
+    with prepared_rows(X):
+        inside = create_head(name, **params).fit(X, y_semi)
+        assert inside.n_features_in_ == 12
+        np.testing.assert_array_equal(inside.predict_proba(X), alone.predict_proba(X))
+        subset = take_rows(X, np.arange(50))
+        np.testing.assert_array_equal(inside.predict_proba(subset), alone.predict_proba(X[:50]))
+        with pytest.raises(ValueError, match="inconsistent numbers of samples"):  # y is still checked
+            create_head(name, **params).fit(X, y_semi[:-1])
+    narrow = np.ones((3, 5))
+    with prepared_rows(narrow), pytest.raises(ValueError, match="5 features"):  # and the feature count
+        inside.predict_proba(narrow)
+
+
+def test_prepared_rows_still_rejects_bad_input():
+    from clipfuse.classify.base import prepared_rows
+
+    X, _, y_semi = _semi_blobs()
+    X = X.copy()
+    X[5, 3] = np.nan
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        create_ensemble(["probe"], 4).fit(X, y_semi)
+    with pytest.raises(ValueError, match="Input X contains NaN"), prepared_rows(X):
+        pass
