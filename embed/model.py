@@ -9,26 +9,19 @@ import socket
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from .backbones import is_image_only
+from .names import DEFAULT_MODEL, PretrainedWeightsError, default_pretrained, is_image_only, parse_model_name
 from .checkpoints import tensors_only
 from clipfuse.data import DEFAULT_MAX_FILE_BYTES
 
 from .images import DEFAULT_MAX_PIXELS
 from .pipeline import iter_image_batches
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that their fingerprint is stable
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights were asked for and could not be loaded."""
 
 
 @dataclass(frozen=True)
@@ -114,14 +107,8 @@ def hash_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def default_pretrained(model: str) -> str | None:
-    """The pretrained tag ``pretrained=None`` stands for with an open_clip architecture: DEFAULT_PRETRAINED
-    for the default model, none for the others (they need a tag or a file)."""
-    return DEFAULT_PRETRAINED if model.replace("/", "-") == DEFAULT_MODEL else None
-
-
 def _describe_weights_error(config: EmbedderConfig, err: Exception) -> str:
-    has_schema = config.model.removeprefix("timm:").startswith(("hf-hub:", "local-dir:"))
+    has_schema = parse_model_name(config.model).schema is not None
     pretrained = _resolved_pretrained(config)
     what = f"model {config.model!r}" + ("" if has_schema or pretrained is None else f" (pretrained={pretrained!r})")
     if is_image_only(config.model):
@@ -168,13 +155,14 @@ def _create_open_clip(config: EmbedderConfig, device: torch.device):
     import open_clip
 
     kwargs = dict(device=device, precision=config.precision, cache_dir=config.cache_dir)
-    has_schema = config.model.startswith(("hf-hub:", "local-dir:"))
+    name = parse_model_name(config.model)
+    has_schema = name.schema is not None
     if not has_schema and config.model.replace("/", "-") not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {config.model!r}; use a built-in name such as ViT-B-32 "
                          "(see open_clip.list_models()), hf-hub:org/repo, local-dir:/path/to/model, or an "
                          "image-only backbone: timm:<name> or effnet-lite0.")
-    if config.model.startswith("local-dir:"):
-        folder = Path(config.model[len("local-dir:"):])
+    folder = name.folder
+    if folder is not None:
         if (folder / "config.json").is_file() and not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{str(folder)!r} holds a timm model (config.json), not an open_clip one; "
                                     f"pass --model timm:local-dir:{folder}")
@@ -380,7 +368,7 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
     dim = probe.shape[-1]
     info = ModelInfo(
         model=config.model,
-        pretrained=None if random_weights or config.model.startswith(("hf-hub:", "local-dir:"))
+        pretrained=None if random_weights or parse_model_name(config.model).schema is not None
         else _resolved_pretrained(config),
         weights_hash=hash_state_dict(model.state_dict()),
         preprocess=repr(preprocess),

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import hnswlib
 import numpy as np
 
 
@@ -40,6 +39,8 @@ class AnnIndex:
         self.config = config or AnnConfig()
         self.ids = np.zeros(0, dtype=object)
         self._position: dict[str, int] = {}
+        import hnswlib  # imported on first use: opening a store needs no index library
+
         self._index = hnswlib.Index(space="ip", dim=dim)
         self._index.init_index(max_elements=1024, ef_construction=self.config.ef_construction, M=self.config.m)
         self._index.set_num_threads(_threads(self.config))
@@ -115,6 +116,8 @@ class AnnIndex:
         self = cls.__new__(cls)
         self.dim, self.config, self.ids = meta["dim"], config, ids
         self._position = {id_: j for j, id_ in enumerate(ids)}
+        import hnswlib
+
         self._index = hnswlib.Index(space="ip", dim=self.dim)
         try:
             self._index.load_index(str(folder / f"{name}.hnsw"), max_elements=max(len(ids), 1024))

@@ -14,6 +14,7 @@ import numpy as np
 from clipfuse.data import printable_path
 
 from .store import Store
+from .versions import EmbeddingVersion
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class IndexSummary:
     removed: int = 0  # rows of files no longer found under the scanned folders
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason); paths shown as in printable_path
     repaired: dict[str, int] = field(default_factory=dict)  # duplicate rows removed first (written before the lock)
-    previous_active: dict | None = None  # the version that was active before, when this run made another one active
+    previous_active: EmbeddingVersion | None = None  # the version that was active before, when this run made another one active
     seconds: float = 0.0
     fingerprint: str = ""
 
@@ -230,11 +231,11 @@ def _index_locked(store: Store, embedder, files, classes, *, roots, config, prog
         store.clear_errors(stale_errors)
         summary.removed = len(gone)
     store.activate(fp)
-    if before is not None and before["fingerprint"] != fp:
+    if before is not None and before.fingerprint != fp:
         summary.previous_active = before
     if config.optimize:
         store.optimize()
-    if config.build_ann and store.get_version(fp)["rows"] >= store.ann_threshold:
+    if config.build_ann and store.get_version(fp).rows >= store.ann_threshold:
         store.ann_index(fp)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -108,6 +108,7 @@ class WriterLock:
     def path(self) -> Path | None:
         return None if self.folder is None else self.folder / LOCK_FILE
 
+    @property
     def held(self) -> bool:
         """Whether the running code holds the lock."""
         return self.key in _HELD.get()
@@ -133,7 +134,7 @@ class WriterLock:
         PermissionError
             When the store's folder is not writable (checked before anything else happens).
         """
-        if self.held():
+        if self.held:
             self._check_still_ours()
             yield self
             return

@@ -19,6 +19,7 @@ from clipfuse.data import SPLIT_PRIORITY
 
 from .ann import AnnConfig, AnnIndex
 from .lock import WriterLock
+from .versions import EmbeddingVersion
 
 DEFAULT_DB = "clipfuse.lance"
 IMAGES, ERRORS, VERSIONS, CLASSES = "images", "index_errors", "embedding_versions", "classes"
@@ -189,6 +190,7 @@ class Store:
         self.on_lock_wait = on_lock_wait
         self._db = None
         self._ann: dict[str, AnnIndex] = {}
+        self._names: frozenset[str] | None = None  # table names, cached while holding the writer lock
         folder = Path(self.uri).absolute() if self.is_local else None
         self._lock = WriterLock(folder, str(folder.resolve()) if folder else self.uri)
 
@@ -216,6 +218,12 @@ class Store:
 
     # ---- tables -------------------------------------------------------------------------
     def _table_names(self) -> set[str]:
+        """The store's tables; listed once while this process holds the writer lock (nobody else
+        can add one then), listed afresh by every call of a reader."""
+        if not self._lock.held:
+            self._names = None
+        elif self._names is not None:
+            return set(self._names)
         if not self.exists:
             return set()
         names, token = set(), None
@@ -224,7 +232,14 @@ class Store:
             names.update(page.tables)
             token = page.page_token
             if not token:
-                return names
+                break
+        if self._lock.held:
+            self._names = frozenset(names)
+        return names
+
+    def _create_table(self, name: str, data=None, **kwargs):
+        self._names = None
+        return self.db.create_table(name, data, **kwargs)
 
     def _table(self, name: str, schema: pa.Schema | None = None):
         if name in self._table_names():
@@ -232,7 +247,7 @@ class Store:
         if schema is None:
             return None
         with self.writer():
-            return self.db.create_table(name, schema=schema, exist_ok=True)
+            return self._create_table(name, schema=schema, exist_ok=True)
 
     def _read(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         table = self._table(name)
@@ -273,9 +288,9 @@ class Store:
             return known + new
 
     # ---- embedding versions ---------------------------------------------------------------
-    def _version_rows(self) -> list[dict]:
+    def _version_rows(self) -> list[EmbeddingVersion]:
         """The version records, one per fingerprint, oldest first (a fingerprint recorded
-        twice keeps its first record and its latest activation)."""
+        twice keeps its first record and its latest activation); rows not counted."""
         t = self._read(VERSIONS)
         if t is None:
             return []
@@ -284,19 +299,20 @@ class Store:
             first = unique.setdefault(r["fingerprint"], r)
             if r["activated_at"] is not None and (first["activated_at"] or 0) < r["activated_at"]:
                 first["activated_at"] = r["activated_at"]
-        return list(unique.values())
+        return [EmbeddingVersion.from_row(r) for r in unique.values()]
+
+    def _count_rows(self, version: EmbeddingVersion, names: set[str] | None = None) -> EmbeddingVersion:
+        names = self._table_names() if names is None else names
+        return version.with_rows(self.db.open_table(version.table).count_rows() if version.table in names else 0)
 
     @_storage_errors
-    def versions(self) -> list[dict]:
+    def versions(self) -> list[EmbeddingVersion]:
         """Every embedding version, oldest first, with its row count."""
-        rows = self._version_rows()
         names = self._table_names()
-        for r in rows:
-            r["rows"] = self.db.open_table(r["table"]).count_rows() if r["table"] in names else 0
-        return rows
+        return [self._count_rows(v, names) for v in self._version_rows()]
 
     @_storage_errors
-    def register_version(self, info: dict, *, source: str = "index") -> dict:
+    def register_version(self, info: dict, *, source: str = "index") -> EmbeddingVersion:
         """Record the model behind an embedding version (idempotent) and create its table.
 
         ``info`` holds ``fingerprint, model, pretrained, weights_hash, preprocess, dim``
@@ -305,14 +321,14 @@ class Store:
         with self.writer():
             return self._register_version(info, source)
 
-    def _register_version(self, info: dict, source: str) -> dict:
+    def _register_version(self, info: dict, source: str) -> EmbeddingVersion:
         fp = info["fingerprint"]
-        for v in self.versions():
-            if v["fingerprint"] == fp:
-                if v["dim"] != info["dim"]:
-                    raise ValueError(f"version {fp} is recorded with dim {v['dim']}, got {info['dim']}.")
-                self._table(v["table"], _embeddings_schema(v["dim"]))  # a run killed between the two writes
-                return v
+        for v in self._version_rows():
+            if v.fingerprint == fp:
+                if v.dim != info["dim"]:
+                    raise ValueError(f"version {fp} is recorded with dim {v.dim}, got {info['dim']}.")
+                self._table(v.table, _embeddings_schema(v.dim))  # a run killed between the two writes
+                return self._count_rows(v)
         row = {
             "fingerprint": fp, "table": f"embeddings_{fp}", "model": info["model"],
             "pretrained": info.get("pretrained"), "weights_hash": info.get("weights_hash"),
@@ -322,51 +338,59 @@ class Store:
         }
         self._table(row["table"], _embeddings_schema(row["dim"]))
         self._table(VERSIONS, VERSIONS_SCHEMA).add(pa.Table.from_pylist([row], schema=VERSIONS_SCHEMA))
-        return {**row, "rows": 0}
+        return EmbeddingVersion.from_row(row, rows=0)
 
     @_storage_errors
     def activate(self, fingerprint: str) -> None:
         """Make a version the default of neighbour queries and later stages."""
         with self.writer():
-            fp = self.get_version(fingerprint)["fingerprint"]
+            fp = self.get_version(fingerprint, count_rows=False).fingerprint
             self._table(VERSIONS).update(where=f"fingerprint = '{fp}'", values={"activated_at": time.time()})
 
     @_storage_errors
-    def get_version(self, fingerprint: str | None = None) -> dict:
+    def get_version(self, fingerprint: str | None = None, *, count_rows: bool = True) -> EmbeddingVersion:
         """Look a version up by fingerprint (or a unique prefix); None gives the active one.
+
+        Only the version found has its rows counted (``count_rows=False``: none).
 
         Raises
         ------
         LookupError
             When the store has no such version; the message lists the ones it has.
         """
-        versions = self.versions()
+        versions = self._version_rows()
         if not versions:
             raise LookupError(f"store {self.uri!r} holds no embeddings yet; run `clipfuse index` first.")
+        found = self._find_version(versions, fingerprint)
+        return self._count_rows(found) if count_rows else found
+
+    def _find_version(self, versions: list[EmbeddingVersion], fingerprint: str | None) -> EmbeddingVersion:
+        if isinstance(fingerprint, EmbeddingVersion):
+            fingerprint = fingerprint.fingerprint
         if fingerprint is None:
-            active = [v for v in versions if v["activated_at"] is not None]
+            active = [v for v in versions if v.activated_at is not None]
             if not active:
                 raise LookupError(f"store {self.uri!r} has no complete embedding version yet; "
                                   "re-run `clipfuse index` to finish the interrupted run.")
-            return max(active, key=lambda v: v["activated_at"])
-        matches = [v for v in versions if v["fingerprint"].startswith(fingerprint)]
+            return max(active, key=lambda v: v.activated_at)
+        matches = [v for v in versions if v.fingerprint.startswith(fingerprint)]
         if len(matches) != 1:
-            listing = ", ".join(f"{v['fingerprint']} ({v['model']})" for v in versions)
+            listing = ", ".join(f"{v.fingerprint} ({v.model})" for v in versions)
             what = "matches several" if matches else "matches none"
             raise LookupError(f"version {fingerprint!r} {what} of the store's versions: {listing}.")
         return matches[0]
 
-    def _version_table(self, version: dict):
-        table = self._table(version["table"])
+    def _version_table(self, version: EmbeddingVersion):
+        table = self._table(version.table)
         if table is None:
-            raise LookupError(f"table {version['table']!r} of version {version['fingerprint']} is missing.")
+            raise LookupError(f"table {version.table!r} of version {version.fingerprint} is missing.")
         return table
 
     # ---- embeddings ---------------------------------------------------------------------
     @_storage_errors
     def embedded_ids(self, fingerprint: str) -> set[str]:
         """Ids that already have a vector in this version."""
-        t = _read_columns(self._version_table(self.get_version(fingerprint)), ["id"])
+        t = _read_columns(self._version_table(self.get_version(fingerprint, count_rows=False)), ["id"])
         return set(t["id"].to_pylist())
 
     @_storage_errors
@@ -375,16 +399,16 @@ class Store:
 
         One LanceDB commit: after a crash the rows are either all there or none.
         """
-        version = self.get_version(fingerprint)
+        version = self.get_version(fingerprint, count_rows=False)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != version["dim"]:
-            raise ValueError(f"version {version['fingerprint']} holds {version['dim']}-d vectors, "
+        if vectors.ndim != 2 or vectors.shape[1] != version.dim:
+            raise ValueError(f"version {version.fingerprint} holds {version.dim}-d vectors, "
                              f"got an array of shape {vectors.shape}.")
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors.")
         if not np.isfinite(vectors).all():
             raise ValueError(f"{int((~np.isfinite(vectors).all(axis=1)).sum())} vectors for version "
-                             f"{version['fingerprint']} hold NaN or infinite values; the model that made them is "
+                             f"{version.fingerprint} hold NaN or infinite values; the model that made them is "
                              "broken (check its weights). Nothing of them was written.")
         if not len(ids):
             return
@@ -394,19 +418,19 @@ class Store:
         keep = sorted(first.values())
         data = pa.table({
             "id": pa.array([ids[j] for j in keep], pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[keep].reshape(-1)), version["dim"]),
-        }, schema=_embeddings_schema(version["dim"]))
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors[keep].reshape(-1)), version.dim),
+        }, schema=_embeddings_schema(version.dim))
         with self.writer():
             self._version_table(version).merge_insert("id").when_not_matched_insert_all().execute(data)
 
-    def _read_vectors(self, version: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _read_vectors(self, version: EmbeddingVersion) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, X)`` of a version, one row per id (the first, should an id be stored twice)."""
         t = self._version_table(version).to_arrow()
         keep = _first_rows(t["id"])
         if keep is not None:
             t = t.take(keep)
         vec = t["vector"].combine_chunks()
-        X = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, version["dim"])
+        X = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, version.dim)
         return np.asarray(t["id"].to_pylist(), dtype=object), np.ascontiguousarray(X, dtype=np.float32)
 
     # ---- images and errors ------------------------------------------------------------------
@@ -433,9 +457,15 @@ class Store:
         self._delete_paths(IMAGES, paths)
 
     @_storage_errors
-    def images(self) -> pa.Table:
-        """Every image row, one per path (the latest, should a path be stored twice)."""
-        t = self._read(IMAGES)
+    def images(self, ids: list[str] | None = None) -> pa.Table:
+        """Every image row, one per path (the latest, should a path be stored twice); with
+        ``ids``, only the rows of those contents (read by a filtered scan, not the whole table)."""
+        if ids is None:
+            t = self._read(IMAGES)
+        else:
+            table = self._table(IMAGES)
+            t = None if table is None or not ids else \
+                table.search().where(f"id IN ({_sql_list(ids)})").limit(None).to_arrow().select(IMAGES_SCHEMA.names)
         return _last_by(t, "path", "indexed_at") if t is not None else IMAGES_SCHEMA.empty_table()
 
     @_storage_errors
@@ -483,8 +513,8 @@ class Store:
         names = self._table_names()
         out["vectors"] = 0
         for v in self._version_rows():
-            if v["table"] in names:
-                ids = _read_columns(self.db.open_table(v["table"]), ["id"])["id"]
+            if v.table in names:
+                ids = _read_columns(self.db.open_table(v.table), ["id"])["id"]
                 out["vectors"] += len(ids) - pc.count_distinct(ids).as_py()
         return out
 
@@ -497,8 +527,8 @@ class Store:
         with self.writer("repairing the store"):
             found = self.duplicates()
             if found["versions"]:
-                self._table(VERSIONS).add(pa.Table.from_pylist(self._version_rows(), schema=VERSIONS_SCHEMA),
-                                          mode="overwrite")
+                rows = [{k: getattr(v, k) for k in VERSIONS_SCHEMA.names} for v in self._version_rows()]
+                self._table(VERSIONS).add(pa.Table.from_pylist(rows, schema=VERSIONS_SCHEMA), mode="overwrite")
             if found["classes"]:
                 names = self.classes()
                 self._table(CLASSES).add(pa.table({"index": pa.array(range(len(names)), pa.int32()),
@@ -511,14 +541,14 @@ class Store:
             if found["vectors"]:
                 names = self._table_names()
                 for v in self._version_rows():
-                    if v["table"] not in names:
+                    if v.table not in names:
                         continue
-                    table = self.db.open_table(v["table"])
+                    table = self.db.open_table(v.table)
                     t = table.to_arrow()
                     keep = _first_rows(t["id"])
                     if keep is not None:
                         table.add(t.take(keep), mode="overwrite")
-                        self._ann.pop(v["fingerprint"], None)
+                        self._ann.pop(v.fingerprint, None)
             return found
 
     # ---- reading for later stages --------------------------------------------------------------
@@ -531,7 +561,7 @@ class Store:
         fingerprint : str, optional
             Version to load (fingerprint or unique prefix); default the active one.
         """
-        version = self.get_version(fingerprint)
+        version = self.get_version(fingerprint, count_rows=False)
         ids, X = self._read_vectors(version)
         classes = self.classes()
         class_index = {c: i for i, c in enumerate(classes)}
@@ -564,7 +594,7 @@ class Store:
                 test_labels[j] = class_index[next(iter(test_meta[id_]))]
         return EmbeddingSet(ids=ids.astype(str), X=X, labels=labels, splits=splits.astype(str),
                             test_labels=test_labels, classes=classes,
-                            fingerprint=version["fingerprint"], conflicts=conflicts)
+                            fingerprint=version.fingerprint, conflicts=conflicts)
 
     @_storage_errors
     def vectors_for(self, ids: list[str], fingerprint: str | None = None) -> np.ndarray:
@@ -575,12 +605,12 @@ class Store:
         KeyError
             Naming the first id that this version does not hold.
         """
-        version = self.get_version(fingerprint)
+        version = self.get_version(fingerprint, count_rows=False)
         t = self._version_table(version).search().where(f"id IN ({_sql_list(ids)})").limit(None).to_arrow()
         found = dict(zip(t["id"].to_pylist(), t["vector"].to_numpy(zero_copy_only=False)))
         missing = [i for i in ids if i not in found]
         if missing:
-            raise KeyError(f"id {missing[0]!r} has no vector in version {version['fingerprint']}; "
+            raise KeyError(f"id {missing[0]!r} has no vector in version {version.fingerprint}; "
                            "check the id with `clipfuse info` or index the image first.")
         return np.stack([np.asarray(found[i], dtype=np.float32) for i in ids])
 
@@ -596,14 +626,14 @@ class Store:
         rows as the table holds all of them, and the table need not be read.
         """
         version = self.get_version(fingerprint)
-        fp = version["fingerprint"]
+        fp = version.fingerprint
         index = self._ann.get(fp)
         folder = self._ann_folder()
         if index is None and folder is not None:
             index = AnnIndex.load(folder, fp, self.ann_config)
         if index is None:
-            index = AnnIndex(version["dim"], self.ann_config)
-        if len(index) != version["rows"]:
+            index = AnnIndex(version.dim, self.ann_config)
+        if len(index) != version.rows:
             ids, X = self._read_vectors(version)
             if index.extend(ids, X) and folder is not None:
                 # saved under the writer lock if it is free right now: a reader never waits, and a busy or
@@ -636,19 +666,19 @@ class Store:
         """
         version = self.get_version(fingerprint)
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        if queries.shape[1] != version["dim"]:
+        if queries.shape[1] != version.dim:
             raise ValueError(
-                f"query vectors have dim {queries.shape[1]}, but version {version['fingerprint']} "
-                f"({version['model']}) holds {version['dim']}-d vectors: the query was made by a different "
+                f"query vectors have dim {queries.shape[1]}, but version {version.fingerprint} "
+                f"({version.model}) holds {version.dim}-d vectors: the query was made by a different "
                 "model. Query with the store's model, or pick a matching version with --version."
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
-        n = version["rows"]
+        n = version.rows
         if n == 0:
             return np.zeros((len(queries), 0), dtype=str), np.zeros((len(queries), 0), dtype=np.float32)
         if not (exact if exact is not None else n < self.ann_threshold):
-            found, sims = self.ann_index(version["fingerprint"]).search(queries, k)
+            found, sims = self.ann_index(version.fingerprint).search(queries, k)
             return found.astype(str), sims
         ids, X = self._read_vectors(version)
         k = min(k, len(ids))
@@ -664,10 +694,10 @@ class Store:
         if "://" in self.uri:
             raise ValueError(f"store {self.uri!r} is not on disk, so trained heads can't be saved beside it; "
                              "use a folder for --db.")
-        return Path(self.uri) / "_heads" / self.get_version(fingerprint)["fingerprint"]
+        return Path(self.uri) / "_heads" / self.get_version(fingerprint, count_rows=False).fingerprint
 
-    def _predictions_name(self, version: dict) -> str:
-        return "predictions_" + version["table"].removeprefix("embeddings_")
+    def _predictions_name(self, version: EmbeddingVersion) -> str:
+        return "predictions_" + version.table.removeprefix("embeddings_")
 
     @_storage_errors
     def write_predictions(self, predictions: pa.Table, fingerprint: str | None = None) -> str:
@@ -678,12 +708,12 @@ class Store:
         if "id" not in predictions.column_names:
             raise ValueError("a predictions table needs an 'id' column.")
         with self.writer():
-            name = self._predictions_name(self.get_version(fingerprint))
+            name = self._predictions_name(self.get_version(fingerprint, count_rows=False))
             table = self._table(name)
             if table is None:
-                self.db.create_table(name, predictions)
+                self._create_table(name, predictions)
             elif table.schema != predictions.schema:  # other heads, other columns
-                self.db.create_table(name, predictions, mode="overwrite")
+                self._create_table(name, predictions, mode="overwrite")
             else:
                 table.add(predictions, mode="overwrite")
         return name
@@ -691,7 +721,7 @@ class Store:
     @_storage_errors
     def predictions(self, fingerprint: str | None = None) -> pa.Table | None:
         """The version's predictions table, or None before `clipfuse predict`."""
-        return self._read(self._predictions_name(self.get_version(fingerprint)))
+        return self._read(self._predictions_name(self.get_version(fingerprint, count_rows=False)))
 
     # ---- maintenance and summary ------------------------------------------------------------------
     @_storage_errors
@@ -711,7 +741,7 @@ class Store:
         per_split = {r["split"]: r["len"] for r in df.group_by("split").len().to_dicts()}
         per_class = {r["label"]: r["len"] for r in df.filter(pl.col("split") == "labeled").group_by("label").len().to_dicts()}
         try:
-            active = self.get_version()["fingerprint"]
+            active = self.get_version().fingerprint
         except LookupError:
             active = None
         return {
@@ -721,7 +751,7 @@ class Store:
             "unique_images": df["id"].n_unique() if images.num_rows else 0,
             "per_split": per_split,
             "per_class": {c: per_class.get(c, 0) for c in self.classes()},
-            "versions": self.versions(),
+            "versions": [v.to_dict() for v in self.versions()],
             "active": active,
             "errors": self.errors().num_rows,
             "duplicates": self.duplicates(),

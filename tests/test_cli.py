@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import polars as pl
@@ -135,7 +136,7 @@ def test_import_clip_retrieval_round_trip(indexed, tmp_path, tiny_model):
     db2 = tmp_path / "imported2.lance"
     result = invoke("import-embeddings", out, "--db", db2, "--model", tiny_model)
     assert result.exit_code == 0, result.output
-    assert Store(db2).get_version()["fingerprint"] == original.fingerprint
+    assert Store(db2).get_version().fingerprint == original.fingerprint
     assert invoke("neighbors", "--text", "a blue circle", "--db", db2).exit_code == 0
 
 
@@ -200,7 +201,9 @@ def test_train_predict_evaluate_export(three_splits):
     result = invoke("train-heads", "--db", db, "--folds", 3)
     assert result.exit_code == 0, result.output
     for head in ("zero-shot", "probe", "knn", "propagation", "kmeans", "pseudo", "mean-teacher", "fused"):
-        assert head in result.output
+        # a scored row of the validation table (a skipped head would only be named in a "skipped" line)
+        assert re.search(rf"^\W*{re.escape(head)}\s*│\s*[01]\.\d{{3}}\s*│", result.output, re.M), head
+    assert re.findall(r"^(\S+) skipped:", result.output, re.M) == ["finetuned"]  # no finetuned model here
     assert "fused validation accuracy" in result.output
     store = Store(db)
     folder = store.heads_folder()
@@ -212,7 +215,10 @@ def test_train_predict_evaluate_export(three_splits):
     assert result.exit_code == 0, result.output
     predictions = store.predictions()
     assert predictions.num_rows == 24 + 18 + 9
-    assert {"id", "label", "confidence", "probs", "probs_propagation", "probs_zero_shot"} <= set(predictions.column_names)
+    assert {"id", "label", "confidence", "probs"} <= set(predictions.column_names)
+    assert not [c for c in predictions.column_names if c.startswith("probs_")]  # per-head columns are opt-in
+    assert invoke("predict", "--db", db, "--per-head").exit_code == 0
+    assert {"probs_propagation", "probs_zero_shot"} <= set(store.predictions().column_names)
     probs = predictions["probs"].combine_chunks().flatten().to_numpy().reshape(-1, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
@@ -289,12 +295,12 @@ def test_imported_vectors_without_a_model_skip_zero_shot(tmp_path):
 
 
 def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model):
-    result = invoke("demo", "--workdir", tmp_path / "demo", "--model", tiny_model)
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--model", tiny_model, "--unlabeled", 120)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps long titles
-    assert "accuracy on the 1647 unlabeled demo images" in text
-    assert "fused" in text and "demo done" in text
-    assert pl.read_csv(tmp_path / "demo" / "predictions.csv").height == 1647
+    assert "accuracy on the 120 unlabeled demo images" in text and "wrote 120 rows (unlabeled)" in text
+    assert re.search(r"fused validation accuracy [01]\.\d{3}", text) and "demo done: 270 images" in text
+    assert pl.read_csv(tmp_path / "demo" / "predictions.csv").height == 120
 
 
 def test_classes_added_after_training_keep_predict_and_export_working(three_splits):
@@ -342,21 +348,21 @@ def test_clip_and_image_only_versions_coexist(tmp_path, tiny_model, tiny_timm):
     assert invoke("index", tmp_path / "labeled", "--db", db, "--model", tiny_model).exit_code == 0
     result = invoke("index", tmp_path / "labeled", "--db", db, "--model", name, "--pretrained", weights)
     assert result.exit_code == 0, result.output
-    versions = {v["model"]: v for v in Store(db).versions()}
-    assert set(versions) == {tiny_model, name} and versions[name]["dim"] == 256 and versions[tiny_model]["dim"] == 16
+    versions = {v.model: v for v in Store(db).versions()}
+    assert set(versions) == {tiny_model, name} and versions[name].dim == 256 and versions[tiny_model].dim == 16
     query = sorted((tmp_path / "labeled" / "red").glob("*.png"))[0]
     for model, v in versions.items():
-        result = invoke("neighbors", query, "--db", db, "--version", v["fingerprint"], "-k", 3, "--json")
+        result = invoke("neighbors", query, "--db", db, "--version", v.fingerprint, "-k", 3, "--json")
         assert result.exit_code == 0, result.output
         found = json.loads(result.output)
-        assert found["version"] == v["fingerprint"] and found["neighbors"][0]["similarity"] == pytest.approx(1, abs=1e-5)
+        assert found["version"] == v.fingerprint and found["neighbors"][0]["similarity"] == pytest.approx(1, abs=1e-5)
         # a file not in the store is embedded with the version's own model (the timm one loads its weights file)
         query.with_name("copy.png").write_bytes(query.read_bytes() + b"\0")
-        result = invoke("neighbors", query.with_name("copy.png"), "--db", db, "--version", v["fingerprint"], "-k", 1)
+        result = invoke("neighbors", query.with_name("copy.png"), "--db", db, "--version", v.fingerprint, "-k", 1)
         assert result.exit_code == 0 and "embedded now" in result.output, result.output
         query.with_name("copy.png").unlink()
 
-        result = invoke("train-heads", "--db", db, "--version", v["fingerprint"], "--folds", 2,
+        result = invoke("train-heads", "--db", db, "--version", v.fingerprint, "--folds", 2,
                         "--heads", "zero-shot,probe,knn,propagation")
         assert result.exit_code == 0, result.output
         text = " ".join(result.output.split())
@@ -366,10 +372,10 @@ def test_clip_and_image_only_versions_coexist(tmp_path, tiny_model, tiny_timm):
             assert "zero-shot skipped" not in text
         assert "fused validation accuracy" in text
 
-    result = invoke("neighbors", "--text", "a red circle", "--db", db, "--version", versions[name]["fingerprint"])
+    result = invoke("neighbors", "--text", "a red circle", "--db", db, "--version", versions[name].fingerprint)
     assert result.exit_code == 1 and "image-only backbone with no text tower" in " ".join(result.output.split())
     assert invoke("neighbors", "--text", "a red circle", "--db", db,
-                  "--version", versions[tiny_model]["fingerprint"]).exit_code == 0
+                  "--version", versions[tiny_model].fingerprint).exit_code == 0
 
 
 def test_demo_without_hub_access_falls_back_to_effnet_lite0(tmp_path, monkeypatch):
@@ -386,4 +392,4 @@ def test_demo_without_hub_access_falls_back_to_effnet_lite0(tmp_path, monkeypatc
     assert "zero-shot skipped: effnet-lite0 is an image-only backbone" in text
     assert "accuracy on the 60 unlabeled demo images" in text and "demo done" in text
     assert pl.read_csv(tmp_path / "demo" / "predictions.csv").height == 60
-    assert Store(tmp_path / "demo" / "clipfuse.lance").get_version()["model"] == "effnet-lite0"
+    assert Store(tmp_path / "demo" / "clipfuse.lance").get_version().model == "effnet-lite0"

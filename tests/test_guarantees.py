@@ -137,7 +137,7 @@ def test_two_index_runs_on_a_new_store_register_one_version(tmp_path, embedder, 
     db = tmp_path / "s.lance"
     _race(2, lambda i: index_images(Store(db), embedder, folders.files, folders.classes, roots=folders.roots))
     _assert_store_has_no_duplicates(db, len(folders.files))
-    assert Store(db).get_version()["fingerprint"] == embedder.fingerprint
+    assert Store(db).get_version().fingerprint == embedder.fingerprint
     assert invoke("info", "--db", db).exit_code == 0
 
 
@@ -260,7 +260,7 @@ def test_duplicates_written_before_the_lock_are_hidden_reported_and_repaired(tmp
     assert invoke("index", tmp_path / "lab", "--db", db, "--model", tiny_model).exit_code == 0
     store = Store(db)
     version = store.get_version()
-    for name in ("images", "embedding_versions", "classes", version["table"]):  # what two racing writers left
+    for name in ("images", "embedding_versions", "classes", version.table):  # what two racing writers left
         table = store.db.open_table(name)
         table.add(table.to_arrow().slice(0, 4))
     query = tmp_path / "lab" / "red" / "000.png"
@@ -297,7 +297,7 @@ def test_a_file_name_that_is_not_utf8_is_recorded_and_never_stops_the_run(tmp_pa
     errors = json.loads(invoke("info", "--db", db, "--errors", "--json").output)["error_list"]
     assert [e["path"] for e in errors] == [str(pool / "caf\\xe9-latin1.png")]
     assert "not valid UTF-8" in errors[0]["reason"]
-    assert Store(db).get_version()["rows"] == 9
+    assert Store(db).get_version().rows == 9
 
 
 def test_a_class_folder_name_that_is_not_utf8_is_a_clear_error(tmp_path, tiny_model):
@@ -338,7 +338,7 @@ def test_fifos_and_devices_are_recorded_not_read(tmp_path, tiny_model):
     db = _index_in_a_process(tmp_path, tiny_model, pool)
     errors = _error_reasons(db)
     assert "FIFO" in errors["pipe.jpg"] and "character device" in errors["zero.png"]
-    assert Store(db).get_version()["rows"] == 6
+    assert Store(db).get_version().rows == 6
 
 
 def test_files_over_the_size_cap_are_recorded_not_read(tmp_path, tiny_model):
@@ -695,7 +695,7 @@ def test_another_model_becoming_active_is_said_and_train_heads_points_to_version
     write_shapes_folder(tmp_path / "pool", n_per_class=1, seed=3)
     db = tmp_path / "s.lance"
     assert invoke("index", tmp_path / "lab", "--db", db, "--model", tiny_model).exit_code == 0
-    first = Store(db).get_version()["fingerprint"]
+    first = Store(db).get_version().fingerprint
     result = invoke("index", "--unlabeled", tmp_path / "pool", "--db", db, "--model", other_tiny_model)
     out = plain(result)
     assert result.exit_code == 0 and "is now the active version" in out and f"--version {first[:12]}" in out
@@ -750,12 +750,12 @@ def test_rerunning_a_finished_reembed_names_the_version_it_replaced(trained, emb
     from clipfuse.train import model_config, save_model_folder
 
     root, db = trained
-    base = Store(db).get_version()["fingerprint"]
+    base = Store(db).get_version().fingerprint
     folder = save_model_folder(root / "ft", embedder.model, model_config(embedder.config.model, embedder.model),
                                meta={"kind": "finetuned", "base_fingerprint": base})
     first = invoke("reembed", "--model-checkpoint", folder, "--db", db)
     again = invoke("reembed", "--model-checkpoint", folder, "--db", db)
-    new = Store(db).get_version()["fingerprint"]
+    new = Store(db).get_version().fingerprint
     assert new != base and first.exit_code == again.exit_code == 0
     for result in (first, again):
         out = plain(result)
@@ -1062,4 +1062,4 @@ def test_rerunning_a_first_index_killed_before_it_finished_resumes_with_its_mode
     Store(db).register_version(embedder.info.to_dict())  # what a first run killed before its end leaves
     result = invoke("index", shapes_dir, "--db", db)  # no --model: the version it was writing
     assert result.exit_code == 0, result.output
-    assert Store(db).get_version()["fingerprint"] == embedder.fingerprint
+    assert Store(db).get_version().fingerprint == embedder.fingerprint

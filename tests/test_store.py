@@ -50,9 +50,13 @@ def test_changed_file_is_re_embedded_and_relabel_needs_no_model(tmp_path, embedd
     shutil.copy(shapes_dir / "blue" / "001.png", changed)  # new content under an old path
     summary = _index(tmp_path / "db", embedder, shapes_dir)
     assert summary.unchanged == 11 and summary.duplicates == 1 and summary.embedded == 0
-    (shapes_dir / "red" / "000.png").write_bytes((shapes_dir / "green" / "000.png").read_bytes()[:-1] + b"\0")
+    from PIL import Image
+
+    img = Image.open(shapes_dir / "green" / "000.png").convert("RGB")
+    img.putpixel((0, 0), (1, 2, 3))  # content no image of the store has
+    img.save(changed)
     summary = _index(tmp_path / "db", embedder, shapes_dir)
-    assert summary.embedded + len(summary.errors) == 1  # new bytes: embedded (or, if unreadable, reported)
+    assert (summary.embedded, summary.duplicates, summary.errors) == (1, 0, [])  # new bytes: embedded
     # The same file indexed as unlabeled only updates its row.
     summary = _index(tmp_path / "db", embedder, unlabeled=shapes_dir / "green")
     assert summary.relabeled == 4 and summary.embedded == 0
@@ -161,7 +165,7 @@ def test_memory_store_and_vector_lookup():
         store.add_embeddings("fake0", ["a"], np.ones((1, 9), dtype=np.float32))
     # Inserting an id twice keeps one row.
     store.add_embeddings("fake0", [ids[0]], X[:1])
-    assert store.get_version()["rows"] == 50
+    assert store.get_version().rows == 50
 
 
 CRASH_SCRIPT = textwrap.dedent("""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -120,7 +121,7 @@ def test_reembed_adds_a_version_with_the_same_ids_and_resumes_after_a_crash(fine
     root, db, _ = finetuned
     store = Store(db)
     old = store.get_version()
-    old_ids = set(store.load_embeddings(old["fingerprint"]).ids)
+    old_ids = set(store.load_embeddings(old.fingerprint).ids)
 
     # a crash midway: kill the process right after its first commit (8 images)
     code = (
@@ -134,26 +135,26 @@ def test_reembed_adds_a_version_with_the_same_ids_and_resumes_after_a_crash(fine
     crashed = subprocess.run([sys.executable, "-c", code, str(root / "ft"), str(db)], capture_output=True, text=True)
     assert crashed.returncode == 9, crashed.stderr
     store = Store(db)
-    assert store.get_version()["fingerprint"] == old["fingerprint"]  # old version still active
-    partial = [v for v in store.versions() if v["fingerprint"] != old["fingerprint"]]
-    assert len(partial) == 1 and 0 < partial[0]["rows"] < len(old_ids)
+    assert store.get_version().fingerprint == old.fingerprint  # old version still active
+    partial = [v for v in store.versions() if v.fingerprint != old.fingerprint]
+    assert len(partial) == 1 and 0 < partial[0].rows < len(old_ids)
 
     result = invoke("reembed", "--model-checkpoint", root / "ft", "--db", db, "--batch-size", 4)
     assert result.exit_code == 0, result.output
     store = Store(db)
     new = store.get_version()
-    assert new["fingerprint"] == partial[0]["fingerprint"] != old["fingerprint"]
-    es = store.load_embeddings(new["fingerprint"])
-    assert set(es.ids) == old_ids and len(es.ids) == len(set(es.ids)) == new["rows"]
-    assert len(store.load_embeddings(old["fingerprint"]).ids) == len(old_ids)  # old version still readable
-    assert not np.allclose(es.X[np.argsort(es.ids)], store.load_embeddings(old["fingerprint"]).X[
-        np.argsort(store.load_embeddings(old["fingerprint"]).ids)])
+    assert new.fingerprint == partial[0].fingerprint != old.fingerprint
+    es = store.load_embeddings(new.fingerprint)
+    assert set(es.ids) == old_ids and len(es.ids) == len(set(es.ids)) == new.rows
+    assert len(store.load_embeddings(old.fingerprint).ids) == len(old_ids)  # old version still readable
+    assert not np.allclose(es.X[np.argsort(es.ids)], store.load_embeddings(old.fingerprint).X[
+        np.argsort(store.load_embeddings(old.fingerprint).ids)])
 
     heads = invoke("train-heads", "--db", db, "--folds", 2)
     assert heads.exit_code == 0, heads.output
     assert "finetuned" in heads.output and "finetuned skipped" not in heads.output
     # the folder now backs a version: finetuning into it again is refused
-    result = invoke("finetune", "--db", db, "--version", old["fingerprint"], "--out", root / "ft", "--epochs", 1)
+    result = invoke("finetune", "--db", db, "--version", old.fingerprint, "--out", root / "ft", "--epochs", 1)
     assert result.exit_code == 1 and "holds the model of embedding version" in result.output
 
 
@@ -179,14 +180,20 @@ def test_finetune_explains_bad_inputs(tmp_path):
     result = invoke("wise-ft", "--checkpoint", tmp_path, "--db", tmp_path / "db")
     assert result.exit_code == 1 and "not a clipfuse model folder" in result.output
     result = invoke("wise-ft", "--checkpoint", tmp_path, "--alphas", "1:0")
-    assert result.exit_code == 2  # a command-line mistake
+    text = " ".join(result.output.translate(str.maketrans("", "", "│╭╮╰╯─")).split())
+    assert result.exit_code == 2 and "--alphas" in text and "got '1:0'" in text  # a command-line mistake
 
 
 def test_demo_with_finetune_runs_end_to_end(tmp_path, tiny_model):
-    result = invoke("demo", "--workdir", tmp_path / "demo", "--model", tiny_model, "--finetune")
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--model", tiny_model, "--finetune", "--unlabeled", 60)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "best alpha" in text and "re-embedded 1797 images" in text and "finetuned" in text
+    assert re.search(r"finetuned: validation accuracy [01]\.\d{3} \(zero-shot\) -> [01]\.\d{3}; WiSE-FT best "
+                     r"alpha [01](\.\d+)? \([01]\.\d{3}\)", text), text
+    assert "re-embedded 210 images (0 already done)" in text
+    assert text.count("accuracy on the 60 unlabeled demo images") == 2  # before and after finetuning
+    active = Store(tmp_path / "demo" / "clipfuse.lance").get_version()
+    assert active.model_name.folder == (tmp_path / "demo" / "models" / "ft-wiseft").resolve()
 
 
 def test_finetune_options_text_tower_mean_teacher_augment_pseudo_labels(finetuned):
@@ -266,15 +273,15 @@ def test_image_only_wise_ft_reembed_and_finetuned_head(timm_finetuned):
     result = invoke("reembed", "--model-checkpoint", root / "wise", "--db", db)
     assert result.exit_code == 0, result.output
     active = Store(db).get_version()
-    assert active["model"] == f"timm:local-dir:{(root / 'wise').resolve()}" and active["dim"] == 256
+    assert active.model == f"timm:local-dir:{(root / 'wise').resolve()}" and active.dim == 256
     result = invoke("train-heads", "--db", db, "--heads", "zero-shot,finetuned,probe", "--folds", 2)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "zero-shot skipped" in text and "finetuned skipped" not in text
     assert "finetuned" in text.split("zero-shot skipped")[0]  # scored in the table
-    result = invoke("predict", "--db", db)  # the saved linear layer (with its bias) loads back
+    result = invoke("predict", "--db", db, "--per-head")  # the saved linear layer (with its bias) loads back
     assert result.exit_code == 0, result.output
-    assert "probs_finetuned" in Store(db).predictions(active["fingerprint"]).column_names
+    assert "probs_finetuned" in Store(db).predictions(active.fingerprint).column_names
 
 
 def test_image_only_frozen_backbone_trains_only_the_layer(tmp_path, timm_finetuned, tiny_timm):
@@ -297,6 +304,6 @@ def test_image_only_frozen_backbone_trains_only_the_layer(tmp_path, timm_finetun
     assert not torch.equal(result.head["bias"], result.start["bias"])
 
     root, db, _ = timm_finetuned
-    base = Store(db).versions()[0]["fingerprint"]
+    base = Store(db).versions()[0].fingerprint
     result = invoke("finetune", "--db", db, "--version", base, "--out", root / "text", "--train-text")
     assert result.exit_code == 2 and "needs a CLIP model" in result.output

@@ -33,15 +33,16 @@ def model_config(model_name: str, model) -> dict | None:
     import open_clip
     from open_clip import factory
 
-    from clipfuse.embed.backbones import is_image_only
+    from clipfuse.embed import parse_model_name
 
-    if is_image_only(model_name):
+    name = parse_model_name(model_name)
+    if name.image_only:
         return None
-    if model_name.startswith("local-dir:"):
-        cfg = json.loads((Path(model_name[len("local-dir:"):]) / MODEL_CONFIG).read_text())
+    if name.schema == "local-dir":
+        cfg = json.loads((name.folder / MODEL_CONFIG).read_text())
         model_cfg = cfg["model_cfg"]
-    elif model_name.startswith("hf-hub:"):
-        model_cfg = factory._get_hf_config(model_name[len("hf-hub:"):])["model_cfg"]
+    elif name.schema == "hf-hub":
+        model_cfg = factory._get_hf_config(name.identifier)["model_cfg"]
     else:
         model_cfg = open_clip.get_model_config(model_name.replace("/", "-"))
         if model_cfg is None:
@@ -63,10 +64,10 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict |
     as ``name`` and ``name_bias``. Weights go to safetensors only; loading them never
     unpickles code.
     """
-    from clipfuse.data import replace_folder
+    from clipfuse.data import AtomicFolder
 
     check_model_folder_target(folder)
-    return replace_folder(folder, lambda staging: _write_model_folder(staging, model, config, heads, meta, tokenizer))
+    return AtomicFolder(folder).replace(lambda staging: _write_model_folder(staging, model, config, heads, meta, tokenizer))
 
 
 def check_model_folder_target(folder: str | Path) -> None:

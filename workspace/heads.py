@@ -1,0 +1,190 @@
+"""Heads beside the store: fitting them on a version, their folder, reloading them, the predictions table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clipfuse.data import AtomicFolder, default_class_words, load_class_words, split_labeled
+from clipfuse.store import EmbeddingSet, EmbeddingVersion, Store
+
+from .results import Notice
+
+ENSEMBLE_FILE = "ensemble.json"
+FIT_IDS_FILE = "fit_ids.npy"  # ids of the rows the heads were fitted on, in order
+CONFIG_FILE = "config.json"  # the resolved train-heads config
+
+
+# ---- the heads folder ---------------------------------------------------------------------------
+def heads_folder(store: Store, version: EmbeddingVersion) -> AtomicFolder:
+    """``<db>/_heads/<fingerprint>``: a link to the current generation of the version's heads."""
+    return AtomicFolder(store.heads_folder(version.fingerprint), generations=True)
+
+
+def current_heads(store: Store, version: EmbeddingVersion) -> Path | None:
+    """The folder of the version's current heads (read-only: readers never rename or repair)."""
+    return heads_folder(store, version).current()
+
+
+def save_heads(store: Store, version: EmbeddingVersion, ensemble, es: EmbeddingSet, resolved: dict) -> Path:
+    """Publish fitted heads as a new generation of the version's heads folder.
+
+    Everything goes into a fresh folder, then one atomic symlink swap makes it current: a
+    crash leaves the previous heads, and a reader that opened the previous generation reads
+    it whole.
+    """
+    from clipfuse.classify import save_ensemble
+
+    def fill(staging: Path) -> None:
+        save_ensemble(ensemble, staging, extra={"classes": es.classes, "fingerprint": version.fingerprint,
+                                                "n_fit_rows": len(es.ids)})
+        np.save(staging / FIT_IDS_FILE, es.ids.astype("U"), allow_pickle=False)
+        (staging / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
+
+    with store.writer("clipfuse train-heads"):
+        return heads_folder(store, version).replace(fill)
+
+
+@dataclasses.dataclass
+class Trained:
+    """A version's saved heads, reloaded onto the store's current rows."""
+
+    ensemble: object  # clipfuse.classify.Ensemble
+    meta: dict  # saved metadata: classes (as trained), fingerprint, n_fit_rows
+    es: EmbeddingSet  # the version's rows now
+    fit_rows: np.ndarray  # row of each current row in the fitted matrix, -1 for rows added since
+    folder: Path
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+
+def load_trained(store: Store, version: EmbeddingVersion, *, notify: Callable[[Notice], None],
+                 es: EmbeddingSet | None = None) -> Trained:
+    """The saved ensemble of a version, its fitted rows mapped onto the store's current rows.
+
+    A row removed since training keeps a zero vector (it never wins a vote); a row added
+    since gets ``fit_rows == -1``.
+    """
+    from clipfuse.classify import load_ensemble
+
+    folder = current_heads(store, version)
+    if folder is None or not (folder / ENSEMBLE_FILE).exists():
+        raise FileNotFoundError(f"no trained heads for version {version.short} in {store.uri}; "
+                                "run `clipfuse train-heads` first.")
+    es = es or store.load_embeddings(version.fingerprint)
+    fit_ids = np.load(folder / FIT_IDS_FILE, allow_pickle=False)
+    position = {id_: i for i, id_ in enumerate(es.ids)}
+    rows = np.array([position.get(i, -1) for i in fit_ids], dtype=np.int64)
+    X_fit = np.zeros((len(fit_ids), es.X.shape[1]), dtype=np.float32)
+    X_fit[rows >= 0] = es.X[rows[rows >= 0]]
+    ensemble, meta = load_ensemble(folder, external={"X_fit_": X_fit})
+    if meta.get("n_fit_rows") != len(fit_ids):
+        raise ValueError(f"the saved heads in {folder} are incomplete (fitted rows and ids disagree); "
+                         "run `clipfuse train-heads` again.")
+    if meta["classes"] != es.classes[:len(meta["classes"])]:
+        raise ValueError(f"the store's classes changed since train-heads ({len(meta['classes'])} then, "
+                         f"{len(es.classes)} now); run `clipfuse train-heads` again.")
+    if len(es.classes) > len(meta["classes"]):
+        notify(Notice(f"{len(es.classes) - len(meta['classes'])} class(es) were added since train-heads; images "
+                      "are predicted among the old classes until you run `clipfuse train-heads` again."))
+    fit_position = {id_: i for i, id_ in enumerate(fit_ids)}
+    fit_rows = np.array([fit_position.get(i, -1) for i in es.ids], dtype=np.int64)
+    return Trained(ensemble, meta, es, fit_rows, folder)
+
+
+# ---- what the heads are fitted with ---------------------------------------------------------------
+def class_words(path, classes: list[str], *, notify: Callable[[Notice], None]) -> dict[str, list[str]]:
+    """Class words from a YAML/JSON file (naming the classes it leaves out) or the folder names."""
+    if path is None:
+        return default_class_words(classes)
+    words, defaulted = load_class_words(path, classes)
+    if defaulted:
+        notify(Notice(f"{len(defaulted)} class(es) not in {path} use their folder name: "
+                      f"{', '.join(defaulted[:10])}{' ...' if len(defaulted) > 10 else ''}"))
+    return words
+
+
+def require_labels(store: Store, version: EmbeddingVersion, es: EmbeddingSet, *, val_fraction: float,
+                   seed: int) -> None:
+    """Fail, saying what is missing, unless the labels can train and score a classifier:
+    two classes or more, and at least one label that the seeded split holds out."""
+    n_labeled = int(np.sum(es.labels >= 0))
+    if n_labeled == 0:
+        others = [v for v in store.versions() if v.fingerprint != version.fingerprint and v.rows]
+        hint = ("; other versions: " + ", ".join(v.describe() for v in others) + ". Pick one with --version"
+                if others else "; index a folder with one sub-folder per class")
+        raise ValueError(f"version {version.short} ({version.model}, {len(es.ids)} images) of store "
+                         f"{store.uri!r} has no labeled images{hint}.")
+    labeled_classes = sorted({es.classes[i] for i in es.labels[es.labels >= 0]})
+    if len(labeled_classes) < 2:
+        raise ValueError(f"only one class ({labeled_classes[0]!r}) has labeled images in version "
+                         f"{version.short}: telling classes apart needs labeled images of at least two. "
+                         "Add another class folder (LABELED_DIR/<class>/<image>) and index it.")
+    if not split_labeled(es.labels, val_fraction=val_fraction, seed=seed)[1].size:
+        raise ValueError(f"every class has a single labeled image ({n_labeled} labels for {len(labeled_classes)} "
+                         "classes), so none can be held out for validation; label at least two images of some "
+                         "classes.")
+
+
+def finetuned_head(version: EmbeddingVersion, classes: list[str]):
+    """The classifier saved with the version's model by finetune/wise-ft: ((weight, bias or None), None),
+    or (None, reason)."""
+    folder = version.model_name.folder
+    not_ours = f"version {version.short} was not made by a model finetuned with clipfuse"
+    if folder is None:
+        return None, not_ours
+    from clipfuse.train import read_model_folder
+
+    try:
+        meta, heads = read_model_folder(folder)
+    except FileNotFoundError:
+        return None, not_ours
+    if "finetuned" not in heads or meta.get("classes") != classes:
+        return None, "the finetuned model's classes differ from the store's; finetune again"
+    bias = heads["finetuned"].get("bias")
+    return (heads["finetuned"]["weight"].numpy(), None if bias is None else bias.numpy()), None
+
+
+# ---- the predictions table ---------------------------------------------------------------------------
+def predictions_table(es: EmbeddingSet, fused: np.ndarray, per_head: dict[str, np.ndarray], classes: list[str]):
+    """Rows of a version's predictions table.
+
+    Columns: ``id, split, label, label_index, confidence, known_label, probs`` (fused, one
+    value per trained class), and ``probs_<head>`` for each head in ``per_head`` (pass {}
+    to leave them out). ``classes`` are the trained classes, the columns of the probabilities.
+    """
+    import pyarrow as pa
+
+    n_classes = len(classes)
+
+    def probs(P):
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(P, dtype=np.float32).reshape(-1)), n_classes)
+
+    pred = fused.argmax(axis=1)
+    known = [es.classes[i] if i >= 0 else None for i in es.labels]
+    columns = {
+        "id": pa.array(es.ids, pa.string()),
+        "split": pa.array(es.splits, pa.string()),
+        "label": pa.array([classes[i] for i in pred], pa.string()),
+        "label_index": pa.array(pred.astype(np.int32)),
+        "confidence": pa.array(fused.max(axis=1).astype(np.float32)),
+        "known_label": pa.array(known, pa.string()),
+        "probs": probs(fused),
+    }
+    for head, P in per_head.items():
+        columns[f"probs_{head.replace('-', '_')}"] = probs(P)
+    return pa.table(columns)
+
+
+def resolved_config(config, version: EmbeddingVersion, es: EmbeddingSet, *, text: bool) -> dict:
+    """What config.json beside the heads records."""
+    return {**dataclasses.asdict(config), "fingerprint": version.fingerprint, "model": version.model,
+            "pretrained": version.pretrained, "rows": len(es.ids), "labeled": int(np.sum(es.labels >= 0)),
+            "classes": es.classes, "trained_at": time.time(), "text_embeddings": text}

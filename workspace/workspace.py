@@ -1,0 +1,541 @@
+"""The workspace: one store and every workflow on it, one method per command (``clipfuse.open``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+from clipfuse.store import EmbeddingVersion, Store
+
+from . import heads as _heads
+from .models import check_device, embedder_config, load_embedder, version_embedder
+from .queries import describe_neighbors, resolve_query
+from .tuning import Tuning
+from .results import (
+    EvaluateResult,
+    ExportResult,
+    ImportResult,
+    IndexResult,
+    InfoResult,
+    NeighborsResult,
+    Notice,
+    OptionError,
+    PredictResult,
+    Progress,
+    TrainResult,
+)
+
+EXPORT_SPLITS = ("unlabeled", "test", "all")
+EXPORT_FORMATS = ("clipfuse", "kaggle")
+GRAPHS = ("auto", "exact", "ivf", "hnsw")
+MIB = 2**20
+
+
+def _finite(value):
+    """``value`` with NaN/inf floats replaced by None, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _head_list(heads) -> list[str] | None:
+    """``heads`` as a list: None stays None, "a,b" and ["a", "b"] give ["a", "b"]."""
+    if heads is None:
+        return None
+    items = heads.split(",") if isinstance(heads, str) else list(heads)
+    return [h.strip() for h in items if h.strip()]
+
+
+class Workspace(Tuning):
+    """One clipfuse store and the workflows on it.
+
+    Parameters
+    ----------
+    db : str or path, default "clipfuse.lance"
+        The store's folder (created by the first ``index`` or ``import_embeddings``), a
+        ``file:///`` URI of one, or ``memory://`` (one process only).
+    on_notice : callable(Notice), optional
+        Called with each warning as it happens (the CLI prints them); every result also
+        lists its notices. A notice of kind ``lock-wait`` says another writer holds the store.
+    lock_timeout : float, optional
+        Seconds a write waits for another writer; None waits as long as it takes.
+
+    Notes
+    -----
+    Methods mirror the CLI's commands; keyword names are its options in snake_case. Long
+    steps take ``progress(stage, done, total)``. Nothing is printed; errors are built-in
+    exception types (``ValueError``, ``LookupError``, ``FileNotFoundError``...), and a
+    wrong option value raises :class:`OptionError` (a ValueError) naming the option.
+    """
+
+    def __init__(self, db: str | os.PathLike = "clipfuse.lance", *, on_notice: Callable[[Notice], None] | None = None,
+                 lock_timeout: float | None = None):
+        self.db = db if isinstance(db, Path) else Path(db) if "://" not in str(db) else str(db)
+        self.on_notice = on_notice
+        if isinstance(self.db, Path) and self.db.exists() and not self.db.is_dir():
+            raise OptionError("--db", f"{str(self.db)!r} is a file; a store is a folder (e.g. clipfuse.lance).")
+        self.store = Store(self.db, lock_timeout=lock_timeout, on_lock_wait=self._lock_wait)
+        self._notices: list[Notice] = []
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.db)!r})"
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def _notify(self, notice: Notice) -> None:
+        self._notices.append(notice)
+        if self.on_notice is not None:
+            self.on_notice(notice)
+
+    def _warn(self, message: str) -> None:
+        self._notify(Notice(message))
+
+    def _lock_wait(self, holder: str) -> None:
+        self._notify(Notice(f"the store {self.db} is being written by {holder}; waiting for it to finish "
+                            "(Ctrl-C to stop) ...", kind="lock-wait"))
+
+    def _start(self) -> list[Notice]:
+        self._notices = []
+        return self._notices
+
+    def _require_store(self) -> None:
+        if isinstance(self.db, Path) and not self.db.exists():
+            raise FileNotFoundError(f"no store at {str(self.db)!r}; run `clipfuse index ... --db {self.db}` first, "
+                                    "or pass the right --db.")
+
+    def version(self, version: str | EmbeddingVersion | None = None) -> EmbeddingVersion:
+        """The version ``version`` names (fingerprint or unique prefix), else the active one.
+
+        A name that matches none of the store's versions raises :class:`OptionError`.
+        """
+        self._require_store()
+        try:
+            return self.store.get_version(version)
+        except LookupError as e:
+            if version is not None and self.store.versions():
+                raise OptionError("--version", str(e)) from e
+            raise
+
+    def versions(self) -> list[EmbeddingVersion]:
+        """Every embedding version, oldest first."""
+        return self.store.versions() if self.store.exists else []
+
+    # ---- index -------------------------------------------------------------------------------------
+    def index(self, labeled_dir=None, *, unlabeled=None, test=None, model: str | None = None,
+              pretrained: str | None = None, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
+              workers: int | None = None, allow_random_weights: bool = False, commit_every: int = 512,
+              max_file_size: int = 512, progress: Progress | None = None) -> IndexResult:
+        """Embed every new or changed image once into the store (see ``clipfuse index --help``).
+
+        ``labeled_dir`` has one sub-folder per class; ``unlabeled`` and ``test`` are
+        folders of images (``test`` may have class sub-folders). ``max_file_size`` is in MiB.
+        """
+        from clipfuse.data import scan_folders
+
+        notices = self._start()
+        if labeled_dir is None and unlabeled is None and test is None:
+            raise OptionError("LABELED_DIR", "give a LABELED_DIR and/or --unlabeled DIR / --test DIR.")
+        for option, folder in (("LABELED_DIR", labeled_dir), ("--unlabeled", unlabeled), ("--test", test)):
+            if folder is not None and not Path(folder).is_dir():
+                raise OptionError(option, f"{str(folder)!r} is not a folder of images.")
+        check_device(device, precision)
+        store = self.store
+
+        def scan():
+            return scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
+                                known_classes=None if store.is_empty else store.classes())
+
+        scan()  # a layout mistake fails now, before the model loads
+        config = embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision,
+                                 batch_size=batch_size, workers=workers, allow_random_weights=allow_random_weights,
+                                 max_file_bytes=max_file_size * MIB)
+        embedder = load_embedder(config, notify=self._notify, progress=progress)
+        with store.writer("clipfuse index"):
+            # listed again under the lock: a run that waited for another writer sees the files as they are now,
+            # so it never removes the rows of files that appeared meanwhile
+            folders = scan()
+            summary = self._run_index(embedder, folders, commit_every=commit_every, progress=progress)
+        return IndexResult(db=str(self.db), summary=summary, model=embedder.config.model,
+                           random_weights=embedder.info.random_weights, skipped_folders=list(folders.skipped),
+                           notices=notices)
+
+    def _run_index(self, embedder, folders, *, commit_every: int, progress: Progress | None):
+        from clipfuse.store import IndexConfig, index_images
+
+        for path, reason in folders.skipped[:10]:
+            self._warn(f"skipped {path}: {reason}")
+        if len(folders.skipped) > 10:
+            self._warn(f"... and {len(folders.skipped) - 10} more folders not entered")
+        report = None if progress is None else (lambda done, total: progress("indexing", done, total))
+        summary = index_images(self.store, embedder, folders.files, folders.classes, roots=folders.roots,
+                               config=IndexConfig(commit_every=commit_every), progress=report)
+        if summary.repaired:
+            self._warn("repaired the store first: removed " + ", ".join(
+                f"{n} duplicate {kind} row(s)" for kind, n in summary.repaired.items())
+                + " (written by two commands at once before the store had a writer lock)")
+        return summary
+
+    # ---- neighbours and info -------------------------------------------------------------------------
+    def neighbors(self, query: str | os.PathLike | None = None, *, text: str | None = None, k: int = 10,
+                  version: str | None = None, model: str | None = None, pretrained: str | None = None,
+                  device: str = "auto", exact: bool | None = None) -> NeighborsResult:
+        """Nearest neighbours of an image (a file or an image id) or of a ``text``, by cosine similarity.
+
+        A stored image is answered from its stored vector, without loading any model.
+        """
+        notices = self._start()
+        if (query is None) == (text is None):
+            raise OptionError("IMAGE_OR_ID", "give either an IMAGE_OR_ID argument or --text, not both or neither.")
+        if k < 1:
+            raise OptionError("--k", f"k must be at least 1, got {k}.")
+        if model is not None or text is not None:
+            check_device(device)
+        v = self.version(version)
+        if model == v.model and pretrained is None:
+            pretrained = v.pretrained
+        model_config = None
+        if model is not None:
+            from clipfuse.embed import EmbedderConfig  # torch: only when a model is asked for
+
+            model_config = EmbedderConfig(model=model, pretrained=pretrained, device=device)
+        vector, described = resolve_query(self.store, v, None if query is None else str(query), text,
+                                          model_config=model_config, device=device, notify=self._notify)
+        found, sims = self.store.search(vector, k=k, fingerprint=v.fingerprint, exact=exact)
+        return NeighborsResult(query=described, version=v.fingerprint,
+                               neighbors=describe_neighbors(self.store, found[0], sims[0]), notices=notices)
+
+    def info(self, *, errors: bool = False) -> InfoResult:
+        """What the store holds: tables, images per split and class, versions, index errors."""
+        notices = self._start()
+        self._require_store()
+        summary = self.store.info()
+        versions = self.store.versions()
+        error_list = self.store.errors().select(["path", "reason"]).to_pylist() if errors else None
+        dups = {kind: n for kind, n in summary["duplicates"].items() if n}
+        if dups:
+            self._warn("duplicate rows: " + ", ".join(f"{n} {kind}" for kind, n in dups.items())
+                       + " (written by two commands at once before the store had a writer lock; reads count "
+                       "each once, and the next `clipfuse index` removes them)")
+        return InfoResult(uri=summary["uri"], tables=summary["tables"], images=summary["images"],
+                          unique_images=summary["unique_images"], per_split=summary["per_split"],
+                          per_class=summary["per_class"], versions=versions, active=summary["active"],
+                          errors=summary["errors"], duplicates=summary["duplicates"], error_list=error_list,
+                          notices=notices)
+
+    def import_embeddings(self, source, *, metadata=None, image_root=None, split: str = "unlabeled",
+                          model: str | None = None, pretrained: str | None = None,
+                          device: str = "auto") -> ImportResult:
+        """Bring precomputed embeddings in: a clip-retrieval output folder, or a ``.npy`` file of
+        vectors with ``metadata`` (parquet/CSV, one row per vector)."""
+        from clipfuse.embed import EmbedderConfig
+        from clipfuse.store import import_embeddings as run_import
+        from clipfuse.store import read_clip_retrieval, read_npy_table
+
+        notices = self._start()
+        source = Path(source)
+        if split not in ("labeled", "unlabeled", "test"):
+            raise OptionError("--split", f"split must be labeled, unlabeled or test; got {split!r}.")
+        if not source.exists():
+            raise OptionError("SOURCE", f"SOURCE {str(source)!r} does not exist.")
+        if source.is_dir():
+            if metadata is not None:
+                raise OptionError("--metadata", "--metadata goes with a .npy SOURCE, not a clip-retrieval folder.")
+            data = read_clip_retrieval(source)
+        elif source.suffix == ".npy":
+            if metadata is None:
+                raise OptionError("--metadata", "a .npy SOURCE needs --metadata FILE (parquet or CSV) with one row "
+                                                "per vector.")
+            data = read_npy_table(source, metadata)
+        else:
+            raise OptionError("SOURCE", f"SOURCE {str(source)!r} must be a clip-retrieval folder or a .npy file.")
+        model_info = None
+        if model is not None:
+            check_device(device)
+            embedder = load_embedder(EmbedderConfig(model=model, pretrained=pretrained, device=device),
+                                     notify=self._notify)
+            model_info = embedder.info.to_dict()
+        r = run_import(self.store, data, model_info=model_info, image_root=image_root, split=split)
+        if r["duplicate_ids"] or r["duplicate_paths"]:
+            self._warn(f"{r['duplicate_ids']} row(s) repeat a content id (the first vector of each id is kept"
+                       + (f"; {r['conflicting_ids']} came with a different vector" if r["conflicting_ids"] else "")
+                       + f") and {r['duplicate_paths']} repeat a path (the first row is kept), e.g. {r['example']}")
+        return ImportResult(db=str(self.db), fingerprint=r["fingerprint"], rows=r["rows"], dim=data.vectors.shape[1],
+                            images=r["images"], hashed=r["hashed"], duplicate_ids=r["duplicate_ids"],
+                            conflicting_ids=r["conflicting_ids"], duplicate_paths=r["duplicate_paths"],
+                            example=r["example"], notices=notices)
+
+    # ---- the classifier stack --------------------------------------------------------------------------
+    def train_heads(self, *, version: str | None = None, heads: str | Iterable[str] | None = None,
+                    class_words=None, val_fraction: float = 0.2, seed: int = 0, folds: int = 3, graph: str = "auto",
+                    probe_zero_shot_prior: bool = False, device: str = "auto", text_embeddings=None,
+                    progress: Progress | None = None) -> TrainResult:
+        """Fit the classifier heads and their fusion on a version; save them beside the store.
+
+        Every head is fitted on the seeded split's train labels, scored on its held-out
+        labels and refitted on all labels; the fusion learns from out-of-fold predictions.
+        ``text_embeddings`` (n_classes, dim), unit rows in class order, stand in for the
+        version's own text tower (e.g. prompts embedded elsewhere for imported vectors).
+        """
+        from clipfuse.classify import DEFAULT_HEADS, HeadsConfig
+
+        notices = self._start()
+        names = tuple(_head_list(heads) or ()) or DEFAULT_HEADS
+        if graph not in GRAPHS:
+            raise OptionError("--graph", f"--graph must be auto, exact, ivf or hnsw; got {graph!r}.")
+        if class_words is not None and not Path(class_words).is_file():
+            raise OptionError("--class-words", f"class words file {str(class_words)!r} does not exist.")
+        try:
+            config = HeadsConfig(heads=names, val_fraction=val_fraction, seed=seed, n_folds=folds, graph=graph,
+                                 probe_zero_shot_prior=probe_zero_shot_prior,
+                                 class_words=str(class_words) if class_words else None)
+        except ValueError as e:
+            raise OptionError("--heads", str(e)) from e
+        check_device(device)
+        v = self.version(version)
+        with self.store.writer("clipfuse train-heads"):  # taken first: an unwritable store fails before any fitting
+            ensemble, folder = self._fit_heads(v, config, device=device, progress=progress, text=text_embeddings)
+        return self._train_result(v, ensemble, folder, notices)
+
+    def _fit_heads(self, version: EmbeddingVersion, config, *, device: str, embedder=None, progress=None, text=None):
+        import numpy as np
+
+        from clipfuse.classify import create_ensemble_from_config
+
+        es = self.store.load_embeddings(version.fingerprint)
+        if es.conflicts:
+            self._warn(f"{len(es.conflicts)} image(s) are filed under two classes and count as unlabeled, "
+                       f"e.g. id {es.conflicts[0]}")
+        _heads.require_labels(self.store, version, es, val_fraction=config.val_fraction, seed=config.seed)
+        wants_text = any(h in config.heads for h in ("zero-shot", "knn", "probe"))
+        if text is not None:
+            text, reason = np.asarray(text, dtype=np.float32), None
+            if text.shape != (len(es.classes), version.dim):
+                raise OptionError("text_embeddings", f"text_embeddings must have shape ({len(es.classes)}, "
+                                                     f"{version.dim}) (classes x dim), got {text.shape}.")
+        elif wants_text:
+            text, reason = self._text_embeddings(version, es.classes, config.class_words, device, embedder)
+        else:
+            text, reason = None, None
+        finetuned, finetuned_reason = _heads.finetuned_head(version, es.classes) \
+            if "finetuned" in config.heads else (None, None)
+        if finetuned is not None:
+            self._warn("note: this version's model was finetuned and WiSE-FT-selected on the same validation "
+                       "labels, so validation scores here are optimistic.")
+        ensemble = create_ensemble_from_config(config, len(es.classes), text, *(finetuned or (None, None)))
+        total = len(config.heads) * (config.n_folds + 1 + int(config.refit))
+        done = 0
+
+        def report(head, stage, step, steps):
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(f"{head}: {stage}", done - 1, total)
+
+        ensemble.fit(es.X, es.labels, progress=report)
+        if progress is not None:
+            progress("heads fitted", total, total)
+        if reason and "zero-shot" in ensemble.unavailable_:
+            ensemble.unavailable_["zero-shot"] = reason
+        if finetuned_reason and "finetuned" in ensemble.unavailable_:
+            ensemble.unavailable_["finetuned"] = finetuned_reason
+        resolved = _heads.resolved_config(config, version, es, text=text is not None)
+        folder = _heads.save_heads(self.store, version, ensemble, es, resolved)
+        return ensemble, folder
+
+    def _text_embeddings(self, version: EmbeddingVersion, classes: list[str], class_words, device: str, embedder=None):
+        """Class text embeddings of the version's model, or (None, reason) when it has no usable text tower."""
+        from clipfuse.embed import PretrainedWeightsError, class_text_embeddings
+
+        words = _heads.class_words(class_words, classes, notify=self._notify)
+        if version.imported:
+            return None, f"version {version.short} was imported without a model, so there is no text tower"
+        if version.image_only:
+            return None, f"{version.model} is an image-only backbone: it has no text tower"
+        try:
+            if embedder is None or embedder.fingerprint != version.fingerprint:
+                embedder = version_embedder(version, None, device, notify=self._notify)
+            return class_text_embeddings(embedder, classes, words), None
+        except (PretrainedWeightsError, ValueError, OSError) as e:
+            return None, str(e).splitlines()[0]
+
+    @staticmethod
+    def _train_result(version: EmbeddingVersion, ensemble, folder: Path, notices) -> TrainResult:
+        return TrainResult(version=version.fingerprint, folder=folder, heads=list(ensemble.head_names_),
+                           scores=ensemble.val_scores_, weights=dict(ensemble.weights_),
+                           fit_seconds=dict(ensemble.fit_seconds_), unavailable=dict(ensemble.unavailable_),
+                           n_train=len(ensemble.train_idx_), n_val=len(ensemble.val_idx_), notices=notices)
+
+    def predict(self, *, version: str | None = None, heads: str | Iterable[str] | None = None,
+                per_head: bool = False, progress: Progress | None = None) -> PredictResult:
+        """Run the trained heads and fusion over every image of the version; write its predictions table.
+
+        ``heads`` fuses a subset of the trained heads; ``per_head`` adds one probability
+        column per head (``probs_<head>``) to the table.
+        """
+        import numpy as np
+
+        notices = self._start()
+        v = self.version(version)
+        names = _head_list(heads)
+        with self.store.writer("clipfuse predict"):
+            trained = _heads.load_trained(self.store, v, notify=self._notify)
+            ensemble = trained.ensemble
+            if names == []:
+                raise OptionError("--heads", f"name at least one head; the trained heads are "
+                                             f"{', '.join(ensemble.head_names_)}.")
+            unknown = [h for h in names or () if h not in ensemble.head_names_ and h not in ensemble.unavailable_]
+            if unknown:
+                raise OptionError("--heads", f"unknown head(s) {', '.join(unknown)}; the trained heads are "
+                                             f"{', '.join(ensemble.head_names_)}.")
+            if progress is not None:
+                progress(f"predicting {len(trained.es.ids)} images", 0, None)
+            fused, probs = ensemble.predict_proba(trained.es.X, fit_rows=trained.fit_rows, heads=names)
+            table = _heads.predictions_table(trained.es, fused, probs if per_head else {}, trained.classes)
+            name = self.store.write_predictions(table, v.fingerprint)
+        return PredictResult(version=v.fingerprint, table=name, images=len(trained.es.ids),
+                             new_since_training=int(np.sum(trained.fit_rows < 0)), heads=list(probs),
+                             mean_confidence=float(fused.max(axis=1).mean()) if len(fused) else float("nan"),
+                             per_head=per_head, notices=notices)
+
+    def evaluate(self, *, version: str | None = None, out="clipfuse-eval") -> EvaluateResult:
+        """Score the trained heads on their held-out labels (and the fused predictions on labeled
+        test images); write ``metrics.json`` and the plots into ``out``."""
+        import numpy as np
+
+        from clipfuse.classify import plot_class_similarity, plot_confusion, score_predictions
+        from clipfuse.data import write_text_atomic
+
+        notices = self._start()
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise OptionError("--out", f"{str(out)!r} is a file; --out takes a folder for metrics.json and the plots.")
+        v = self.version(version)
+        trained = _heads.load_trained(self.store, v, notify=self._notify)
+        ensemble, es, classes = trained.ensemble, trained.es, trained.classes
+        y_val = ensemble.val_labels_  # the labels as they were at train-heads time
+        scores = {h: score_predictions(y_val, P) for h, P in ensemble.val_proba_.items()}
+        order = [h for h in ensemble.head_names_ if h in scores] + ["fused"]
+        scores = {h: scores[h] for h in order}
+        out.mkdir(parents=True, exist_ok=True)
+        files = [plot_confusion(y_val, ensemble.val_proba_["fused"].argmax(1), classes, out / "confusion_val.png"),
+                 plot_class_similarity(es.X[es.labels >= 0], es.labels[es.labels >= 0], classes,
+                                       out / "class_similarity.png")]
+        report = {"fingerprint": v.fingerprint, "classes": classes, "validation": scores,
+                  "weights": ensemble.weights_, "unavailable": ensemble.unavailable_}
+        test = (es.test_labels >= 0) & (es.test_labels < len(classes))  # classes added later: not scored
+        later = int(np.sum(es.test_labels >= len(classes)))
+        if later:
+            self._warn(f"{later} labeled test image(s) belong to classes added after train-heads "
+                       f"({', '.join(es.classes[len(classes):][:5])}) and are not scored; run `clipfuse "
+                       "train-heads` and `clipfuse predict` again to score them.")
+            report["test_skipped_new_classes"] = later
+        test_scores, n_test = None, 0
+        predictions = self.store.predictions(v.fingerprint)
+        if test.any() and predictions is not None:
+            pred_index = {id_: i for i, id_ in enumerate(predictions["id"].to_pylist())}
+            rows = [pred_index.get(i) for i in es.ids[test]]
+            have = np.array([r is not None for r in rows])
+            P = predictions["probs"].combine_chunks().flatten().to_numpy().reshape(-1, len(classes))
+            y_test, P_test = es.test_labels[test][have], P[[r for r in rows if r is not None]]
+            test_scores, n_test = score_predictions(y_test, P_test), len(y_test)
+            report["test"] = test_scores
+            files.append(plot_confusion(y_test, P_test.argmax(1), classes, out / "confusion_test.png"))
+        metrics = out / "metrics.json"
+        write_text_atomic(metrics, json.dumps(_finite(report), indent=2, allow_nan=False))
+        return EvaluateResult(version=v.fingerprint, out=out, classes=classes, validation=scores,
+                              weights=dict(ensemble.weights_), n_val=len(y_val),
+                              val_counts=[int(np.sum(y_val == i)) for i in range(len(classes))], test=test_scores,
+                              n_test=n_test, files=[metrics, *files], notices=notices)
+
+    def export(self, path, *, version: str | None = None, split: str = "unlabeled", probs: bool = False,
+               force: bool = False, raw_cells: bool = False, format: str = "clipfuse") -> ExportResult:
+        """Write the predictions of one split as a CSV, one row per image file, in path order.
+
+        ``format="clipfuse"``: ``path, id, label, confidence`` (+ ``p_<class>`` with ``probs``).
+        ``format="kaggle"``: ``id,label`` with id = the file name without its extension.
+        Text cells a spreadsheet would run as a formula get a leading ``'`` unless ``raw_cells``.
+        """
+        import polars as pl
+
+        from clipfuse.data import is_stream, write_frame_csv
+
+        notices = self._start()
+        path = Path(path)
+        if split not in EXPORT_SPLITS:
+            raise OptionError("--split", f"split must be unlabeled, test or all; got {split!r}.")
+        if format not in EXPORT_FORMATS:
+            raise OptionError("--format", f"format must be clipfuse or kaggle; got {format!r}.")
+        if format == "kaggle" and probs:
+            raise OptionError("--probs", "the kaggle format has two columns (id,label); drop --probs or use "
+                                         "--format clipfuse.")
+        try:
+            stream = is_stream(path)  # /dev/stdout or a FIFO: written into
+        except OSError as e:
+            raise OptionError("PATH", str(e)) from e
+        if path.is_dir():
+            raise OptionError("PATH", f"{str(path)!r} is a folder; give a CSV file name, e.g. predictions.csv.")
+        if os.path.lexists(path) and not force and not stream:
+            raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
+        v = self.version(version)
+        predictions = self.store.predictions(v.fingerprint)
+        if predictions is None:
+            raise LookupError(f"no predictions for version {v.short}; run `clipfuse predict` first.")
+        width = predictions.schema.field("probs").type.list_size
+        classes = self.store.classes()[:width]  # the classes the heads were trained on (classes only get appended)
+        pred = pl.from_arrow(predictions.select(["id", "label", "confidence", "probs"]))
+        images = pl.from_arrow(self.store.images().select(["path", "id", "split"]))
+        if split != "all":
+            images = images.filter(pl.col("split") == split)
+        df = images.join(pred, on="id", how="inner").sort("path")
+        missing = images.height - df.height
+        if format == "kaggle":
+            df = self._kaggle_frame(df)
+        elif probs:
+            df = df.with_columns(pl.col("probs").arr.to_struct(fields=[f"p_{c}" for c in classes])).unnest("probs")
+            df = df.drop("split")
+        else:
+            df = df.drop(["probs", "split"])
+        write_frame_csv(path, df, raw=raw_cells)  # a unique temporary file, renamed over the target (never through it)
+        if missing:
+            self._warn(f"{missing} image(s) have no prediction yet: run `clipfuse predict` again")
+        return ExportResult(path=path, rows=df.height, split=split, format=format, missing=missing, streamed=stream,
+                            notices=notices)
+
+    @staticmethod
+    def _kaggle_frame(df):
+        """``id,label``: the file name without extension, as competition submissions name images."""
+        import polars as pl
+
+        out = df.select(pl.col("path").map_elements(lambda p: Path(p).stem, return_dtype=pl.Utf8).alias("id"),
+                        pl.col("label"))
+        repeated = out.filter(pl.col("id").is_duplicated())
+        if repeated.height:
+            first = repeated["id"][0]
+            paths = df.filter(pl.col("path").map_elements(lambda p: Path(p).stem == first,
+                                                          return_dtype=pl.Boolean))["path"].to_list()
+            raise ValueError(f"{repeated['id'].n_unique()} file name(s) occur more than once without their "
+                             f"extension (e.g. {first!r}: {', '.join(paths[:3])}), so the kaggle format's id "
+                             "would be ambiguous; rename the files, or export --format clipfuse (full paths).")
+        return out
+
+    def demo(self, workdir="clipfuse-demo", **kwargs):
+        """The whole job on sklearn's digits; see :func:`clipfuse.workspace.demo.run_demo`."""
+        from .demo import run_demo
+
+        return run_demo(workdir, on_notice=self.on_notice, **kwargs)
+
+
+def open(db: str | os.PathLike = "clipfuse.lance", **kwargs) -> Workspace:  # clipfuse.open, like lancedb.connect
+    """Open the store at ``db`` (created on the first ``index``) as a :class:`Workspace`.
+
+    >>> import clipfuse
+    >>> ws = clipfuse.open("clipfuse.lance")  # doctest: +SKIP
+    >>> ws.index("data/train", unlabeled="data/pool")  # doctest: +SKIP
+    """
+    return Workspace(db, **kwargs)
