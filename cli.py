@@ -31,27 +31,15 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of ``values`` (typer shows and checks them as the option's choices)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Split(str, Enum):
-    labeled = "labeled"
-    unlabeled = "unlabeled"
-    test = "test"
-
-
-class ExportSplit(str, Enum):
-    unlabeled = "unlabeled"
-    test = "test"
-    all = "all"
-
-
-class ExportFormat(str, Enum):
-    clipfuse = "clipfuse"
-    kaggle = "kaggle"
+Precision = _choices("Precision", ("fp32", "fp16", "bf16"))
+Split = _choices("Split", ("labeled", "unlabeled", "test"))
+ExportSplit = _choices("ExportSplit", ("unlabeled", "test", "all"))
+ExportFormat = _choices("ExportFormat", ("clipfuse", "kaggle"))
 
 
 # ---- shared options -------------------------------------------------------------------------

@@ -423,15 +423,34 @@ class Store:
         with self.writer():
             self._version_table(version).merge_insert("id").when_not_matched_insert_all().execute(data)
 
-    def _read_vectors(self, version: EmbeddingVersion) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, X)`` of a version, one row per id (the first, should an id be stored twice)."""
-        t = self._version_table(version).to_arrow()
-        keep = _first_rows(t["id"])
-        if keep is not None:
-            t = t.take(keep)
-        vec = t["vector"].combine_chunks()
-        X = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, version.dim)
-        return np.asarray(t["id"].to_pylist(), dtype=object), np.ascontiguousarray(X, dtype=np.float32)
+    def _read_vectors(self, version: EmbeddingVersion, wanted=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, X)`` of a version, one row per id (the first, should an id be stored twice);
+        with ``wanted``, only those ids.
+
+        The table is streamed batch by batch into one preallocated array, so reading 300,000
+        vectors costs their own size, not two or three arrow copies of them.
+        """
+        table = self._version_table(version)
+        capacity = table.count_rows()
+        X = np.empty((capacity, version.dim), dtype=np.float32)
+        ids: list[str] = []
+        seen: set[str] = set()
+        reader = table.search().select(["id", "vector"]).limit(None).to_batches()
+        for batch in reader:
+            batch_ids = batch.column(0).to_pylist()
+            keep = []
+            for j, id_ in enumerate(batch_ids):
+                if id_ not in seen and (wanted is None or id_ in wanted):
+                    seen.add(id_)
+                    keep.append(j)
+            if not keep:
+                continue
+            vectors = batch.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, version.dim)
+            if len(ids) + len(keep) > len(X):  # rows appended by a writer since the count
+                X = np.concatenate([X, np.empty((len(ids) + len(keep) - len(X), version.dim), np.float32)])
+            X[len(ids):len(ids) + len(keep)] = vectors if len(keep) == len(batch_ids) else vectors[keep]
+            ids.extend(batch_ids[j] for j in keep)
+        return np.asarray(ids, dtype=object), X[:len(ids)]
 
     # ---- images and errors ------------------------------------------------------------------
     @_storage_errors
@@ -562,23 +581,22 @@ class Store:
             Version to load (fingerprint or unique prefix); default the active one.
         """
         version = self.get_version(fingerprint, count_rows=False)
-        ids, X = self._read_vectors(version)
         classes = self.classes()
         class_index = {c: i for i, c in enumerate(classes)}
         meta: dict[str, tuple[str, set]] = {}
         test_meta: dict[str, set] = {}
-        images = self.images().select(["id", "split", "label"]).to_pylist()
-        for r in images:
-            split, labels = meta.get(r["id"], ("unlabeled", set()))
-            if SPLIT_PRIORITY[r["split"]] < SPLIT_PRIORITY[split]:
-                split = r["split"]
-            if r["split"] == "labeled" and r["label"] is not None:
-                labels = labels | {r["label"]}
-            if r["split"] == "test" and r["label"] is not None:
-                test_meta.setdefault(r["id"], set()).add(r["label"])
-            meta[r["id"]] = (split, labels)
-        keep = np.array([i in meta for i in ids], dtype=bool)
-        ids, X = ids[keep], X[keep]
+        images = self.images().select(["id", "split", "label"]).to_pydict()
+        for id_, row_split, label in zip(images["id"], images["split"], images["label"]):
+            split, labels = meta.get(id_, ("unlabeled", set()))
+            if SPLIT_PRIORITY[row_split] < SPLIT_PRIORITY[split]:
+                split = row_split
+            if row_split == "labeled" and label is not None:
+                labels = labels | {label}
+            if row_split == "test" and label is not None:
+                test_meta.setdefault(id_, set()).add(label)
+            meta[id_] = (split, labels)
+        del images
+        ids, X = self._read_vectors(version, wanted=meta.keys())  # vectors of images no longer indexed are skipped
         labels = np.full(len(ids), -1, dtype=np.int64)
         test_labels = np.full(len(ids), -1, dtype=np.int64)
         splits = np.empty(len(ids), dtype=object)

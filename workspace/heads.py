@@ -80,10 +80,13 @@ def load_trained(store: Store, version: EmbeddingVersion, *, notify: Callable[[N
                                 "run `clipfuse train-heads` first.")
     es = es or store.load_embeddings(version.fingerprint)
     fit_ids = np.load(folder / FIT_IDS_FILE, allow_pickle=False)
-    position = {id_: i for i, id_ in enumerate(es.ids)}
-    rows = np.array([position.get(i, -1) for i in fit_ids], dtype=np.int64)
-    X_fit = np.zeros((len(fit_ids), es.X.shape[1]), dtype=np.float32)
-    X_fit[rows >= 0] = es.X[rows[rows >= 0]]
+    if len(fit_ids) == len(es.ids) and np.array_equal(fit_ids, es.ids):
+        X_fit = es.X  # the rows are the fitted rows, in order (nothing indexed or removed since): no copy
+    else:
+        position = {id_: i for i, id_ in enumerate(es.ids)}
+        rows = np.array([position.get(i, -1) for i in fit_ids], dtype=np.int64)
+        X_fit = np.zeros((len(fit_ids), es.X.shape[1]), dtype=np.float32)
+        X_fit[rows >= 0] = es.X[rows[rows >= 0]]
     ensemble, meta = load_ensemble(folder, external={"X_fit_": X_fit})
     if meta.get("n_fit_rows") != len(fit_ids):
         raise ValueError(f"the saved heads in {folder} are incomplete (fitted rows and ids disagree); "
