@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from clipfuse.embed.names import PretrainedWeightsError, is_image_only
+from clipfuse.embed.names import PretrainedWeightsError
 
 app = typer.Typer(
     help="Few-label image classification over a store of CLIP (or image-only backbone) embeddings.\n\n"
@@ -308,7 +308,7 @@ def info(
         versions.add_column(col)
     for v in result.versions:
         model_name = v.model + (" [red](random weights)[/]" if v.random_weights else "") \
-            + (" (image-only)" if is_image_only(v.model) else "")
+            + (" (image-only)" if v.image_only else "")
         versions.add_row("*" if v.fingerprint == result.active else "", v.fingerprint, model_name,
                          v.pretrained or "", str(v.dim), str(v.rows), v.source or "")
     console.print(versions)

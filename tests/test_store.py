@@ -290,3 +290,36 @@ def test_predictions_table_is_replaced_per_version(tmp_path):
     assert store.heads_folder(fp) == tmp_path / "db" / "_heads" / fp
     with pytest.raises(ValueError, match="not on disk"):
         Store("memory://x").heads_folder()
+
+
+def test_an_index_run_lists_the_tables_once_however_many_commits(tmp_path, embedder, monkeypatch):
+    """Holding the writer lock, the store lists its tables once (and again only after creating one),
+    and counts no version's rows per commit: the metadata work of a run does not grow with its commits."""
+    import lancedb.db
+    import lancedb.table
+
+    calls = {"list": 0, "count": 0}
+    list_tables, count_rows = lancedb.db.LanceDBConnection.list_tables, lancedb.table.LanceTable.count_rows
+
+    def counted_list(self, *args, **kwargs):
+        calls["list"] += 1
+        return list_tables(self, *args, **kwargs)
+
+    def counted_count(self, *args, **kwargs):
+        calls["count"] += 1
+        return count_rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(lancedb.db.LanceDBConnection, "list_tables", counted_list)
+    monkeypatch.setattr(lancedb.table.LanceTable, "count_rows", counted_count)
+    write_shapes_folder(tmp_path / "lab", n_per_class=8)
+    folders = scan_folders(tmp_path / "lab")
+    used = {}
+    for commit_every in (2, 24):  # 12 commits, then 1, into stores of their own
+        calls.update(list=0, count=0)
+        store = Store(tmp_path / f"db{commit_every}")
+        with store.writer():
+            summary = index_images(store, embedder, folders.files, folders.classes, roots=folders.roots,
+                                   config=IndexConfig(commit_every=commit_every, build_ann=False))
+        assert summary.embedded == 24
+        used[commit_every] = dict(calls)
+    assert used[2] == used[24], used
