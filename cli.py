@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from enum import Enum
@@ -468,7 +469,7 @@ def evaluate(
     per_class.add_column("accuracy", justify="right")
     per_class.add_column("n", justify="right")
     for c, acc, n in zip(r.classes, r.validation["fused"]["per_class_accuracy"], r.val_counts):
-        per_class.add_row(c, "-" if acc != acc else f"{acc:.3f}", str(n))
+        per_class.add_row(c, "-" if math.isnan(acc) else f"{acc:.3f}", str(n))
     console.print(per_class)
     console.print(f"fused validation accuracy {r.validation['fused']['accuracy']:.3f}; wrote "
                   + ", ".join(p.name for p in r.files) + f" to {out}")
