@@ -76,6 +76,12 @@ def test_neighbors_by_path_id_and_text(ws):
     by_text = ws.neighbors(text="a red circle", k=4)
     assert len(by_text.neighbors) == 4 and by_text.query == "text 'a red circle'"
     assert json.loads(json.dumps(by_text.to_dict()))["neighbors"][0]["rank"] == 1
+    reads = []
+    images = ws.store.images
+    ws.store.images = lambda ids=None: reads.append(ids) or images(ids)
+    ws.neighbors(query, k=2)
+    assert len(reads) == 1 and len(reads[0]) == 2  # only the image rows of the neighbours shown
+    ws.store.images = images
     with pytest.raises(OptionError, match="not both or neither"):
         ws.neighbors(query, text="x")
     with pytest.raises(OptionError) as e:
