@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -107,7 +108,7 @@ def _runtime_errors(func):
             raise typer.BadParameter(str(e), param_hint=e.option) from e
         except (ValueError, LookupError, OSError, PretrainedWeightsError) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from e
 
     return wrapper
@@ -115,9 +116,9 @@ def _runtime_errors(func):
 
 def _show_notice(notice) -> None:
     if notice.kind == "random-weights":
-        err_console.print(Panel(notice.message, title="RANDOM WEIGHTS", border_style="bold red"))
+        err_console.print(Panel(escape(notice.message), title="RANDOM WEIGHTS", border_style="bold red"))
     else:
-        err_console.print(f"[yellow]{notice.message}[/]", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]{escape(notice.message)}[/]", highlight=False, soft_wrap=True)
 
 
 def _workspace(db: Path, *, quiet: bool = False):
@@ -129,7 +130,11 @@ def _workspace(db: Path, *, quiet: bool = False):
 
 
 class _RateColumn(ProgressColumn):
+    """Images per second, while images are being embedded (other stages of a run show none)."""
+
     def render(self, task) -> Text:
+        if not str(task.description).startswith("indexing"):
+            return Text("")
         return Text(f"{task.speed:,.1f} img/s" if task.speed else "-- img/s", style="progress.data.speed")
 
 
@@ -144,15 +149,18 @@ class _Bars:
         self.task = None
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        if self.task is not None:  # shown from the first report on: a command that fails before prints no bar
+            self.progress.stop()
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if self.task is None:
+            self.progress.start()
             self.task = self.progress.add_task(stage, total=total)
+        elif stage != self.progress.tasks[0].description and stage.startswith("indexing"):
+            self.progress.reset(self.task)  # a new run of images: the rate starts afresh
         self.progress.update(self.task, description=stage, completed=done, total=total)
 
 
@@ -172,7 +180,7 @@ def _print_index_summary(result, *, show_errors: int = 20, activation_notice: bo
         errors.add_column("path", overflow="fold")
         errors.add_column("reason", overflow="fold")
         for path, reason in s.errors[:show_errors]:
-            errors.add_row(path, reason)
+            errors.add_row(escape(path), escape(reason))
         if len(s.errors) > show_errors:
             errors.add_row(f"... and {len(s.errors) - show_errors} more", "see `clipfuse info --errors`")
         console.print(errors)
@@ -226,7 +234,7 @@ def index(
     _print_index_summary(result)
     s = result.summary
     console.print(f"indexed {s.embedded} new, {s.unchanged} unchanged, {s.duplicates} duplicates, "
-                  f"{len(s.errors)} errors into {db}")
+                  f"{len(s.errors)} errors into {escape(str(db))}")
 
 
 def _neighbors_table(result, title: str) -> Table:
@@ -236,8 +244,8 @@ def _neighbors_table(result, title: str) -> Table:
         table.add_column(col, **kw)
     for n in result.neighbors:
         extra = f" (+{len(n.paths) - 1} more)" if len(n.paths) > 1 else ""
-        table.add_row(str(n.rank), n.id, (n.paths[0] if n.paths else "") + extra, n.label or "", n.split or "",
-                      f"{n.similarity:.4f}")
+        table.add_row(str(n.rank), n.id, escape((n.paths[0] if n.paths else "") + extra), escape(n.label or ""),
+                      n.split or "", f"{n.similarity:.4f}")
     return table
 
 
@@ -315,7 +323,7 @@ def info(
     console.print(versions)
     console.print(f"index errors: {result.errors}" + ("" if errors or not result.errors else "  (list them with --errors)"))
     for e in result.error_list or []:
-        console.print(f"  {e['path']}: {e['reason']}", highlight=False)
+        console.print(f"  {escape(e['path'])}: {escape(e['reason'])}", highlight=False)
 
 
 @app.command("import-embeddings")
@@ -509,7 +517,7 @@ def export(
     r = _workspace(db).export(path, version=version, split=split.value, probs=probs, force=force,
                               raw_cells=raw_cells, format=format.value)
     (err_console if r.streamed else console).print(  # a CSV streamed to stdout gets no summary line mixed in
-        f"wrote {r.rows} rows ({r.split}) to {path}")
+        f"wrote {r.rows} rows ({r.split}) to {escape(str(path))}")
 
 
 # ---- finetuning ----------------------------------------------------------------------------------
@@ -675,7 +683,7 @@ def demo(
     for col in ("rank", "path", "label / true class", "similarity"):
         table.add_column(col, overflow="fold")
     for n, cls in zip(r.neighbors.neighbors, r.neighbor_classes):
-        table.add_row(str(n.rank - 1), os.path.relpath(n.paths[0]) if n.paths else "",
+        table.add_row(str(n.rank), os.path.relpath(n.paths[0]) if n.paths else "",
                       f"{cls}{'' if n.label else ' (unlabeled)'}", f"{n.similarity:.4f}")
     console.print(table)
     agree = sum(c == r.query_class for c in r.neighbor_classes)

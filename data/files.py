@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -263,7 +265,7 @@ def replace_folder(folder: str | os.PathLike, fill: Callable[[Path], object]) ->
 def leftover_folders(folder: str | os.PathLike) -> list[Path]:
     """Old content that a crash in :func:`replace_folder` left beside ``folder``, oldest first."""
     folder = Path(folder)
-    return sorted(folder.parent.glob(f"{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return sorted(folder.parent.glob(f"{glob.escape(folder.name)}.old-*"), key=lambda p: p.stat().st_mtime)
 
 
 def publish_folder(link: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
@@ -311,39 +313,51 @@ class AtomicFolder:
     Both kinds of output folder clipfuse replaces go through it:
 
     - ``generations=False`` (model folders, named by path in a version's model name): the
-      new content is staged beside the folder, the old one renamed aside (``<name>.old-*``)
-      and the new one renamed into place (:func:`replace_folder`).
+      new content is staged in a hidden ``.<name>.*`` folder beside it, the old one renamed
+      aside (``<name>.old-*``) and the new one renamed into place (:func:`replace_folder`).
     - ``generations=True`` (heads folders, read while retraining): ``path`` is a symlink to
       ``<name>.gen-*``, swapped in one :func:`os.replace` (:func:`publish_folder`), so a
       reader that resolved it once reads one whole generation.
 
-    :meth:`recover` finishes what a crash left: when the folder is missing but an old
-    content exists (killed between the renames) the newest old content is renamed back;
-    when the folder exists, leftovers of earlier swaps are removed. :meth:`replace` runs
-    it first; :meth:`current` (for readers) never renames or removes anything.
+    :meth:`recover` finishes what a crash left: when the folder is missing but its old
+    content was renamed aside (killed between the renames), that content is renamed back;
+    leftovers of earlier swaps are removed. Only folders that ``owns`` recognises as this
+    folder's kind of content are ever restored or removed, so a user's own ``ft.old`` or
+    ``ft.tmp`` beside a model folder ``ft`` is left alone; staging folders are removed once
+    older than ``stale_after`` seconds (another writer may still be filling a younger one).
+    :meth:`replace` runs :meth:`recover` first; :meth:`current` (for readers) changes nothing.
     """
 
-    def __init__(self, path: str | os.PathLike, *, generations: bool = False):
+    def __init__(self, path: str | os.PathLike, *, owns: Callable[[Path], bool], generations: bool = False,
+                 stale_after: float = 3600.0):
         self.path = Path(path)
+        self.owns = owns
         self.generations = generations
+        self.stale_after = stale_after
 
-    def _leftovers(self) -> list[Path]:
-        # <name>.old-* of replace_folder, and <name>.old / <name>.tmp of heads folders written before generations
-        legacy = [self.path.with_name(self.path.name + s) for s in (".old", ".tmp")]
-        return leftover_folders(self.path) + [p for p in legacy if p.is_dir()]
+    def _mine(self, paths, *, links: bool = False) -> list[Path]:
+        return [p for p in paths if p.is_dir() and (links or not p.is_symlink()) and self.owns(p)]
 
-    def _restorable(self) -> Path | None:
-        for old in reversed(self._leftovers()):
-            if not old.name.endswith(".tmp"):  # a half-written staging folder is never restored
-                return old
-        return None
+    def _retired(self) -> list[Path]:
+        """Old content renamed aside, oldest first (and, for heads folders written before
+        generations, ``<name>.old``)."""
+        legacy = [self.path.with_name(self.path.name + ".old")] if self.generations else []
+        return self._mine(leftover_folders(self.path)) + self._mine(legacy, links=True)  # the link, renamed
+
+    def _stale(self) -> list[Path]:
+        """Staging folders no writer finished (and a heads folder's legacy ``<name>.tmp``)."""
+        now = time.time()
+        staged = [p for p in self.path.parent.glob(f".{glob.escape(self.path.name)}.*")
+                  if now - p.lstat().st_mtime >= self.stale_after]
+        legacy = [self.path.with_name(self.path.name + ".tmp")] if self.generations else []
+        return self._mine(staged + legacy)
 
     def recover(self) -> None:
         """Undo or finish an interrupted swap (call it holding whatever keeps writers apart)."""
-        present = self.path.exists() or self.path.is_symlink()
-        if not present and (old := self._restorable()) is not None:
-            os.rename(old, self.path)
-        for left in self._leftovers():
+        retired = self._retired()
+        if not (self.path.exists() or self.path.is_symlink()) and retired:
+            os.rename(retired.pop(), self.path)  # the newest old content comes back
+        for left in retired + self._stale():
             _remove(left)
 
     def replace(self, fill: Callable[[Path], object]) -> Path:
@@ -356,7 +370,10 @@ class AtomicFolder:
         """The folder a reader should read now: the published generation (or the folder itself),
         else, after a crash between the renames, the old content; None when there is none."""
         found = resolve_published(self.path) if self.generations else (self.path if self.path.is_dir() else None)
-        return found if found is not None else self._restorable()
+        if found is not None:
+            return found
+        retired = self._retired()
+        return retired[-1] if retired else None
 
 
 def _remove(path: Path) -> None:

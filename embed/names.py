@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,13 @@ def parse_model_name(name: str) -> ModelName:
         if rest.startswith(schema):
             return ModelName(name, family, schema[:-1], rest[len(schema):])
     return ModelName(name, family, None, rest)
+
+
+def check_device_name(device: str) -> None:
+    """Refuse a ``--device`` that no machine could run, without importing torch (whether this
+    machine has the GPU is :func:`clipfuse.embed.check_device`'s to say, when a model loads)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
 def is_image_only(model_name: str) -> bool:

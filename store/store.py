@@ -96,6 +96,11 @@ def _last_by(table: pa.Table, key: str, order: str) -> pa.Table:
     return df.sort("_row").drop("_row").to_arrow().cast(table.schema)
 
 
+# Table names per store (its lock key), listed once per hold of the writer lock: while the lock is held
+# nobody else can add a table, every Store object of this process that creates one clears the entry,
+# and taking the lock afresh clears it too (other writers may have added tables in between).
+_TABLE_NAMES: dict[str, frozenset[str]] = {}
+
 _LANCE_LOCATION = re.compile(r",?\s*/\S*\.rs:\d+:\d+\s*$")
 
 
@@ -190,7 +195,6 @@ class Store:
         self.on_lock_wait = on_lock_wait
         self._db = None
         self._ann: dict[str, AnnIndex] = {}
-        self._names: frozenset[str] | None = None  # table names, cached while holding the writer lock
         folder = Path(self.uri).absolute() if self.is_local else None
         self._lock = WriterLock(folder, str(folder.resolve()) if folder else self.uri)
 
@@ -209,7 +213,19 @@ class Store:
         takes it by itself too, so nothing writes unlocked. Raises PermissionError at once
         on a store that is not writable.
         """
-        return self._lock.hold(what, timeout=self.lock_timeout, on_wait=self.on_lock_wait)
+        return self._hold(what)
+
+    @contextlib.contextmanager
+    def _hold(self, what: str):
+        outermost = not self._lock.held
+        with self._lock.hold(what, timeout=self.lock_timeout, on_wait=self.on_lock_wait):
+            if outermost:
+                _TABLE_NAMES.pop(self._lock.key, None)
+            try:
+                yield
+            finally:
+                if outermost:
+                    _TABLE_NAMES.pop(self._lock.key, None)
 
     @property
     def exists(self) -> bool:
@@ -218,12 +234,11 @@ class Store:
 
     # ---- tables -------------------------------------------------------------------------
     def _table_names(self) -> set[str]:
-        """The store's tables; listed once while this process holds the writer lock (nobody else
-        can add one then), listed afresh by every call of a reader."""
-        if not self._lock.held:
-            self._names = None
-        elif self._names is not None:
-            return set(self._names)
+        """The store's tables; listed once while this process holds the writer lock (see
+        ``_TABLE_NAMES``), listed afresh by every call of a reader."""
+        held = self._lock.held
+        if held and self._lock.key in _TABLE_NAMES:
+            return set(_TABLE_NAMES[self._lock.key])
         if not self.exists:
             return set()
         names, token = set(), None
@@ -233,12 +248,12 @@ class Store:
             token = page.page_token
             if not token:
                 break
-        if self._lock.held:
-            self._names = frozenset(names)
+        if held:
+            _TABLE_NAMES[self._lock.key] = frozenset(names)
         return names
 
     def _create_table(self, name: str, data=None, **kwargs):
-        self._names = None
+        _TABLE_NAMES.pop(self._lock.key, None)
         return self.db.create_table(name, data, **kwargs)
 
     def _table(self, name: str, schema: pa.Schema | None = None):
@@ -481,11 +496,19 @@ class Store:
         ``ids``, only the rows of those contents (read by a filtered scan, not the whole table)."""
         if ids is None:
             t = self._read(IMAGES)
-        else:
-            table = self._table(IMAGES)
-            t = None if table is None or not ids else \
-                table.search().where(f"id IN ({_sql_list(ids)})").limit(None).to_arrow().select(IMAGES_SCHEMA.names)
-        return _last_by(t, "path", "indexed_at") if t is not None else IMAGES_SCHEMA.empty_table()
+            return _last_by(t, "path", "indexed_at") if t is not None else IMAGES_SCHEMA.empty_table()
+        table = self._table(IMAGES)
+        if table is None or not ids:
+            return IMAGES_SCHEMA.empty_table()
+
+        def rows(column: str, values) -> pa.Table:
+            return table.search().where(f"{column} IN ({_sql_list(values)})").limit(None).to_arrow() \
+                .select(IMAGES_SCHEMA.names)
+
+        # every row of the paths that ever held these ids, so that a path's latest row decides what it holds
+        paths = set(rows("id", ids)["path"].to_pylist())
+        latest = _last_by(rows("path", sorted(paths)), "path", "indexed_at") if paths else IMAGES_SCHEMA.empty_table()
+        return latest.filter(pc.is_in(latest["id"], pa.array(list(ids), pa.string())))
 
     @_storage_errors
     def record_errors(self, rows: list[dict]) -> None:

@@ -60,7 +60,9 @@ class EmbeddingVersion:
         return not self.imported and not self.image_only
 
     @property
-    def is_active(self) -> bool:
+    def complete(self) -> bool:
+        """Whether a run finished it (and made it active then; the store's active version is the one
+        finished or activated last: ``Store.get_version()``)."""
         return self.activated_at is not None
 
     def with_rows(self, rows: int) -> EmbeddingVersion:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from clipfuse.data import scan_folders
@@ -323,3 +324,18 @@ def test_an_index_run_lists_the_tables_once_however_many_commits(tmp_path, embed
         assert summary.embedded == 24
         used[commit_every] = dict(calls)
     assert used[2] == used[24], used
+
+
+def test_images_of_some_ids_keep_each_paths_latest_row(tmp_path, embedder, shapes_dir):
+    """``images(ids)`` answers as ``images()`` filtered: a path stored twice (before the writer lock)
+    counts with its latest row only, so an id it no longer holds does not list it."""
+    _index(tmp_path / "db", embedder, shapes_dir)
+    store = Store(tmp_path / "db")
+    rows = store.images().to_pylist()
+    path, other = rows[0], rows[1]
+    stale = {**path, "id": other["id"], "indexed_at": path["indexed_at"] - 100}  # an older row of the same path
+    table = store.db.open_table("images")
+    table.add(pa.Table.from_pylist([stale], schema=table.schema))
+    assert path["path"] not in store.images([other["id"]])["path"].to_pylist()
+    assert store.images([path["id"]])["path"].to_pylist() == [path["path"]]
+    assert sorted(store.images([path["id"], other["id"]])["path"].to_pylist()) == sorted([path["path"], other["path"]])

@@ -234,6 +234,7 @@ def test_the_digits_job_runs_through_the_api_alone(tmp_path, tiny_model):
     assert result.model == tiny_model and result.fallback is None
     assert result.index.summary.found == 150 + 60 and len(result.neighbors.neighbors) == 3
     assert result.neighbors.neighbors[0].paths[0] != result.query  # the query itself is left out
+    assert [n.rank for n in result.neighbors.neighbors] == [1, 2, 3]
     (training,), (accuracy,) = result.training, result.unlabeled_accuracy
     assert result.unlabeled_scored == 60 and set(accuracy) == {*training.heads, "fused"}
     assert 0.0 <= accuracy["fused"] <= 1.0
@@ -262,3 +263,105 @@ print("HEAVY", heavy)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+# ---- found in review: each of these failed before its fix --------------------------------------
+def test_writing_a_model_folder_leaves_the_users_look_alike_folders_alone(tmp_path):
+    from clipfuse.data import AtomicFolder
+    from clipfuse.train.checkpoint import is_model_folder
+
+    def model(folder, kind="finetuned"):
+        folder.mkdir()
+        (folder / "clipfuse.json").write_text(json.dumps({"kind": kind}))
+        (folder / "open_clip_model.safetensors").write_bytes(b"w")
+
+    for name in ("ft.old", "ft.tmp", "ft.old-2024", "ft1.old-abc"):  # a user's own folders, models or not
+        model(tmp_path / name) if name != "ft.tmp" else (tmp_path / name).mkdir()
+    (tmp_path / "ft.old-2024" / "notes.txt").write_text("mine")  # not only model files: never ours
+    target = AtomicFolder(tmp_path / "ft[1]", owns=is_model_folder)  # glob characters in the name
+    target.replace(lambda staging: (staging / "clipfuse.json").write_text(json.dumps({"kind": "wise-ft"})))
+    assert json.loads((tmp_path / "ft[1]" / "clipfuse.json").read_text())["kind"] == "wise-ft"
+    assert all((tmp_path / n).is_dir() for n in ("ft.old", "ft.tmp", "ft.old-2024", "ft1.old-abc"))
+
+    # a crash between the renames: the old model is aside, the folder missing; the next write restores
+    # it first and then replaces it, and readers are pointed at it meanwhile
+    folder = AtomicFolder(tmp_path / "m", owns=is_model_folder)
+    folder.replace(lambda staging: (staging / "clipfuse.json").write_text(json.dumps({"kind": "finetuned"})))
+    (tmp_path / "m").rename(tmp_path / "m.old-x1y2z3")
+    assert folder.current() == tmp_path / "m.old-x1y2z3"
+    folder.recover()
+    assert (tmp_path / "m").is_dir() and not list(tmp_path.glob("m.old-*"))
+
+
+def test_table_names_are_listed_afresh_each_time_the_writer_lock_is_taken(tmp_path):
+    import pyarrow as pa
+
+    from clipfuse.store import Store
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "a.npy", rng.normal(size=(4, 8)).astype(np.float32))
+    np.save(tmp_path / "b.npy", rng.normal(size=(4, 8)).astype(np.float32))
+    pl.DataFrame({"id": ["a", "b", "c", "d"]}).write_parquet(tmp_path / "m.parquet")
+    ws = clipfuse.open(tmp_path / "db")
+    first = ws.import_embeddings(tmp_path / "a.npy", metadata=tmp_path / "m.parquet").fingerprint
+    second = ws.import_embeddings(tmp_path / "b.npy", metadata=tmp_path / "m.parquet").fingerprint
+    table = pa.table({"id": ["a"], "x": [1]})
+    mine = Store(tmp_path / "db")
+    mine.write_predictions(table, first)
+    mine.write_predictions(table, first)
+    Store(tmp_path / "db").write_predictions(table, second)  # another writer creates a table in between
+    mine.write_predictions(table, second)  # once failed: "table ... already exists"
+    assert mine.predictions(second).num_rows == 1
+
+
+def test_kaggle_ids_of_imported_rows_and_formula_like_names(tmp_path):
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(2, 8))
+    y = np.repeat([0, 1], 10)
+    np.save(tmp_path / "v.npy", (centers[y] + 0.1 * rng.normal(size=(20, 8))).astype(np.float32))
+    ids = [f"img.{i:03d}" for i in range(18)] + ["=cmd", "-5"]
+    labels = [("+1" if c else "-1") if i % 10 < 4 else None for i, c in enumerate(y)]
+    pl.DataFrame({"id": ids, "label": labels}).write_parquet(tmp_path / "m.parquet")
+    notices = []
+    ws = clipfuse.open(tmp_path / "db", on_notice=notices.append)
+    ws.import_embeddings(tmp_path / "v.npy", metadata=tmp_path / "m.parquet")
+    ws.train_heads(heads="probe", folds=2)
+    ws.predict()
+    ws.export(tmp_path / "raw.csv", format="kaggle", raw_cells=True)
+    rows = list(csv.DictReader(open(tmp_path / "raw.csv", encoding="utf-8")))
+    assert {r["id"] for r in rows} == {i for i, lab in zip(ids, labels) if lab is None}  # ids as imported
+    assert {r["label"] for r in rows} <= {"+1", "-1"}
+    result = ws.export(tmp_path / "safe.csv", format="kaggle")
+    assert any("--raw-cells" in n.message for n in result.notices)
+    assert "'=cmd" in (tmp_path / "safe.csv").read_text()
+
+
+def test_option_errors_name_the_option(ws, tmp_path):
+    for kwargs, option in (({"heads": []}, "--heads"), ({"heads": ","}, "--heads"),
+                           ({"val_fraction": 1.5}, "--val-fraction"), ({"folds": 1}, "--folds"),
+                           ({"graph": "x"}, "--graph")):
+        with pytest.raises(OptionError) as e:
+            ws.train_heads(**kwargs)
+        assert e.value.option == option, kwargs
+    with pytest.raises(OptionError) as e:
+        ws.neighbors(ws.root / "labeled" / "red" / "000.png", device="bogus")
+    assert e.value.option == "--device"
+    with pytest.raises(FileNotFoundError, match="no store at"):
+        clipfuse.open(f"file://{tmp_path}/missing.lance").info()
+
+
+def test_loading_a_model_leaves_the_callers_logging_as_it_was(ws, tmp_path):
+    import logging
+
+    from PIL import Image
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        new = tmp_path / "new.png"
+        Image.open(ws.root / "labeled" / "red" / "000.png").rotate(90).save(new)
+        assert "embedded now" in ws.neighbors(new, k=1).query  # loads the model
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(before)

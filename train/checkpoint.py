@@ -67,7 +67,22 @@ def save_model_folder(folder: str | Path, model: torch.nn.Module, config: dict |
     from clipfuse.data import AtomicFolder
 
     check_model_folder_target(folder)
-    return AtomicFolder(folder).replace(lambda staging: _write_model_folder(staging, model, config, heads, meta, tokenizer))
+    return AtomicFolder(folder, owns=is_model_folder).replace(lambda staging: _write_model_folder(staging, model, config, heads, meta, tokenizer))
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a clipfuse model and nothing else."""
+    folder = Path(folder)
+    try:
+        entries = [p.name for p in folder.iterdir()]
+    except OSError:
+        return False
+    if any(name not in MODEL_FOLDER_FILES for name in entries):
+        return False
+    try:
+        return json.loads((folder / META).read_text()).get("kind") in ("finetuned", "wise-ft")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_model_folder_target(folder: str | Path) -> None:

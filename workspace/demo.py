@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,14 @@ def run_demo(workdir="clipfuse-demo", *, model: str = "ViT-B-32", pretrained: st
     workdir = Path(workdir)
     paths = write_digits_dataset(workdir, max_unlabeled=unlabeled)
     db = workdir / "clipfuse.lance"
-    ws = Workspace(db, on_notice=on_notice)
+    notices: list[Notice] = []  # everything the steps raised, in order
+
+    def notify(notice: Notice) -> None:
+        notices.append(notice)
+        if on_notice is not None:
+            on_notice(notice)
+
+    ws = Workspace(db, on_notice=notify)
     fallback = None
     try:
         indexed = ws.index(paths["labeled"], unlabeled=paths["unlabeled"], model=model, pretrained=pretrained,
@@ -44,24 +52,24 @@ def run_demo(workdir="clipfuse-demo", *, model: str = "ViT-B-32", pretrained: st
         fallback = (f"{model}{f' ({tag})' if tag else ''} can't be loaded here ({_fallback_reason(e)}); using "
                     f"{EFFNET_LITE0} instead: ImageNet EfficientNet-Lite0, bundled with clipfuse, image-only "
                     "(no zero-shot head).")
-        if on_notice is not None:
-            on_notice(Notice(fallback))
+        notify(Notice(fallback))
         indexed = ws.index(paths["labeled"], unlabeled=paths["unlabeled"], model=EFFNET_LITE0, device=device,
                            batch_size=batch_size, progress=progress)
     with open(paths["truth"], newline="", encoding="utf-8") as f:
         truth = {row["path"]: row["label"] for row in csv.DictReader(f)}
     query = sorted(truth)[0]
     found = ws.neighbors(query, k=k + 1, version=indexed.fingerprint)
-    found.neighbors = found.neighbors[1:]  # the query itself
+    # the query itself comes first: left out, the others ranked from 1
+    found.neighbors = [dataclasses.replace(n, rank=n.rank - 1) for n in found.neighbors[1:]]
     neighbor_classes = [n.label or truth.get(n.paths[0] if n.paths else "", "?") for n in found.neighbors]
 
     trainings, accuracies = [], []
-    scored = _train_and_score(ws, indexed.fingerprint, truth, trainings, accuracies, progress)
+    scored = _train_and_score(ws, indexed.fingerprint, truth, trainings, accuracies, progress, notify)
     exported = ws.export(workdir / "predictions.csv", version=indexed.fingerprint, force=True)
     result = DemoResult(workdir=workdir, db=db, model=indexed.model, index=indexed, query=query,
                         query_class=truth[query], neighbors=found, neighbor_classes=neighbor_classes,
                         training=trainings, unlabeled_accuracy=accuracies, unlabeled_scored=scored,
-                        exported=exported, fallback=fallback)
+                        exported=exported, fallback=fallback, notices=notices)
     if finetune:
         models = workdir / "models"
         result.finetune = ws.finetune(out=models / "ft", epochs=3, lr=1e-5, batch_size=batch_size, device=device,
@@ -69,19 +77,19 @@ def run_demo(workdir="clipfuse-demo", *, model: str = "ViT-B-32", pretrained: st
         result.wise_ft = ws.wise_ft(models / "ft", alphas="0:1:0.25", out=models / "ft-wiseft", device=device,
                                     progress=progress)
         result.reembed = ws.reembed(models / "ft-wiseft", device=device, batch_size=batch_size, progress=progress)
-        _train_and_score(ws, result.reembed.fingerprint, truth, trainings, accuracies, progress)
+        _train_and_score(ws, result.reembed.fingerprint, truth, trainings, accuracies, progress, notify)
         result.exported = ws.export(workdir / "predictions.csv", version=result.reembed.fingerprint, force=True)
     return result
 
 
-def _train_and_score(ws, fingerprint: str, truth: dict, trainings: list, accuracies: list, progress) -> int:
+def _train_and_score(ws, fingerprint: str, truth: dict, trainings: list, accuracies: list, progress, notify) -> int:
     """train-heads -> predict -> accuracy of each head on the demo's unlabeled images (whose true
     classes the sample knows); returns how many were scored."""
     from . import heads as _heads
 
     trainings.append(ws.train_heads(version=fingerprint, progress=progress))
     version = ws.version(fingerprint)
-    trained = _heads.load_trained(ws.store, version, notify=ws._notify)
+    trained = _heads.load_trained(ws.store, version, notify=notify)
     es = trained.es
     # every row is a fitted row here: heads answer with what they learned for it
     fused, per_head = trained.ensemble.predict_proba(es.X, fit_rows=np.arange(len(es.ids)))

@@ -21,9 +21,21 @@ CONFIG_FILE = "config.json"  # the resolved train-heads config
 
 
 # ---- the heads folder ---------------------------------------------------------------------------
+HEADS_FILES = frozenset({ENSEMBLE_FILE, "ensemble.safetensors", FIT_IDS_FILE, CONFIG_FILE})
+
+
+def _is_heads_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but saved heads (or part of them being written)."""
+    return all(p.name in HEADS_FILES for p in folder.iterdir())
+
+
 def heads_folder(store: Store, version: EmbeddingVersion) -> AtomicFolder:
-    """``<db>/_heads/<fingerprint>``: a link to the current generation of the version's heads."""
-    return AtomicFolder(store.heads_folder(version.fingerprint), generations=True)
+    """``<db>/_heads/<fingerprint>``: a link to the current generation of the version's heads.
+
+    Heads are written under the store's writer lock, so any staging folder found is stale.
+    """
+    return AtomicFolder(store.heads_folder(version.fingerprint), owns=_is_heads_folder, generations=True,
+                        stale_after=0.0)
 
 
 def current_heads(store: Store, version: EmbeddingVersion) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import Callable
@@ -12,19 +13,34 @@ from clipfuse.store import EmbeddingVersion, Store
 from .results import Notice, OptionError
 
 
-def quiet_libraries() -> None:
-    """open_clip and the hub client log through the root logger; their failures reach the user
-    as our own error messages instead."""
-    for name in ("open_clip", "huggingface_hub", "timm", "root"):
-        logging.getLogger(name if name != "root" else None).setLevel(logging.CRITICAL)
+@contextlib.contextmanager
+def quiet_libraries():
+    """While a model loads: open_clip and the hub client log through the root logger, and their
+    failures reach the user as our own error messages instead. The levels are restored after."""
+    loggers = [logging.getLogger(name) for name in (None, "open_clip", "huggingface_hub", "timm")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
-def check_device(device: str, precision: str = "fp32") -> None:
-    """Refuse a device or precision this machine can't run before anything is loaded."""
-    from clipfuse.embed import check_device as check
+def check_device(device: str, precision: str = "fp32", *, model_loads: bool = True) -> None:
+    """Refuse a device or precision this machine can't run before anything is loaded.
+
+    ``model_loads=False`` (a query that may need no model) checks the name only, without torch.
+    """
+    from clipfuse.embed.names import check_device_name
 
     try:
-        check(device, precision)
+        check_device_name(device)
+        if model_loads:
+            from clipfuse.embed import check_device as check
+
+            check(device, precision)
     except ValueError as e:
         raise OptionError("--device" if "device" in str(e) else "--precision", str(e)) from e
 
@@ -55,10 +71,11 @@ def load_embedder(config, *, notify: Callable[[Notice], None], progress=None):
     """The model of ``config``; a random-weights fallback (only when asked for) is announced."""
     from clipfuse.embed import create_embedder
 
-    quiet_libraries()
+    check_device(config.device, config.precision)
+
     if progress is not None:
         progress(f"loading model {config.model}", 0, None)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_libraries():
         warnings.simplefilter("ignore")
         embedder = create_embedder(config)
     if embedder.info.random_weights:

@@ -198,6 +198,8 @@ class Tuning:
 
         result = sweep(embedder.model, base_state, finetuned_state, heads["start"], heads["finetuned"], grid,
                        val_features, labels)
+        if progress is not None:
+            progress("alphas swept", len(grid), len(grid))
         save_model_folder(out, embedder.model, model_config(meta["base_model"], embedder.model),
                           heads={"finetuned": result["head"], "start": heads["start"]},
                           tokenizer=embedder.tokenizer,

@@ -77,11 +77,12 @@ class Workspace(Tuning):
 
     def __init__(self, db: str | os.PathLike = "clipfuse.lance", *, on_notice: Callable[[Notice], None] | None = None,
                  lock_timeout: float | None = None):
-        self.db = db if isinstance(db, Path) else Path(db) if "://" not in str(db) else str(db)
+        try:
+            self.store = Store(db, lock_timeout=lock_timeout, on_lock_wait=self._lock_wait)
+        except NotADirectoryError as e:
+            raise OptionError("--db", str(e).replace("--db ", "", 1)) from e
+        self.db = Path(self.store.uri) if self.store.is_local else self.store.uri  # file:// URIs as their folder
         self.on_notice = on_notice
-        if isinstance(self.db, Path) and self.db.exists() and not self.db.is_dir():
-            raise OptionError("--db", f"{str(self.db)!r} is a file; a store is a folder (e.g. clipfuse.lance).")
-        self.store = Store(self.db, lock_timeout=lock_timeout, on_lock_wait=self._lock_wait)
         self._notices: list[Notice] = []
 
     def __repr__(self) -> str:
@@ -194,8 +195,7 @@ class Workspace(Tuning):
             raise OptionError("IMAGE_OR_ID", "give either an IMAGE_OR_ID argument or --text, not both or neither.")
         if k < 1:
             raise OptionError("--k", f"k must be at least 1, got {k}.")
-        if model is not None or text is not None:
-            check_device(device)
+        check_device(device, model_loads=model is not None or text is not None)
         v = self.version(version)
         if model == v.model and pretrained is None:
             pretrained = v.pretrained
@@ -285,7 +285,13 @@ class Workspace(Tuning):
         from clipfuse.classify import DEFAULT_HEADS, HeadsConfig
 
         notices = self._start()
-        names = tuple(_head_list(heads) or ()) or DEFAULT_HEADS
+        names = DEFAULT_HEADS if heads is None else tuple(_head_list(heads))
+        if not 0.0 < val_fraction < 1.0:
+            raise OptionError("--val-fraction", f"val_fraction must be between 0 and 1 (the share of each class's "
+                                                f"labels held out); got {val_fraction}.")
+        if folds < 2:
+            raise OptionError("--folds", f"folds must be at least 2 (the fusion learns from out-of-fold "
+                                         f"predictions); got {folds}.")
         if graph not in GRAPHS:
             raise OptionError("--graph", f"--graph must be auto, exact, ivf or hnsw; got {graph!r}.")
         if class_words is not None and not Path(class_words).is_file():
@@ -496,6 +502,14 @@ class Workspace(Tuning):
         missing = images.height - df.height
         if format == "kaggle":
             df = self._kaggle_frame(df)
+            if not raw_cells:
+                from clipfuse.data import neutralise_cell
+
+                changed = sum(neutralise_cell(v) != v for col in df.columns for v in df[col].to_list())
+                if changed:
+                    self._warn(f"{changed} id or label cell(s) start with = + - @ or a tab and were written with a "
+                               "leading ' so that a spreadsheet can't run them; a submission must hold them exactly: "
+                               "export again with --raw-cells.")
         elif probs:
             df = df.with_columns(pl.col("probs").arr.to_struct(fields=[f"p_{c}" for c in classes])).unnest("probs")
             df = df.drop("split")
@@ -509,16 +523,18 @@ class Workspace(Tuning):
 
     @staticmethod
     def _kaggle_frame(df):
-        """``id,label``: the file name without extension, as competition submissions name images."""
+        """``id,label``: the file name without extension, as competition submissions name images
+        (rows imported without a file, whose path is ``id:<id>``, keep their id)."""
         import polars as pl
 
-        out = df.select(pl.col("path").map_elements(lambda p: Path(p).stem, return_dtype=pl.Utf8).alias("id"),
-                        pl.col("label"))
+        def kaggle_id(path: str) -> str:
+            return path[3:] if path.startswith("id:") else Path(path).stem
+
+        out = df.select(pl.col("path").map_elements(kaggle_id, return_dtype=pl.Utf8).alias("id"), pl.col("label"))
         repeated = out.filter(pl.col("id").is_duplicated())
         if repeated.height:
             first = repeated["id"][0]
-            paths = df.filter(pl.col("path").map_elements(lambda p: Path(p).stem == first,
-                                                          return_dtype=pl.Boolean))["path"].to_list()
+            paths = [p for p in df["path"].to_list() if kaggle_id(p) == first]
             raise ValueError(f"{repeated['id'].n_unique()} file name(s) occur more than once without their "
                              f"extension (e.g. {first!r}: {', '.join(paths[:3])}), so the kaggle format's id "
                              "would be ambiguous; rename the files, or export --format clipfuse (full paths).")
