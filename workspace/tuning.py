@@ -15,10 +15,11 @@ MIB = 2**20
 class Tuning:
     """The model-making methods of :class:`~clipfuse.workspace.Workspace` (they need torch)."""
 
-    def _labeled_items(self, es, rows) -> list[tuple[str, int]]:
+    @staticmethod
+    def _labeled_items(images: list[dict], es, rows) -> list[tuple[str, int]]:
         """(path, class index) of embedding rows, using one labeled path per image id."""
         path_of = {}
-        for r in self.store.images().select(["id", "path", "split"]).to_pylist():
+        for r in images:
             if r["split"] == "labeled" or r["id"] not in path_of:
                 path_of[r["id"]] = r["path"]
         return [(path_of[es.ids[i]], int(es.labels[i])) for i in rows]
@@ -94,7 +95,8 @@ class Tuning:
         es = self.store.load_embeddings(v.fingerprint)
         _heads.require_labels(self.store, v, es, val_fraction=0.2, seed=seed)
         train_idx, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=seed)
-        train, val = self._labeled_items(es, train_idx), self._labeled_items(es, val_idx)
+        images = self.store.images().select(["id", "path", "split"]).to_pylist()  # read once for the three lists
+        train, val = self._labeled_items(images, es, train_idx), self._labeled_items(images, es, val_idx)
         n_pseudo = 0
         if pseudo_labels:
             pseudo = self.pseudo_labels(v, per_class=pseudo_labels, min_confidence=pseudo_min_confidence)
@@ -105,8 +107,7 @@ class Tuning:
         embedder = version_embedder(v, None, device, notify=self._notify, progress=progress)
         folder_config = model_config(v.model, embedder.model)  # fails now rather than after training
         text = class_text_embeddings(embedder, es.classes, words) if embedder.has_text else None
-        unlabeled = [r["path"] for r in self.store.images().select(["path", "split"]).to_pylist()
-                     if r["split"] == "unlabeled"]
+        unlabeled = [r["path"] for r in images if r["split"] == "unlabeled"]
         prompts = [build_prompts(words[c], DEFAULT_TEMPLATES) for c in es.classes] if embedder.has_text else None
 
         def report(epoch, step, steps, loss, val_acc):

@@ -215,7 +215,7 @@ class Workspace(Tuning):
         notices = self._start()
         self._require_store()
         summary = self.store.info()
-        versions = self.store.versions()
+        versions = [EmbeddingVersion.from_row(v) for v in summary["versions"]]  # counted once, by store.info()
         error_list = self.store.errors().select(["path", "reason"]).to_pylist() if errors else None
         dups = {kind: n for kind, n in summary["duplicates"].items() if n}
         if dups:
