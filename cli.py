@@ -86,6 +86,9 @@ RandomOpt = Annotated[bool, typer.Option(
     "(a smoke test: results mean nothing).")]
 VersionOpt = Annotated[Optional[str], typer.Option(
     "--version", help="Embedding version (fingerprint or prefix, see `clipfuse info`); default the active one.")]
+VersionsOpt = Annotated[Optional[str], typer.Option(
+    "--versions", help="Comma-separated versions (fingerprints or prefixes) of the same images: an ensemble over "
+    "all of them, one fusion over every (version, head) pair.")]
 CommitOpt = Annotated[int, typer.Option(min=1, help="Images per database commit (work lost on a crash).")]
 MaxFileOpt = Annotated[int, typer.Option(min=1, help="Largest image file read, in MiB; larger files are listed as errors.")]
 HeadsOpt = Annotated[Optional[str], typer.Option(
@@ -326,6 +329,36 @@ def info(
         console.print(f"  {escape(e['path'])}: {escape(e['reason'])}", highlight=False)
 
 
+@app.command("remove-version")
+@_runtime_errors
+def remove_version(
+    version: Annotated[str, typer.Argument(help="The version to delete (fingerprint or prefix, see `clipfuse info`).")],
+    db: DbOpt = Path("clipfuse.lance"),
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+):
+    """Delete one embedding version: its vectors, predictions, neighbour index and heads.
+
+    Images, labels and the other versions stay. A saved --versions ensemble that needs
+    it fails with a clear error until you train it again.
+
+    Examples:
+
+        clipfuse remove-version 3f2a9c0d --yes
+    """
+    from clipfuse.workspace import OptionError
+
+    ws = _workspace(db)
+    try:
+        v = ws.version(version)
+    except OptionError as e:
+        raise OptionError("VERSION", str(e)) from e
+    if not yes and not typer.confirm(f"delete version {v.describe()} from {db}?", default=False):
+        raise typer.Exit(1)
+    r = ws.remove_version(v.fingerprint)
+    console.print(f"removed version {r.removed.describe()}; active version now "
+                  + (r.active[:12] if r.active else "none (index or activate one)"))
+
+
 @app.command("import-embeddings")
 @_runtime_errors
 def import_embeddings(
@@ -381,24 +414,53 @@ def _scores_table(title: str, scores: dict, weights: dict | None = None, seconds
 
 
 def _print_training(result) -> None:
-    console.print(_scores_table(f"validation ({result.n_val} held-out labels; heads trained on {result.n_train})",
-                                result.scores, result.weights, result.fit_seconds))
+    title = f"validation ({result.n_val} held-out labels; heads trained on {result.n_train})"
+    if result.versions:
+        _print_cross_training(result, title)
+    else:
+        console.print(_scores_table(title, result.scores, result.weights, result.fit_seconds))
     for head, why in result.unavailable.items():
-        console.print(f"[yellow]{head} skipped:[/] {why}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]{escape(head)} skipped:[/] {escape(why)}", highlight=False, soft_wrap=True)
     best = result.best_head
     console.print(f"trained {len(result.heads)} heads into {result.folder}: fused validation accuracy "
                   f"{result.fused_accuracy:.3f} (best single head: {best} {result.scores[best]['accuracy']:.3f})")
 
 
+def _print_cross_training(result, title: str) -> None:
+    """One section per version: its heads (weight, scores), then its heads fused alone; the ensemble last."""
+    table = Table(title=title)
+    for col in ("version", "head", "accuracy", "macro-F1", "NLL", "ECE", "fusion weight", "fit s"):
+        table.add_column(col, justify="left" if col in ("version", "head") else "right")
+
+    def cells(s: dict) -> list[str]:
+        return [f"{s['accuracy']:.3f}", f"{s['macro_f1']:.3f}", f"{s['nll']:.3f}", f"{s['ece']:.3f}"]
+
+    for fp in result.versions:
+        short = fp[:12]
+        for member in [h for h in result.heads if h.startswith(short + "/")]:
+            table.add_row(short, member.split("/", 1)[1], *cells(result.scores[member]),
+                          f"{result.weights[member]:.3f}", f"{result.fit_seconds.get(member, 0.0):.1f}")
+        if short in result.version_scores:
+            table.add_row(short, "[italic]its heads fused alone[/]", *cells(result.version_scores[short]), "", "")
+        table.add_section()
+    table.add_row("all", "[bold]fused[/]", *cells(result.scores["fused"]), "", "")
+    console.print(table)
+    for short, lacks in result.missing.items():
+        console.print(f"[yellow]version {short} lacks {lacks} images[/]: they are predicted from the other versions")
+
+
+@app.command("train-heads")
 @app.command("train-heads")
 @_runtime_errors
 def train_heads(
     db: DbOpt = Path("clipfuse.lance"),
     version: VersionOpt = None,
+    versions: VersionsOpt = None,
     heads: HeadsOpt = None,
-    class_words: Annotated[Optional[Path], typer.Option(
+    class_words: Annotated[Optional[list[Path]], typer.Option(
         exists=True, dir_okay=False, help="YAML/JSON file mapping class -> words or phrases for the zero-shot "
-        "prompts (default: the folder names).")] = None,
+        "prompts (default: the folder names). Repeat it for several word lists: one zero-shot head per file, "
+        "named after it.")] = None,
     val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of each class's labels held out.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split, the folds and the heads.")] = 0,
     folds: Annotated[int, typer.Option(min=2, help="Folds of the out-of-fold predictions the fusion learns from.")] = 3,
@@ -411,17 +473,23 @@ def train_heads(
 
     Every head is fitted on the seeded 80/20 split's train labels, scored on its
     validation labels, and refitted on all labels. The fusion weights are learned on
-    out-of-fold predictions. Prints the validation table.
+    out-of-fold predictions. Prints the validation table. `--versions` fits the heads on
+    each of several versions of the same images (e.g. two finetuned CLIP models, each
+    re-embedded) and learns one fusion over all of them.
 
     Examples:
 
         clipfuse train-heads
 
         clipfuse train-heads --heads propagation,knn,probe --class-words words.yaml
+
+        clipfuse train-heads --class-words names.yaml --class-words descriptions.yaml
+
+        clipfuse train-heads --versions 3f2a9c0d,8b1e4f27
     """
     with _Bars() as bars:
         result = _workspace(db).train_heads(
-            version=version, heads=heads, class_words=class_words, val_fraction=val_fraction, seed=seed,
+            version=version, versions=versions, heads=heads, class_words=class_words or None, val_fraction=val_fraction, seed=seed,
             folds=folds, graph=graph, probe_zero_shot_prior=probe_zero_shot_prior, device=device, progress=bars)
     _print_training(result)
 
@@ -431,6 +499,7 @@ def train_heads(
 def predict(
     db: DbOpt = Path("clipfuse.lance"),
     version: VersionOpt = None,
+    versions: VersionsOpt = None,
     heads: HeadsOpt = None,
     per_head: Annotated[bool, typer.Option(
         "--per-head", help="Also write each head's probabilities (a probs_<head> column per head) into the table.")] = False,
@@ -445,9 +514,11 @@ def predict(
         clipfuse predict
 
         clipfuse predict --heads propagation,knn --per-head
+
+        clipfuse predict --versions 3f2a9c0d,8b1e4f27
     """
     with err_console.status("predicting ..."):
-        r = _workspace(db).predict(version=version, heads=heads, per_head=per_head)
+        r = _workspace(db).predict(version=version, versions=versions, heads=heads, per_head=per_head)
     console.print(f"predicted {r.images} images ({r.new_since_training} new since train-heads) with "
                   f"{', '.join(r.heads)}; mean confidence {r.mean_confidence:.3f}; table {r.table} in {db}")
 
@@ -457,18 +528,25 @@ def predict(
 def evaluate(
     db: DbOpt = Path("clipfuse.lance"),
     version: VersionOpt = None,
-    out: Annotated[Path, typer.Option(file_okay=False, help="Folder for metrics.json and the PNG plots.")] = Path("clipfuse-eval"),
+    versions: VersionsOpt = None,
+    out: Annotated[Path, typer.Option(file_okay=False, help="Folder for metrics.json, confusions.csv and the PNG "
+                                      "plots.")] = Path("clipfuse-eval"),
+    top_confusions: Annotated[int, typer.Option(min=0, help="Most-confused class pairs to list.")] = 10,
 ):
     """Score the trained heads: validation metrics per head, confusion matrix, class similarity.
 
     Validation scores come from heads fitted without the validation labels. When the store
-    has labeled test images and `predict` has run, they are scored too.
+    has labeled test images and `predict` has run, they are scored too. The most-confused
+    class pairs (confusions.csv: both directions, class-mean similarity, example paths)
+    show which class names need better words (`--class-words`).
 
     Examples:
 
         clipfuse evaluate --out eval/
+
+        clipfuse evaluate --versions 3f2a9c0d,8b1e4f27
     """
-    r = _workspace(db).evaluate(version=version, out=out)
+    r = _workspace(db).evaluate(version=version, versions=versions, out=out, top_confusions=top_confusions)
     console.print(_scores_table(f"validation ({r.n_val} held-out labels)", r.validation, r.weights))
     if r.test is not None:
         console.print(_scores_table(f"test ({r.n_test} labeled test images, fused predictions)", {"fused": r.test}))
@@ -479,6 +557,15 @@ def evaluate(
     for c, acc, n in zip(r.classes, r.validation["fused"]["per_class_accuracy"], r.val_counts):
         per_class.add_row(c, "-" if math.isnan(acc) else f"{acc:.3f}", str(n))
     console.print(per_class)
+    if r.confusions:
+        pairs = Table(title="most-confused class pairs (validation, fused)")
+        for col in ("class a", "class b", "a as b", "b as a", "similarity", "example"):
+            pairs.add_column(col, justify="right" if col in ("a as b", "b as a", "similarity") else "left")
+        for p in r.confusions:
+            pairs.add_row(escape(p["class_a"]), escape(p["class_b"]), str(p["a_as_b"]), str(p["b_as_a"]),
+                          "-" if math.isnan(p["similarity"]) else f"{p['similarity']:.3f}",
+                          escape(p["examples"][0]) if p["examples"] else "")
+        console.print(pairs)
     console.print(f"fused validation accuracy {r.validation['fused']['accuracy']:.3f}; wrote "
                   + ", ".join(p.name for p in r.files) + f" to {out}")
 
@@ -489,6 +576,7 @@ def export(
     path: Annotated[Path, typer.Argument(dir_okay=False, help="CSV file to write, e.g. predictions.csv.")],
     db: DbOpt = Path("clipfuse.lance"),
     version: VersionOpt = None,
+    versions: VersionsOpt = None,
     split: Annotated[ExportSplit, typer.Option(help="Images to export: unlabeled, test or all.")] = ExportSplit.unlabeled,
     probs: Annotated[bool, typer.Option("--probs", help="Add one probability column per class.")] = False,
     format: Annotated[ExportFormat, typer.Option(
@@ -514,7 +602,7 @@ def export(
 
         clipfuse export all.csv --split all --probs --force
     """
-    r = _workspace(db).export(path, version=version, split=split.value, probs=probs, force=force,
+    r = _workspace(db).export(path, version=version, versions=versions, split=split.value, probs=probs, force=force,
                               raw_cells=raw_cells, format=format.value)
     (err_console if r.streamed else console).print(  # a CSV streamed to stdout gets no summary line mixed in
         f"wrote {r.rows} rows ({r.split}) to {escape(str(path))}")

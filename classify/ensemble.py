@@ -6,6 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from scipy.optimize import minimize
@@ -114,6 +115,33 @@ def _log(P: np.ndarray) -> np.ndarray:
     return np.log(P / P.sum(axis=1, keepdims=True))
 
 
+@dataclass(frozen=True)
+class ViewRows:
+    """One view of the shared rows of a multi-view :class:`Ensemble` (one embedding version).
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_view, dim), float32
+        The view's vectors.
+    rows : ndarray of shape (n_view,), int
+        The shared row of each vector: row ``rows[i]`` of ``y`` (at fit) or of the output
+        (at predict). A shared row the view lacks has no vector here.
+    fit_rows : ndarray of shape (n_view,), int, optional
+        At predict time, the row of each vector in the view's fitted matrix (-1 for rows
+        added since), so that transductive heads answer with their propagated labels.
+    """
+
+    X: np.ndarray
+    rows: np.ndarray
+    fit_rows: np.ndarray | None = None
+
+
+def _uniform(n: int, n_classes: int) -> np.ndarray:
+    """Chance probabilities: what a view that lacks a row contributes to the fusion (a constant
+    log-probability, which the softmax ignores)."""
+    return np.full((n, n_classes), 1.0 / n_classes)
+
+
 def _fold_ids(y: np.ndarray, rows: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """Fold number of each of ``rows``, dealt round-robin within each class after a seeded shuffle."""
     rng = np.random.default_rng(seed)
@@ -128,7 +156,8 @@ def _fold_ids(y: np.ndarray, rows: np.ndarray, n_folds: int, seed: int) -> np.nd
 
 
 class Ensemble:
-    """Heads plus their learned fusion, fitted on one matrix of embeddings.
+    """Heads plus their learned fusion, fitted on one matrix of embeddings (or several views of
+    the same rows).
 
     ``fit`` splits the labeled rows with the seeded 80/20 split. The fusion weights are
     learned on out-of-fold predictions over the *train* rows: each head is fitted
@@ -141,6 +170,13 @@ class Ensemble:
     checked, L2-normalised and hashed once per fit (see
     :func:`~clipfuse.classify.base.prepared_rows`), not once per head and fold.
 
+    With ``views`` the heads are members of several views of the same rows (e.g. one
+    embedding version per CLIP model): each member is fitted on its view's vectors, all
+    members share one split and one set of folds, and one fusion learns a weight per
+    member. A row that a view lacks gets chance probabilities from that view's members in
+    the out-of-fold and validation predictions; at predict time it is fused from the views
+    that hold it.
+
     A head that cannot run (e.g. zero-shot with no text embeddings) is recorded in
     ``unavailable_`` and the rest go on.
 
@@ -148,27 +184,69 @@ class Ensemble:
     ----------
     heads : dict of name -> estimator
     n_classes : int
+    views : dict of name -> str, optional
+        The view of each head (its key in the ``X`` mapping of :meth:`fit` and
+        :meth:`predict_proba`); None fits every head on one matrix.
     val_fraction, seed : split of the labeled rows
     n_folds : int, default=3
         Folds of the out-of-fold predictions the fusion learns from.
     refit : bool, default=True
     fusion_l2 : float, default=0.03
         Pull of the fusion weights toward the best single head, see :class:`WeightedFusion`.
+
+    Attributes
+    ----------
+    view_rows_ : dict of view -> ndarray of int
+        With ``views``: the shared rows each view held at fit time.
+    view_scores_ : dict of view -> dict
+        With ``views``: validation scores of a fusion of that view's members alone (what
+        the view would score without the others).
     """
 
-    def __init__(self, heads: dict, n_classes: int, *, val_fraction: float = 0.2, seed: int = 0,
-                 n_folds: int = 3, refit: bool = True, fusion_l2: float = 0.03):
+    def __init__(self, heads: dict, n_classes: int, *, views: dict[str, str] | None = None, val_fraction: float = 0.2,
+                 seed: int = 0, n_folds: int = 3, refit: bool = True, fusion_l2: float = 0.03):
         self.heads = dict(heads)
         self.n_classes = n_classes
+        self.views = None if views is None else dict(views)
         self.val_fraction = val_fraction
         self.seed = seed
         self.n_folds = n_folds
         self.refit = refit
         self.fusion_l2 = fusion_l2
 
-    def fit(self, X: np.ndarray, y: np.ndarray, *, progress=None) -> Ensemble:
+    def _view_of(self, name: str):
+        return None if self.views is None else self.views[name]
+
+    def _check_views(self, X, n_rows: int) -> dict:
+        """``X`` as {view: ViewRows}: one matrix is the single view ``None`` of every row."""
+        if self.views is None:
+            if isinstance(X, Mapping):
+                raise ValueError("this ensemble has one view: pass X as one (n, dim) array, not a mapping of views.")
+            return {None: ViewRows(X, np.arange(n_rows))}
+        if not isinstance(X, Mapping):
+            raise ValueError(f"this ensemble's heads belong to views {', '.join(sorted(set(self.views.values())))}: "
+                             "pass X as a mapping view -> ViewRows.")
+        wanted = set(self.views.values())
+        missing = sorted(wanted - set(X))
+        if missing:
+            raise ValueError(f"no rows given for view(s) {', '.join(missing)}; the heads need "
+                             f"{', '.join(sorted(wanted))}.")
+        views = {}
+        for view in [v for v in dict.fromkeys(self.views.values())]:
+            vr = X[view]
+            rows = np.asarray(vr.rows, dtype=np.int64)
+            if rows.ndim != 1 or len(rows) != len(vr.X):
+                raise ValueError(f"view {view!r}: rows must be one index per vector ({len(vr.X)}); got shape "
+                                 f"{rows.shape}.")
+            if len(rows) and (rows.min() < 0 or rows.max() >= n_rows or len(np.unique(rows)) != len(rows)):
+                raise ValueError(f"view {view!r}: rows must be distinct indices in [0, {n_rows}).")
+            views[view] = ViewRows(vr.X, rows, vr.fit_rows)
+        return views
+
+    def fit(self, X, y: np.ndarray, *, progress=None) -> Ensemble:
         """Fit heads and fusion on ``X`` (n, dim) with labels ``y`` (class index, -1 unlabeled).
 
+        With ``views``, ``X`` maps each view to its :class:`ViewRows` (rows index ``y``).
         ``progress(head, stage, step, total)`` is called before each head fit, if given.
         """
         y = np.asarray(y, dtype=np.int64)
@@ -183,6 +261,7 @@ class Ensemble:
                 f"Only one class (index {int(y[y >= 0][0])}) has labeled images: telling classes apart needs "
                 "labeled images of at least two. Add another class folder (LABELED_DIR/<class>/<image>) and index it."
             )
+        views = self._check_views(X, len(y))
         train_idx, val_idx = split_labeled(y, val_fraction=self.val_fraction, seed=self.seed)
         if len(val_idx) == 0:
             raise ValueError(
@@ -200,38 +279,59 @@ class Ensemble:
         self.fit_seconds_: dict[str, float] = {}
         oof: dict[str, np.ndarray] = {}
         val_proba: dict[str, np.ndarray] = {}
-        all_rows = np.arange(len(X))
         total = self.n_folds + 1 + int(self.refit)
-        # X checked, normalised and hashed once; each fold's held-out rows taken once for all heads
-        with prepared_rows(X, estimator=self):
-            for name, head in self.heads.items():
-                start = time.perf_counter()
-                try:
-                    out = np.zeros((len(train_idx), self.n_classes))
-                    for f in range(self.n_folds):
-                        if progress:
-                            progress(name, f"fold {f + 1}/{self.n_folds}", f, total)
-                        held = train_idx[folds == f]
-                        y_fold = y_train.copy()
-                        y_fold[held] = -1
-                        head.fit(X, y_fold)
-                        out[folds == f] = head_proba(head, take_rows(X, held), self.n_classes, all_rows[held])
-                except HeadUnavailableError as e:
-                    self.unavailable_[name] = str(e)
-                    continue
-                if progress:
-                    progress(name, "train split", self.n_folds, total)
-                head.fit(X, y_train)
-                oof[name] = out
-                val_proba[name] = head_proba(head, take_rows(X, val_idx), self.n_classes, all_rows[val_idx])
-                if self.refit:
+        C = self.n_classes
+        for view, vr in views.items():
+            # position of each shared row in this view (-1: the view lacks it)
+            pos = np.full(len(y), -1, dtype=np.int64)
+            pos[vr.rows] = np.arange(len(vr.rows))
+            members = [name for name in self.heads if self._view_of(name) == view]
+            # X checked, normalised and hashed once per view; each fold's held-out rows taken once for all heads
+            with prepared_rows(vr.X, estimator=self):
+                held_classes = len(np.unique(y_train[vr.rows][y_train[vr.rows] >= 0]))
+                for name in members:
+                    head = self.heads[name]
+                    start = time.perf_counter()
+                    if held_classes < 2:  # e.g. an embedding version made before the labeled images were indexed
+                        self.unavailable_[name] = (f"view {view} holds training labels of {held_classes} class(es); "
+                                                   "a head needs two or more")
+                        continue
+                    try:
+                        out = _uniform(len(train_idx), C)
+                        for f in range(self.n_folds):
+                            if progress:
+                                progress(name, f"fold {f + 1}/{self.n_folds}", f, total)
+                            at = np.flatnonzero(folds == f)
+                            held = pos[train_idx[at]]
+                            held_ok = held >= 0
+                            y_fold = y_train[vr.rows]
+                            y_fold[held[held_ok]] = -1
+                            if len(np.unique(y_fold[y_fold >= 0])) < 2:
+                                continue  # the view holds too few of this fold's labels: chance for the fold
+                            head.fit(vr.X, y_fold)
+                            if held_ok.any():
+                                out[at[held_ok]] = head_proba(head, take_rows(vr.X, held[held_ok]), C, held[held_ok])
+                    except HeadUnavailableError as e:
+                        self.unavailable_[name] = str(e)
+                        continue
                     if progress:
-                        progress(name, "all labels", self.n_folds + 1, total)
-                    head.fit(X, y)
-                self.fit_seconds_[name] = time.perf_counter() - start
+                        progress(name, "train split", self.n_folds, total)
+                    head.fit(vr.X, y_train[vr.rows])
+                    oof[name] = out
+                    val_rows = pos[val_idx]
+                    val_ok = val_rows >= 0
+                    val_proba[name] = _uniform(len(val_idx), C).astype(np.float32)
+                    if val_ok.any():
+                        val_proba[name][val_ok] = head_proba(head, take_rows(vr.X, val_rows[val_ok]), C,
+                                                             val_rows[val_ok])
+                    if self.refit:
+                        if progress:
+                            progress(name, "all labels", self.n_folds + 1, total)
+                        head.fit(vr.X, y[vr.rows])
+                    self.fit_seconds_[name] = time.perf_counter() - start
         if not oof:
             raise ValueError("No head could run: " + "; ".join(f"{k}: {v}" for k, v in self.unavailable_.items()))
-        self.head_names_ = list(oof)
+        self.head_names_ = [h for h in self.heads if h in oof]  # the given order, views interleaved as given
         self.heads = {h: self.heads[h] for h in self.head_names_}
         start = time.perf_counter()
         L_train = np.stack([_log(oof[h]) for h in self.head_names_], axis=1)
@@ -241,6 +341,14 @@ class Ensemble:
         self.oof_proba_ = oof
         self.val_proba_ = {**val_proba, "fused": self.fusion_.predict_proba(L_val)}
         self.val_scores_ = {h: score_predictions(y_val, P) for h, P in self.val_proba_.items()}
+        self.view_rows_ = {} if self.views is None else {view: vr.rows for view, vr in views.items()}
+        self.view_scores_ = {}
+        if self.views is not None:
+            for view in views:
+                cols = [i for i, h in enumerate(self.head_names_) if self._view_of(h) == view]
+                if cols:
+                    alone = WeightedFusion(self.fusion_l2).fit(L_train[:, cols], y[train_idx])
+                    self.view_scores_[view] = score_predictions(y_val, alone.predict_proba(L_val[:, cols]))
         self.fit_seconds_["fusion"] = time.perf_counter() - start
         return self
 
@@ -249,13 +357,16 @@ class Ensemble:
         """Learned fusion weight of each head."""
         return dict(zip(self.head_names_, map(float, self.fusion_.weights_)))
 
-    def predict_proba(self, X: np.ndarray, *, fit_rows: np.ndarray | None = None,
-                      heads: list[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def predict_proba(self, X, *, fit_rows: np.ndarray | None = None, heads: list[str] | None = None,
+                      n_rows: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Fused and per-head probabilities for ``X`` (n, dim).
 
         ``fit_rows[i]`` is the row of ``X[i]`` in the fitted matrix (-1 for new rows): it
         lets transductive heads answer with their propagated labels. ``heads`` limits the
-        fusion to those heads (see :meth:`WeightedFusion.weights_for`).
+        fusion to those heads (see :meth:`WeightedFusion.weights_for`). With ``views``,
+        ``X`` maps each view to its :class:`ViewRows` (with ``fit_rows``) and ``n_rows``
+        is the number of output rows; a head's rows that its view lacks are NaN in
+        ``per_head`` and left out of the fusion.
 
         Returns
         -------
@@ -268,14 +379,56 @@ class Ensemble:
         names = [h for h in self.head_names_ if heads is None or h in heads]
         if not names:
             raise ValueError(f"None of the heads {heads} is fitted; fitted heads: {', '.join(self.head_names_)}.")
-        with prepared_rows(X, estimator=self):  # checked and normalised once, not per head
-            per_head = {h: head_proba(self.heads[h], X, self.n_classes, fit_rows) for h in names}
-        w = self.fusion_.weights_for([self.head_names_.index(h) for h in names])
-        fused = np.empty((len(X), self.n_classes), dtype=np.float32)
-        for start in range(0, len(X), 65_536):  # bounded temporaries at store scale
-            L = np.stack([_log(per_head[h][start:start + 65_536]) for h in names], axis=1)
-            fused[start:start + 65_536] = self.fusion_.predict_proba(L, w)
+        if self.views is None:
+            n_rows = len(X)
+            views = {None: ViewRows(X, None, fit_rows)}
+        else:
+            if n_rows is None:
+                raise ValueError("n_rows is needed to predict from views: the number of output rows.")
+            views = self._check_views(X, n_rows)
+        C = self.n_classes
+        per_head: dict[str, np.ndarray] = {}
+        for view, vr in views.items():
+            members = [h for h in names if self._view_of(h) == view]
+            if not members:
+                continue
+            with prepared_rows(vr.X, estimator=self):  # checked and normalised once, not per head
+                spread = vr.rows is not None and (len(vr.rows) != n_rows or np.any(vr.rows != np.arange(n_rows)))
+                for h in members:
+                    P = head_proba(self.heads[h], vr.X, C, vr.fit_rows)
+                    if spread:
+                        full = np.full((n_rows, C), np.nan, dtype=np.float32)
+                        full[vr.rows] = P
+                        P = full
+                    per_head[h] = P
+        per_head = {h: per_head[h] for h in names}
+        fused = np.empty((n_rows, C), dtype=np.float32)
+        if self.views is None:
+            self._fuse(fused, per_head, names, np.arange(n_rows))
+            return fused, per_head
+        # rows a view lacks are fused from the views that hold them, with the weights of those
+        # members (or their calibrated average when the missing members carried the weight)
+        present = np.zeros((n_rows, len(views)), dtype=bool)
+        for j, vr in enumerate(views.values()):
+            present[vr.rows, j] = True
+        patterns, which = np.unique(present, axis=0, return_inverse=True)
+        for k, pattern in enumerate(patterns):
+            held = {view for view, p in zip(views, pattern) if p}
+            members = [h for h in names if self._view_of(h) in held]
+            if members:
+                self._fuse(fused, per_head, members, np.flatnonzero(which.ravel() == k))
+            else:
+                fused[which.ravel() == k] = 1.0 / C  # no chosen head's view holds these rows
         return fused, per_head
+
+    def _fuse(self, fused: np.ndarray, per_head: dict, names: list[str], rows: np.ndarray) -> None:
+        """Write the fusion of ``names`` for ``rows`` into ``fused``, in bounded blocks."""
+        w = self.fusion_.weights_for([self.head_names_.index(h) for h in names])
+        everything = len(rows) == len(fused)
+        for start in range(0, len(rows), 65_536):  # bounded temporaries at store scale
+            at = slice(start, start + 65_536) if everything else rows[start:start + 65_536]
+            L = np.stack([_log(per_head[h][at]) for h in names], axis=1)
+            fused[at] = self.fusion_.predict_proba(L, w)
 
 
 def create_ensemble(names, n_classes: int, *, params: dict | None = None, **kwargs) -> Ensemble:
@@ -301,7 +454,7 @@ class HeadsConfig:
     graph: str = "auto"  # neighbour graph of label propagation: auto, exact, ivf, hnsw
     n_neighbors: int | str = "auto"  # neighbours per row in that graph
     probe_zero_shot_prior: bool = False  # regularise the linear probe toward the zero-shot weights
-    class_words: str | None = None  # YAML/JSON file of class words; None = folder names
+    class_words: str | tuple[str, ...] | None = None  # YAML/JSON file(s) of class words; None = folder names
 
     def __post_init__(self):
         from clipfuse.classify.base import list_heads
@@ -313,31 +466,76 @@ class HeadsConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1); got {self.val_fraction}.")
 
+    @property
+    def word_lists(self) -> tuple[str, ...]:
+        """The class-words files, in order (empty: the folder names)."""
+        if self.class_words is None:
+            return ()
+        return (self.class_words,) if isinstance(self.class_words, str) else tuple(self.class_words)
 
-def create_ensemble_from_config(config: HeadsConfig, n_classes: int,
-                                class_embeddings: np.ndarray | None = None,
+
+def _mean_unit(arrays) -> np.ndarray:
+    """The renormalised mean of several (n_classes, dim) class embeddings, as prompt ensembling averages."""
+    M = np.mean(np.stack([np.asarray(a, dtype=np.float32) for a in arrays]), axis=0)
+    return M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-12)
+
+
+def create_heads_from_config(config: HeadsConfig, class_embeddings=None, finetuned_head: np.ndarray | None = None,
+                             finetuned_bias: np.ndarray | None = None) -> dict:
+    """The heads a config describes, by name (unfitted).
+
+    ``class_embeddings`` (n_classes, dim) go to the text-aware heads; a dict of
+    list name -> embeddings gives one zero-shot head per word list (``zero-shot:<name>``,
+    with a single list just ``zero-shot``) and the linear probe and kNN cache their
+    renormalised mean. ``finetuned_head`` (and its bias, for the linear layer of an
+    image-only backbone) is the classifier saved with a finetuned model.
+    """
+    lists = dict(class_embeddings) if isinstance(class_embeddings, Mapping) else None
+    if lists is not None and not lists:
+        lists, class_embeddings = None, None
+    shared = (class_embeddings if lists is None else _mean_unit(lists.values()))
+    heads: dict = {}
+    for name in config.heads:
+        params: dict = {}
+        if name == "zero-shot" and lists is not None and len(lists) > 1:
+            for list_name, emb in lists.items():
+                heads[f"zero-shot:{list_name}"] = create_head(name, class_embeddings=emb)
+            continue
+        if name == "finetuned":
+            params.update(class_embeddings=finetuned_head, bias=finetuned_bias)
+        if name in _TEXT_HEADS:
+            params["class_embeddings"] = shared
+        if name == "probe":
+            params["zero_shot_prior"] = config.probe_zero_shot_prior and shared is not None
+        if name == "propagation":
+            params.update(graph=config.graph, n_neighbors=config.n_neighbors, random_state=config.seed)
+        if name in ("kmeans", "pseudo", "mean-teacher"):
+            params["random_state"] = config.seed
+        heads[name] = create_head(name, **params)
+    return heads
+
+
+def create_ensemble_from_config(config: HeadsConfig, n_classes: int, class_embeddings=None,
                                 finetuned_head: np.ndarray | None = None,
-                                finetuned_bias: np.ndarray | None = None) -> Ensemble:
-    """The :class:`Ensemble` a config describes; text-aware heads get ``class_embeddings``,
-    the ``finetuned`` head the classifier saved with a finetuned model (with its bias for
-    the linear layer of an image-only backbone)."""
-    params: dict[str, dict] = {name: {} for name in config.heads}
-    if "finetuned" in params:
-        params["finetuned"].update(class_embeddings=finetuned_head, bias=finetuned_bias)
-    for name in _TEXT_HEADS:
-        if name in params:
-            params[name]["class_embeddings"] = class_embeddings
-    if "probe" in params:
-        params["probe"]["zero_shot_prior"] = config.probe_zero_shot_prior and class_embeddings is not None
-    if "propagation" in params:
-        params["propagation"].update(graph=config.graph, n_neighbors=config.n_neighbors,
-                                     random_state=config.seed)
-    for name in ("kmeans", "pseudo", "mean-teacher"):
-        if name in params:
-            params[name]["random_state"] = config.seed
-    return create_ensemble(list(config.heads), n_classes, params=params, val_fraction=config.val_fraction,
-                           seed=config.seed, n_folds=config.n_folds, refit=config.refit,
-                           fusion_l2=config.fusion_l2)
+                                finetuned_bias: np.ndarray | None = None, *,
+                                views: dict[str, dict] | None = None) -> Ensemble:
+    """The :class:`Ensemble` a config describes (see :func:`create_heads_from_config`).
+
+    ``views`` maps a view name to the keyword arguments of :func:`create_heads_from_config`
+    for that view (``class_embeddings``, ``finetuned_head``, ``finetuned_bias``): every
+    configured head is made once per view, named ``<view>/<head>``.
+    """
+    kwargs = dict(val_fraction=config.val_fraction, seed=config.seed, n_folds=config.n_folds,
+                  refit=config.refit, fusion_l2=config.fusion_l2)
+    if views is None:
+        return Ensemble(create_heads_from_config(config, class_embeddings, finetuned_head, finetuned_bias),
+                        n_classes, **kwargs)
+    heads, member_views = {}, {}
+    for view, given in views.items():
+        for name, head in create_heads_from_config(config, **given).items():
+            heads[f"{view}/{name}"] = head
+            member_views[f"{view}/{name}"] = view
+    return Ensemble(heads, n_classes, views=member_views, **kwargs)
 
 
 # --- persistence: parameters as JSON, arrays as safetensors; nothing is unpickled -------------
@@ -375,8 +573,10 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
-    heads = {name: {"head": name, "state": _split_state(head, f"{name}.", arrays)}
+    heads = {name: {"head": getattr(type(head), "head_name", name), "state": _split_state(head, f"{name}.", arrays)}
              for name, head in ensemble.heads.items()}
+    for view, rows in getattr(ensemble, "view_rows_", {}).items():
+        arrays[f"_view_rows.{view}"] = np.asarray(rows, dtype=np.int64)
     for name, proba in ensemble.val_proba_.items():
         arrays[f"_val.{name}"] = np.ascontiguousarray(proba)
     arrays["_val_rows"] = np.asarray(ensemble.val_idx_, dtype=np.int64)
@@ -390,6 +590,8 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
         "n_folds": ensemble.n_folds,
         "refit": ensemble.refit,
         "fusion_l2": ensemble.fusion_l2,
+        "views": ensemble.views,
+        "view_scores": getattr(ensemble, "view_scores_", {}),
         "weights": ensemble.weights_,
         "temperatures": dict(zip(ensemble.head_names_, map(float, ensemble.fusion_.temperatures_))),
         "unavailable": ensemble.unavailable_,
@@ -408,8 +610,9 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
     """Rebuild a saved :class:`Ensemble`; returns it and the saved metadata.
 
     ``external`` maps an attribute name in ``_EXTERNAL`` (``"X_fit_"``) to the array to
-    restore (rows in the order they were fitted); without it, transductive heads still
-    answer for fitted rows but not for new ones.
+    restore (rows in the order they were fitted); for an ensemble of several views it maps
+    each view to such a dict. Without it, transductive heads still answer for fitted rows
+    but not for new ones.
     """
     from safetensors.numpy import load_file
 
@@ -421,14 +624,16 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
         raise FileNotFoundError(f"No trained heads in {folder}: run `clipfuse train-heads` first.")
     meta = json.loads(meta_path.read_text())
     arrays = load_file(str(folder / "ensemble.safetensors"))
+    views = meta.get("views")
     heads = {}
     for name, spec in meta["heads"].items():
         params, attrs = {}, {}
+        given = (external or {}).get(views[name], {}) if views else (external or {})
         for key, entry in spec["state"].items():
             kind, attr = key.split(":", 1)
             if "external" in entry:
-                if external and attr in external:
-                    attrs[attr] = external[attr]
+                if attr in given:
+                    attrs[attr] = given[attr]
                 continue
             value = (arrays[entry["array"]] if "array" in entry else
                      {k: arrays[v] for k, v in entry["arrays"].items()} if "arrays" in entry else entry["value"])
@@ -437,7 +642,7 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
         for attr, value in attrs.items():
             setattr(head, attr, value)
         heads[name] = head
-    ens = Ensemble(heads, meta["n_classes"], val_fraction=meta["val_fraction"], seed=meta["seed"],
+    ens = Ensemble(heads, meta["n_classes"], views=views, val_fraction=meta["val_fraction"], seed=meta["seed"],
                    n_folds=meta["n_folds"], refit=meta["refit"], fusion_l2=meta["fusion_l2"])
     ens.head_names_ = list(heads)
     ens.fusion_ = WeightedFusion(meta["fusion_l2"])
@@ -448,4 +653,6 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
     ens.fit_seconds_ = meta["fit_seconds"]
     ens.val_proba_ = {k[len("_val."):]: v for k, v in arrays.items() if k.startswith("_val.")}
     ens.val_idx_, ens.train_idx_, ens.val_labels_ = arrays["_val_rows"], arrays["_train_rows"], arrays["_val_labels"]
+    ens.view_rows_ = {k[len("_view_rows."):]: v for k, v in arrays.items() if k.startswith("_view_rows.")}
+    ens.view_scores_ = meta.get("view_scores", {})
     return ens, meta

@@ -120,3 +120,140 @@ def plot_class_similarity(X: np.ndarray, y: np.ndarray, classes: list[str], path
     S = class_similarity(X, y, len(classes))
     return _heatmap(S, classes, Path(path), title="Similarity of class mean embeddings",
                     cmap="viridis", xlabel="class", ylabel="class", fmt=".2f")
+
+
+def _class_indices(name: str, values, n_classes: int, *, allow_unlabeled: bool = False) -> np.ndarray:
+    """``values`` as a 1-D int64 array of class indices, or a ValueError saying what to fix."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of class indices, got shape {arr.shape}; "
+                         f"pass one integer per row (flatten it or take argmax of probabilities).")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class indices, got dtype {arr.dtype}; "
+                         f"map class names to their positions in `classes` first.")
+    arr = arr.astype(np.int64)
+    low = -1 if allow_unlabeled else 0
+    bad = (arr < low) | (arr >= n_classes)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        allowed = f"[0, {n_classes})" + (" or -1 (unlabeled)" if allow_unlabeled else "")
+        raise ValueError(f"{name} has index {int(arr[first])} at row {first}, outside {allowed} "
+                         f"for {n_classes} classes; pass indices into `classes` (or the full class list).")
+    return arr
+
+
+def confused_pairs(y_true, y_pred, classes, *, X=None, labels=None, top=10, examples=3) -> list[dict]:
+    """The class pairs that validation confuses most, to show which class names need better words.
+
+    A pair is unordered ``{a, b}`` with ``a != b``; its errors are the rows of true
+    class ``a`` predicted as ``b`` plus those of true ``b`` predicted as ``a``.
+    Pairs are ranked by errors (descending), ties by the similarity of their class
+    mean embeddings (descending, NaN last), then by the names ``(class_a, class_b)``.
+    Only pairs with at least one error are listed.
+
+    Parameters
+    ----------
+    y_true : array-like of int, shape (n_rows,)
+        True class indices of the validation rows, in ``[0, len(classes))``.
+    y_pred : array-like of int, shape (n_rows,)
+        Predicted class indices of the same rows.
+    classes : list of str, length n_classes
+        Class names; index ``i`` names class ``i``.
+    X : ndarray of shape (n_labeled, dim), optional
+        Embeddings of the labeled rows, used for ``similarity``. Without it,
+        ``similarity`` is NaN.
+    labels : array-like of int, shape (n_labeled,), optional
+        Class indices of the rows of ``X`` (``-1`` marks an unlabeled row, which is
+        skipped). Required together with ``X``.
+    top : int or None, default 10
+        Most pairs to return; ``None`` returns all.
+    examples : int, default 3
+        Most example rows per pair.
+
+    Returns
+    -------
+    list of dict, at most ``top`` long, each with:
+
+    - ``class_a``, ``class_b`` (str): ``class_a`` is the class of the larger directed
+      count (on a tie, the lower index).
+    - ``a_as_b``, ``b_as_a`` (int): rows of true ``class_a`` predicted ``class_b``, and
+      the reverse.
+    - ``errors`` (int): ``a_as_b + b_as_a``.
+    - ``rate`` (float): ``errors`` over the number of validation rows whose true class
+      is ``class_a`` or ``class_b``.
+    - ``similarity`` (float): cosine between the L2-normalised class means of ``X``
+      over the rows of ``labels`` equal to each class (see :func:`class_similarity`);
+      NaN when ``X`` is None or a class has no row.
+    - ``examples`` (list of int): at most ``examples`` row indices into
+      ``y_true``/``y_pred`` of this pair's errors, ``a_as_b`` rows first, then
+      ``b_as_a`` rows, each in row order.
+
+    Raises
+    ------
+    ValueError
+        On lengths that differ, indices outside ``[0, len(classes))``, non-integer
+        indices, ``X`` without ``labels`` (or the reverse), or negative ``top``/``examples``.
+    """
+    classes = list(classes)
+    n_classes = len(classes)
+    if n_classes == 0:
+        raise ValueError("classes is empty; pass the list of class names the indices refer to.")
+    y_true = _class_indices("y_true", y_true, n_classes)
+    y_pred = _class_indices("y_pred", y_pred, n_classes)
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} rows but y_pred has {len(y_pred)}; "
+                         f"pass the true and predicted class of the same validation rows.")
+    for name, value in (("top", top), ("examples", examples)):
+        if value is None and name == "top":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+    if (X is None) != (labels is None):
+        raise ValueError("X and labels go together: pass both (the embeddings of the labeled rows "
+                         "and their class indices) to get similarities, or neither.")
+
+    similarity = np.full((n_classes, n_classes), np.nan)
+    if X is not None:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2:
+            raise ValueError(f"X must be a 2-D array (n_labeled, dim), got shape {X.shape}.")
+        labels = _class_indices("labels", labels, n_classes, allow_unlabeled=True)
+        if len(labels) != len(X):
+            raise ValueError(f"X has {len(X)} rows but labels has {len(labels)}; "
+                             f"pass one class index per row of X.")
+        similarity = class_similarity(X, labels, n_classes)
+
+    counts = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
+    counts = counts.reshape(n_classes, n_classes)
+    support = np.bincount(y_true, minlength=n_classes)
+    upper_a, upper_b = np.triu_indices(n_classes, k=1)
+    totals = counts[upper_a, upper_b] + counts[upper_b, upper_a]
+    keep = totals > 0
+
+    pairs = []
+    for i, j in zip(upper_a[keep].tolist(), upper_b[keep].tolist()):
+        a, b = (j, i) if counts[j, i] > counts[i, j] else (i, j)
+        sim = float(similarity[a, b])
+        pairs.append((a, b, int(counts[a, b]), int(counts[b, a]), sim))
+    pairs.sort(key=lambda p: (-(p[2] + p[3]), -p[4] if not np.isnan(p[4]) else np.inf,
+                              classes[p[0]], classes[p[1]], p[0], p[1]))
+    if top is not None:
+        pairs = pairs[:top]
+
+    result = []
+    for a, b, a_as_b, b_as_a, sim in pairs:
+        rows_ab = np.flatnonzero((y_true == a) & (y_pred == b))
+        rows_ba = np.flatnonzero((y_true == b) & (y_pred == a))
+        result.append({
+            "class_a": classes[a],
+            "class_b": classes[b],
+            "a_as_b": a_as_b,
+            "b_as_a": b_as_a,
+            "errors": a_as_b + b_as_a,
+            "rate": float((a_as_b + b_as_a) / (support[a] + support[b])),
+            "similarity": sim,
+            "examples": np.concatenate([rows_ab, rows_ba])[:examples].astype(int).tolist(),
+        })
+    return result

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +96,14 @@ def _last_by(table: pa.Table, key: str, order: str) -> pa.Table:
     df = pl.from_arrow(table).with_row_index("_row")
     df = df.sort([order, "_row"], nulls_last=False).unique(key, keep="last", maintain_order=True)
     return df.sort("_row").drop("_row").to_arrow().cast(table.schema)
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file, a symlink (not what it points to) or a folder tree; absent is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 # Table names per store (its lock key), listed once per hold of the writer lock: while the lock is held
@@ -361,6 +371,80 @@ class Store:
         with self.writer():
             fp = self.get_version(fingerprint, count_rows=False).fingerprint
             self._table(VERSIONS).update(where=f"fingerprint = '{fp}'", values={"activated_at": time.time()})
+
+    @_storage_errors
+    def remove_version(self, fingerprint: str) -> EmbeddingVersion:
+        """Remove an embedding version: its record, its vectors, predictions, neighbour index and heads.
+
+        Parameters
+        ----------
+        fingerprint : str
+            Version to remove (fingerprint or unique prefix). Unlike the readers, there is no
+            default: removing whichever version happens to be active is never implied.
+
+        Returns
+        -------
+        EmbeddingVersion
+            The removed version, with the rows it held.
+
+        Raises
+        ------
+        ValueError
+            When ``fingerprint`` is None.
+        LookupError
+            When the store has no such version (or the prefix matches several); the message
+            lists the ones it has.
+
+        Notes
+        -----
+        The record goes first, in one commit: from then on the version does not exist for any
+        reader, and a crash leaves only orphans (tables, files) that no version points to. If the
+        version was the active one, the most recently activated remaining complete version becomes
+        active (the active version is always derived from the records, never stored apart). On a
+        remote store only the tables are dropped: the index and heads folders live beside local
+        stores only.
+        """
+        if fingerprint is None:
+            raise ValueError("name the version to remove (a fingerprint or unique prefix, as "
+                             "`clipfuse info` lists them); the active version is not removed by default.")
+        with self.writer(f"removing version {fingerprint}"):
+            version = self.get_version(fingerprint)  # rows counted now, while they still exist
+            fp = version.fingerprint
+            # every row of the fingerprint (one recorded twice before the writer lock included)
+            self._table(VERSIONS).delete(f"fingerprint = {_sql_list([fp])}")
+            for name in (version.table, self._predictions_name(version)):
+                self._drop_table(name)
+            self._ann.pop(fp, None)
+            if self.is_local:
+                self._remove_version_files(fp)
+        return version
+
+    def _drop_table(self, name: str) -> None:
+        """Drop a table if the store has it, forgetting the listed names (as ``_create_table`` does)."""
+        if name in self._table_names():
+            _TABLE_NAMES.pop(self._lock.key, None)  # before: a failed drop may still have removed it
+            self.db.drop_table(name, ignore_missing=True)
+            _TABLE_NAMES.pop(self._lock.key, None)
+
+    def _remove_version_files(self, fp: str) -> None:
+        """Remove a version's files beside the tables (a removed version's record is already gone).
+
+        Only names derived from the fingerprint are touched; fingerprints are hex digits, so
+        ``<fp>.`` never starts another version's names.
+        """
+        ann = self._ann_folder()
+        # AnnIndex.save writes these three, each through a temporary ``.<name>.*.tmp`` a crash may leave
+        for suffix in (".hnsw", ".ids.npy", ".json"):
+            _remove_path(ann / f"{fp}{suffix}")
+            for tmp in ann.glob(f".{glob.escape(fp + suffix)}.*.tmp"):
+                _remove_path(tmp)
+        heads = Path(self.uri) / "_heads"
+        # ``<fp>`` is a symlink to a generation ``<fp>.gen-*`` (clipfuse.data.publish_folder) or, written
+        # before generations, a plain folder; ``<fp>.old``/``.old-*``/``.tmp`` and hidden ``.<fp>.*``
+        # (staging, half-swapped links) are what crashes leave. The link itself is unlinked, never followed.
+        _remove_path(heads / fp)
+        for left in [*heads.glob(f"{glob.escape(fp)}.*"), *heads.glob(f".{glob.escape(fp)}.*")]:
+            _remove_path(left)
 
     @_storage_errors
     def get_version(self, fingerprint: str | None = None, *, count_rows: bool = True) -> EmbeddingVersion:
@@ -730,26 +814,49 @@ class Store:
         return ids[top].astype(str), np.take_along_axis(sims, top, axis=1).astype(np.float32)
 
     # ---- classifier outputs ---------------------------------------------------------------------
-    def heads_folder(self, fingerprint: str | None = None) -> Path:
-        """Folder beside the tables where the heads fitted on a version are saved."""
+    @staticmethod
+    def ensemble_key(fingerprints: list[str]) -> str:
+        """Name of an ensemble over several versions: 16 hex digits of the set of fingerprints
+        (their order does not matter)."""
+        import hashlib
+
+        return hashlib.sha256(",".join(sorted(set(fingerprints))).encode()).hexdigest()[:16]
+
+    def _ensemble_versions(self, versions: list[str]) -> list[str]:
+        """The full fingerprints of ``versions`` (each must be one of the store's versions)."""
+        found = self._version_rows()
+        return [self._find_version(found, fp).fingerprint for fp in versions]
+
+    def heads_folder(self, fingerprint: str | None = None, *, versions: list[str] | None = None) -> Path:
+        """Folder beside the tables where the heads fitted on a version are saved
+        (``versions``: those of the ensemble over several versions, ``_heads/ensemble-<key>``)."""
         if "://" in self.uri:
             raise ValueError(f"store {self.uri!r} is not on disk, so trained heads can't be saved beside it; "
                              "use a folder for --db.")
+        if versions is not None:
+            return Path(self.uri) / "_heads" / f"ensemble-{self.ensemble_key(self._ensemble_versions(versions))}"
         return Path(self.uri) / "_heads" / self.get_version(fingerprint, count_rows=False).fingerprint
 
     def _predictions_name(self, version: EmbeddingVersion) -> str:
         return "predictions_" + version.table.removeprefix("embeddings_")
 
+    def _predictions_table_name(self, fingerprint: str | None, versions: list[str] | None) -> str:
+        if versions is not None:
+            return f"predictions_ensemble_{self.ensemble_key(self._ensemble_versions(versions))}"
+        return self._predictions_name(self.get_version(fingerprint, count_rows=False))
+
     @_storage_errors
-    def write_predictions(self, predictions: pa.Table, fingerprint: str | None = None) -> str:
+    def write_predictions(self, predictions: pa.Table, fingerprint: str | None = None, *,
+                          versions: list[str] | None = None) -> str:
         """Replace the version's predictions table (one LanceDB commit); returns the table name.
 
-        ``predictions`` needs an ``id`` column; the other columns are the caller's.
+        ``predictions`` needs an ``id`` column; the other columns are the caller's. With
+        ``versions`` the table is the one of the ensemble over those versions.
         """
         if "id" not in predictions.column_names:
             raise ValueError("a predictions table needs an 'id' column.")
         with self.writer():
-            name = self._predictions_name(self.get_version(fingerprint, count_rows=False))
+            name = self._predictions_table_name(fingerprint, versions)
             table = self._table(name)
             if table is None:
                 self._create_table(name, predictions)
@@ -760,9 +867,10 @@ class Store:
         return name
 
     @_storage_errors
-    def predictions(self, fingerprint: str | None = None) -> pa.Table | None:
-        """The version's predictions table, or None before `clipfuse predict`."""
-        return self._read(self._predictions_name(self.get_version(fingerprint, count_rows=False)))
+    def predictions(self, fingerprint: str | None = None, *, versions: list[str] | None = None) -> pa.Table | None:
+        """The version's (or the ensemble over ``versions``') predictions table, or None before
+        `clipfuse predict`."""
+        return self._read(self._predictions_table_name(fingerprint, versions))
 
     # ---- maintenance and summary ------------------------------------------------------------------
     @_storage_errors

@@ -18,6 +18,7 @@ from clipfuse.classify import (
     PseudoLabelHead,
     WeightedFusion,
     ZeroShotHead,
+    confused_pairs,
     create_ensemble,
     create_head,
     expected_calibration_error,
@@ -269,6 +270,80 @@ def test_metrics_on_known_values(tmp_path):
     cm = plot_confusion(y, proba.argmax(1), ["a", "b"], tmp_path / "cm.png")
     heat = plot_class_similarity(np.eye(4, 3), y, ["a", "b"], tmp_path / "sim.png")
     assert cm.read_bytes()[:4] == b"\x89PNG" and heat.stat().st_size > 1000
+
+
+def _confusions():
+    """15 validation rows of 5 classes with known confusions (row: true->pred)."""
+    classes = ["cat", "dog", "fox", "owl", "ant"]
+    #                 0  1  2  3  4  5  6  7  8  9 10 11 12 13 14
+    y_true = np.array([0, 0, 1, 1, 2, 1, 2, 3, 2, 3, 2, 1, 3, 4, 0])
+    y_pred = np.array([0, 1, 0, 1, 2, 0, 3, 2, 0, 3, 0, 4, 0, 4, 0])
+    # labeled rows: ant has none (NaN similarity); the unlabeled (-1) row must be skipped
+    X = np.array([[2, 1, 0], [0, 1, 0],  # cat, mean (1, 1, 0)
+                  [1, 2, 0],             # dog
+                  [0, 1, 1], [0, 3, 1],  # fox, mean (0, 2, 1)
+                  [0, 1, 2],             # owl
+                  [9, -9, 9]], float)    # unlabeled
+    labels = np.array([0, 0, 1, 2, 2, 3, -1])
+    return classes, y_true, y_pred, X, labels
+
+
+def test_confused_pairs_ranks_counts_and_explains_each_pair():
+    classes, y_true, y_pred, X, labels = _confusions()
+    unit = {name: m / np.linalg.norm(m) for name, m in
+            {"cat": np.array([1.0, 1, 0]), "dog": np.array([1.0, 2, 0]),
+             "fox": np.array([0.0, 2, 1]), "owl": np.array([0.0, 1, 2])}.items()}
+    sim_fox_owl, sim_fox_cat = unit["fox"] @ unit["owl"], unit["fox"] @ unit["cat"]
+    assert sim_fox_owl == pytest.approx(0.8) and sim_fox_cat == pytest.approx(2 / np.sqrt(10))
+
+    pairs = confused_pairs(y_true, y_pred, classes, X=X, labels=labels)
+    # (class_a, class_b, a_as_b, b_as_a, rate, examples); rows per class: cat 3, dog 4, fox 4, owl 3, ant 1
+    expected = [
+        ("dog", "cat", 2, 1, 3 / 7, [2, 5, 1]),  # most errors; dog->cat is the larger direction
+        ("fox", "owl", 1, 1, 2 / 7, [6, 7]),     # tie 1-1: lower index first; more similar than fox/cat
+        ("fox", "cat", 2, 0, 2 / 7, [8, 10]),    # 2 errors like fox/owl, ranked after it by similarity
+        ("owl", "cat", 1, 0, 1 / 6, [12]),       # 1 error, finite similarity
+        ("dog", "ant", 1, 0, 1 / 5, [11]),       # 1 error, NaN similarity (ant has no labeled row): last
+    ]
+    assert [(p["class_a"], p["class_b"], p["a_as_b"], p["b_as_a"], p["rate"], p["examples"])
+            for p in pairs] == [(a, b, ab, ba, pytest.approx(r), ex) for a, b, ab, ba, r, ex in expected]
+    assert [p["errors"] for p in pairs] == [3, 2, 2, 1, 1]
+    assert all(type(p[k]) is int for p in pairs for k in ("a_as_b", "b_as_a", "errors"))
+    assert all(type(i) is int for p in pairs for i in p["examples"])
+    assert [p["similarity"] for p in pairs[:4]] == pytest.approx(
+        [unit["dog"] @ unit["cat"], sim_fox_owl, sim_fox_cat, unit["owl"] @ unit["cat"]])
+    assert np.isnan(pairs[4]["similarity"])
+
+    assert confused_pairs(y_true, y_pred, classes, X=X, labels=labels, examples=1)[0]["examples"] == [2]
+    # without embeddings every similarity is NaN and ties fall back to the names
+    plain = confused_pairs(y_true, y_pred, classes)
+    assert all(np.isnan(p["similarity"]) for p in plain)
+    assert [(p["class_a"], p["class_b"]) for p in plain] == [
+        ("dog", "cat"), ("fox", "cat"), ("fox", "owl"), ("dog", "ant"), ("owl", "cat")]
+
+
+def test_confused_pairs_top_and_no_errors():
+    classes, y_true, y_pred, X, labels = _confusions()
+    full = confused_pairs(y_true, y_pred, classes, X=X, labels=labels)
+    two = confused_pairs(y_true, y_pred, classes, X=X, labels=labels, top=2)
+    assert len(full) == 5 and [(p["class_a"], p["class_b"]) for p in two] == [("dog", "cat"), ("fox", "owl")]
+    assert two == full[:2]
+    assert confused_pairs(y_true, y_pred, classes, top=0) == []
+    assert confused_pairs(y_true, y_true, classes, X=X, labels=labels) == []
+
+
+def test_confused_pairs_errors_name_the_problem():
+    classes, y_true, y_pred, X, labels = _confusions()
+    with pytest.raises(ValueError, match="y_true has 15 rows but y_pred has 14"):
+        confused_pairs(y_true, y_pred[:-1], classes)
+    with pytest.raises(ValueError, match=r"y_pred has index 5 at row 0, outside \[0, 5\)"):
+        confused_pairs(y_true, np.r_[5, y_pred[1:]], classes)
+    with pytest.raises(ValueError, match=r"y_true has index -1"):
+        confused_pairs(np.r_[-1, y_true[1:]], y_pred, classes)
+    with pytest.raises(ValueError, match="X has 7 rows but labels has 6"):
+        confused_pairs(y_true, y_pred, classes, X=X, labels=labels[:-1])
+    with pytest.raises(ValueError, match="X and labels go together"):
+        confused_pairs(y_true, y_pred, classes, X=X)
 
 
 def test_fusion_ignores_a_useless_head_and_keeps_a_good_one():

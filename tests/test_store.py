@@ -339,3 +339,122 @@ def test_images_of_some_ids_keep_each_paths_latest_row(tmp_path, embedder, shape
     assert path["path"] not in store.images([other["id"]])["path"].to_pylist()
     assert store.images([path["id"]])["path"].to_pylist() == [path["path"]]
     assert sorted(store.images([path["id"], other["id"]])["path"].to_pylist()) == sorted([path["path"], other["path"]])
+
+
+# ---- removing a version ---------------------------------------------------------------------------
+def _publish_heads(store, fp, text="{}"):
+    """Publish a generation of a version's heads folder as clipfuse.workspace.heads does (a link to ``<fp>.gen-*``)."""
+    from clipfuse.data import AtomicFolder
+
+    folder = AtomicFolder(store.heads_folder(fp), owns=lambda p: True, generations=True, stale_after=0.0)
+    return folder.replace(lambda staging: (staging / "ensemble.json").write_text(text))
+
+
+def _tables(store) -> set[str]:
+    """The store's tables as LanceDB lists them now (no cache of the store's own)."""
+    return set(store.db.list_tables(limit=1000).tables)
+
+
+def _two_versions(db, **kw):
+    store = Store(db, **kw)
+    kept = {fp: _fake_version(store, 30, dim=8, seed=seed) for seed, fp in enumerate(["fake0", "fake1"])}
+    return store, kept  # fake1 was activated last: it is the active version
+
+
+def test_removing_a_version_drops_its_tables_index_and_heads_and_keeps_the_other(tmp_path):
+    store, kept = _two_versions(tmp_path / "db", ann_threshold=10)
+    for fp in kept:
+        store.write_predictions(pa.table({"id": ["a"], "label": [fp]}), fp)
+        store.ann_index(fp)  # saved beside the tables
+    _publish_heads(store, "fake0", "old")
+    _publish_heads(store, "fake0", "new")  # two generations: the current one and the one before it
+    _publish_heads(store, "fake1")
+    heads = tmp_path / "db" / "_heads"
+    assert len(list(heads.glob("fake0.gen-*"))) == 2
+    before = _tables(store)
+
+    removed = store.remove_version("fake0")
+    assert (removed.fingerprint, removed.rows, removed.dim) == ("fake0", 30, 8)
+    assert _tables(store) == before - {"embeddings_fake0", "predictions_fake0"}
+    assert {"embeddings_fake1", "predictions_fake1"} <= set(store.info()["tables"])
+    assert sorted(p.name for p in heads.iterdir() if not p.name.startswith("fake1.gen-")) == ["fake1"]
+    assert (heads / "fake1" / "ensemble.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "db" / "_ann").iterdir()) == \
+        ["fake1.hnsw", "fake1.ids.npy", "fake1.json"]
+    assert "fake0" not in store._ann
+    # the other version is whole: vectors, predictions, its neighbour index, still active
+    ids, X = kept["fake1"]
+    np.testing.assert_array_equal(store.vectors_for(list(ids), "fake1"), X)
+    es = store.load_embeddings()
+    assert es.fingerprint == "fake1" and sorted(es.ids) == sorted(ids)
+    assert store.predictions("fake1").to_pylist() == [{"id": "a", "label": "fake1"}]
+    assert len(store.ann_index("fake1")) == 30
+    info = store.info()
+    assert [v["fingerprint"] for v in info["versions"]] == ["fake1"] and info["active"] == "fake1"
+    assert [v.fingerprint for v in store.versions()] == ["fake1"]
+    with pytest.raises(LookupError, match="matches none"):
+        store.get_version("fake0")
+
+
+def test_removing_the_active_version_activates_the_one_activated_last(tmp_path):
+    store = Store(tmp_path / "db")
+    for seed in range(3):
+        _fake_version(store, 5, dim=4, seed=seed)
+    store.register_version({"fingerprint": "fake3", "model": "fake", "dim": 4})  # never completed
+    store.activate("fake1")  # activated: fake0, fake2, then fake1
+    assert store.get_version().fingerprint == "fake1"
+    assert store.remove_version("fake1").fingerprint == "fake1"
+    assert store.get_version().fingerprint == "fake2"  # not the oldest, not the incomplete one
+    store.remove_version("fake2")
+    assert store.get_version().fingerprint == "fake0"
+    store.remove_version("fake0")
+    with pytest.raises(LookupError, match="no complete embedding version"):
+        store.get_version()
+    assert [v.fingerprint for v in store.versions()] == ["fake3"]
+
+
+def test_remove_version_needs_one_named_known_version(tmp_path):
+    store, _ = _two_versions(tmp_path / "db")
+    with pytest.raises(ValueError, match="name the version"):
+        store.remove_version(None)
+    with pytest.raises(LookupError, match=r"matches none.*fake0 \(fake\), fake1 \(fake\)"):
+        store.remove_version("nope")
+    with pytest.raises(LookupError, match="matches several"):
+        store.remove_version("fake")
+    assert [v.fingerprint for v in store.versions()] == ["fake0", "fake1"]
+    assert {"embeddings_fake0", "embeddings_fake1"} <= _tables(store)
+
+
+def test_a_version_recorded_twice_is_removed_whole(tmp_path):
+    store, _ = _two_versions(tmp_path / "db")
+    table = store.db.open_table("embedding_versions")
+    twice = [r for r in table.to_arrow().to_pylist() if r["fingerprint"] == "fake0"]
+    table.add(pa.Table.from_pylist(twice, schema=table.schema))  # as two writers before the lock left it
+    store.remove_version("fake0")
+    assert store.db.open_table("embedding_versions").to_arrow()["fingerprint"].to_pylist() == ["fake1"]
+
+
+def test_another_store_object_sees_the_removal_at_once(tmp_path):
+    store, _ = _two_versions(tmp_path / "db")
+    other = Store(tmp_path / "db")
+    with store.writer():  # one hold: the table names are listed once and cached for the store's path
+        assert "embeddings_fake0" in other.info()["tables"]
+        store.remove_version("fake0")
+        assert "embeddings_fake0" not in other.info()["tables"]
+        assert [v.fingerprint for v in other.versions()] == ["fake1"]
+        assert other.predictions("fake1") is None
+        with pytest.raises(LookupError):
+            other.load_embeddings("fake0")
+        other.register_version({"fingerprint": "fake0", "model": "fake", "dim": 8})  # its table created afresh
+        assert other.get_version("fake0").rows == 0
+    assert Store(tmp_path / "db").get_version("fake0").rows == 0
+
+
+def test_removing_a_version_of_a_remote_store_drops_its_tables():
+    store = Store("memory://")
+    for seed in range(2):
+        _fake_version(store, 5, dim=4, seed=seed)
+    store.write_predictions(pa.table({"id": ["a"]}), "fake1")
+    assert store.remove_version("fake1").rows == 5
+    assert not {"embeddings_fake1", "predictions_fake1"} & _tables(store)
+    assert store.get_version().fingerprint == "fake0"

@@ -5,6 +5,7 @@ faces: the review app, a cluster driver) only call it and show what it returns.
 """
 
 from .demo import run_demo
+from .crossversion import load_cross_trained
 from .heads import Trained, load_trained, predictions_table
 from .results import (
     DemoResult,
@@ -20,6 +21,7 @@ from .results import (
     OptionError,
     PredictResult,
     Progress,
+    RemoveVersionResult,
     TrainResult,
     WiseFtResult,
 )
@@ -28,6 +30,6 @@ from .workspace import EXPORT_FORMATS, EXPORT_SPLITS, Workspace, open
 __all__ = [
     "DemoResult", "EXPORT_FORMATS", "EXPORT_SPLITS", "EvaluateResult", "ExportResult", "FinetuneResult",
     "ImportResult", "IndexResult", "InfoResult", "Neighbor", "NeighborsResult", "Notice", "OptionError",
-    "PredictResult", "Progress", "TrainResult", "Trained", "WiseFtResult", "Workspace", "load_trained", "open",
+    "PredictResult", "Progress", "RemoveVersionResult", "TrainResult", "Trained", "WiseFtResult", "Workspace", "load_cross_trained", "load_trained", "open",
     "predictions_table", "run_demo",
 ]

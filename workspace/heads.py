@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -68,13 +69,34 @@ class Trained:
 
     ensemble: object  # clipfuse.classify.Ensemble
     meta: dict  # saved metadata: classes (as trained), fingerprint, n_fit_rows
-    es: EmbeddingSet  # the version's rows now
+    es: EmbeddingSet  # the version's rows now (over several versions: their union, with X None)
     fit_rows: np.ndarray  # row of each current row in the fitted matrix, -1 for rows added since
     folder: Path
+    versions: list[EmbeddingVersion] | None = None  # the versions of a cross-version ensemble, in trained order
+    views: dict | None = None  # version short -> clipfuse.classify.ViewRows of its current rows
+    sets: list[EmbeddingSet] | None = None  # each version's rows now
+    fit_ids: np.ndarray | None = None  # ids of the fitted rows, in order (val_idx_ and train_idx_ index them)
 
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
+
+    @property
+    def new_rows(self) -> int:
+        """Images indexed after the heads were trained."""
+        return int(np.sum(self.fit_rows < 0))
+
+    def predict(self, heads: list[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Fused and per-head probabilities of every current row (see ``Ensemble.predict_proba``)."""
+        if self.views is None:
+            return self.ensemble.predict_proba(self.es.X, fit_rows=self.fit_rows, heads=heads)
+        return self.ensemble.predict_proba(self.views, heads=heads, n_rows=len(self.es.ids))
+
+    def labeled_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labeled rows' vectors and class indices (of the first version, over several)."""
+        es = self.es if self.sets is None else self.sets[0]
+        keep = es.labels >= 0
+        return es.X[keep], es.labels[keep]
 
 
 def load_trained(store: Store, version: EmbeddingVersion, *, notify: Callable[[Notice], None],
@@ -111,7 +133,7 @@ def load_trained(store: Store, version: EmbeddingVersion, *, notify: Callable[[N
                       "are predicted among the old classes until you run `clipfuse train-heads` again."))
     fit_position = {id_: i for i, id_ in enumerate(fit_ids)}
     fit_rows = np.array([fit_position.get(i, -1) for i in es.ids], dtype=np.int64)
-    return Trained(ensemble, meta, es, fit_rows, folder)
+    return Trained(ensemble, meta, es, fit_rows, folder, fit_ids=fit_ids)
 
 
 # ---- what the heads are fitted with ---------------------------------------------------------------
@@ -193,8 +215,8 @@ def predictions_table(es: EmbeddingSet, fused: np.ndarray, per_head: dict[str, n
         "known_label": pa.array(known, pa.string()),
         "probs": probs(fused),
     }
-    for head, P in per_head.items():
-        columns[f"probs_{head.replace('-', '_')}"] = probs(P)
+    for head, P in per_head.items():  # 'probe' -> probs_probe, '3f2a9c0d1e5b/zero-shot:a' -> probs_3f2a9c0d1e5b_zero_shot_a
+        columns["probs_" + re.sub(r"[^0-9A-Za-z_]", "_", head)] = probs(P)
     return pa.table(columns)
 
 

@@ -128,6 +128,9 @@ class TrainResult(_Result):
     unavailable: dict[str, str]  # head -> why it was skipped
     n_train: int  # labels the heads were scored with
     n_val: int  # held-out labels
+    versions: list[str] = field(default_factory=list)  # a cross-version ensemble: its versions' fingerprints
+    version_scores: dict[str, dict] = field(default_factory=dict)  # version short -> its heads fused alone
+    missing: dict[str, int] = field(default_factory=dict)  # version short -> images it lacks
 
     @property
     def fused_accuracy(self) -> float:
@@ -147,6 +150,7 @@ class PredictResult(_Result):
     heads: list[str]
     mean_confidence: float
     per_head: bool  # whether per-head probability columns were written
+    versions: list[str] = field(default_factory=list)  # a cross-version ensemble: its versions' fingerprints
 
 
 @dataclass
@@ -160,7 +164,22 @@ class EvaluateResult(_Result):
     val_counts: list[int]  # held-out labels per class
     test: Optional[dict] = None  # fused scores on labeled test images, when predicted
     n_test: int = 0
-    files: list[Path] = field(default_factory=list)  # metrics.json and the plots
+    files: list[Path] = field(default_factory=list)  # metrics.json, confusions.csv and the plots
+    confusions: list[dict] = field(default_factory=list)  # most-confused class pairs on validation (names, paths)
+    versions: list[str] = field(default_factory=list)  # a cross-version ensemble: its versions' fingerprints
+
+
+@dataclass
+class RemoveVersionResult(_Result):
+    """What ``remove_version`` removed."""
+
+    removed: EmbeddingVersion  # the version as it was (rows counted before removal)
+    active: Optional[str]  # the active version afterwards, None when no complete version is left
+    ensembles: list[str] = field(default_factory=list)  # saved cross-version ensembles that needed it
+
+    @property
+    def fingerprint(self) -> str:
+        return self.removed.fingerprint
 
 
 @dataclass

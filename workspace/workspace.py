@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from typing import Callable, Iterable
 
 from clipfuse.store import EmbeddingVersion, Store
 
+from . import crossversion
 from . import heads as _heads
 from .models import check_device, embedder_config, load_embedder, version_embedder
 from .queries import describe_neighbors, resolve_query
@@ -25,6 +27,7 @@ from .results import (
     OptionError,
     PredictResult,
     Progress,
+    RemoveVersionResult,
     TrainResult,
 )
 
@@ -126,6 +129,32 @@ class Workspace(Tuning):
     def versions(self) -> list[EmbeddingVersion]:
         """Every embedding version, oldest first."""
         return self.store.versions() if self.store.exists else []
+
+    def remove_version(self, version: str) -> RemoveVersionResult:
+        """Delete one embedding version: its vectors, predictions, neighbour index and heads.
+
+        The images, labels and other versions stay. When it was the active version, the one
+        finished (or activated) last before it becomes active. A saved ensemble over several
+        versions that needs it stays on disk but fails with a clear error until retrained.
+        """
+        notices = self._start()
+        if version is None or not str(version).strip():
+            raise OptionError("VERSION", "name the version to remove (a fingerprint or prefix; see `clipfuse info`).")
+        try:
+            v = self.version(version)
+        except OptionError as e:
+            raise OptionError("VERSION", str(e)) from e
+        with self.store.writer("clipfuse remove-version"):
+            ensembles = crossversion.ensembles_using(self.store, v)
+            removed = self.store.remove_version(v.fingerprint)
+            try:
+                active = self.store.get_version(None, count_rows=False).fingerprint
+            except LookupError:
+                active = None
+        for names in ensembles:
+            self._warn(f"the ensemble over versions {names} needed version {v.short}; `clipfuse train-heads "
+                       "--versions` over the versions left trains it again.")
+        return RemoveVersionResult(removed=removed, active=active, ensembles=ensembles, notices=notices)
 
     # ---- index -------------------------------------------------------------------------------------
     def index(self, labeled_dir=None, *, unlabeled=None, test=None, model: str | None = None,
@@ -271,7 +300,7 @@ class Workspace(Tuning):
                             example=r["example"], notices=notices)
 
     # ---- the classifier stack --------------------------------------------------------------------------
-    def train_heads(self, *, version: str | None = None, heads: str | Iterable[str] | None = None,
+    def train_heads(self, *, version: str | None = None, versions=None, heads: str | Iterable[str] | None = None,
                     class_words=None, val_fraction: float = 0.2, seed: int = 0, folds: int = 3, graph: str = "auto",
                     probe_zero_shot_prior: bool = False, device: str = "auto", text_embeddings=None,
                     progress: Progress | None = None) -> TrainResult:
@@ -279,8 +308,18 @@ class Workspace(Tuning):
 
         Every head is fitted on the seeded split's train labels, scored on its held-out
         labels and refitted on all labels; the fusion learns from out-of-fold predictions.
+
+        ``versions`` (``"a,b"`` or a list of fingerprints/prefixes) fits the heads on each of
+        several versions of the same images instead, matched by id, and one fusion over
+        every (version, head) pair on one shared split; ``predict``, ``evaluate`` and
+        ``export`` take the same ``versions``. An image one version lacks is predicted from
+        the versions that hold it (a notice says which and how to fill it).
+
+        ``class_words`` is one YAML/JSON file or a list of them: one zero-shot head per file
+        (``zero-shot:<file stem>``); the linear probe and kNN cache use their mean.
         ``text_embeddings`` (n_classes, dim), unit rows in class order, stand in for the
-        version's own text tower (e.g. prompts embedded elsewhere for imported vectors).
+        version's own text tower (e.g. prompts embedded elsewhere for imported vectors);
+        with ``versions``, a dict of version (fingerprint or prefix) -> such an array.
         """
         from clipfuse.classify import DEFAULT_HEADS, HeadsConfig
 
@@ -294,23 +333,48 @@ class Workspace(Tuning):
                                          f"predictions); got {folds}.")
         if graph not in GRAPHS:
             raise OptionError("--graph", f"--graph must be auto, exact, ivf or hnsw; got {graph!r}.")
-        if class_words is not None and not Path(class_words).is_file():
-            raise OptionError("--class-words", f"class words file {str(class_words)!r} does not exist.")
+        word_lists = self._word_lists(class_words)
         try:
             config = HeadsConfig(heads=names, val_fraction=val_fraction, seed=seed, n_folds=folds, graph=graph,
                                  probe_zero_shot_prior=probe_zero_shot_prior,
-                                 class_words=str(class_words) if class_words else None)
+                                 class_words=(word_lists[0] if len(word_lists) == 1 else word_lists) or None)
         except ValueError as e:
             raise OptionError("--heads", str(e)) from e
         check_device(device)
-        v = self.version(version)
-        with self.store.writer("clipfuse train-heads"):  # taken first: an unwritable store fails before any fitting
-            ensemble, folder = self._fit_heads(v, config, device=device, progress=progress, text=text_embeddings)
-        return self._train_result(v, ensemble, folder, notices)
+        several = crossversion.resolve_versions(self, versions, version=version)
+        if several is not None and len(several) == 1:
+            version, several = several[0].fingerprint, None
+        if several is None:
+            if isinstance(text_embeddings, dict):
+                raise OptionError("text_embeddings", "a dict of text embeddings goes with versions=[...]; for one "
+                                                     "version pass one (n_classes, dim) array.")
+            v = self.version(version)
+            with self.store.writer("clipfuse train-heads"):  # taken first: an unwritable store fails before fitting
+                ensemble, folder = self._fit_heads(v, config, device=device, progress=progress, text=text_embeddings)
+            return self._train_result([v], ensemble, folder, notices)
+        with self.store.writer("clipfuse train-heads"):
+            ensemble, folder, missing = self._fit_cross(several, config, device=device, progress=progress,
+                                                        text=text_embeddings)
+        return self._train_result(several, ensemble, folder, notices, missing=missing)
+
+    @staticmethod
+    def _word_lists(class_words) -> tuple[str, ...]:
+        """The class-words files given (one path or several), checked: they exist and their stems,
+        which name the zero-shot heads, differ."""
+        if class_words is None:
+            return ()
+        paths = [class_words] if isinstance(class_words, (str, os.PathLike)) else list(class_words)
+        for p in paths:
+            if not Path(p).is_file():
+                raise OptionError("--class-words", f"class words file {str(p)!r} does not exist.")
+        stems = [Path(p).stem for p in paths]
+        repeated = sorted({s for s in stems if stems.count(s) > 1})
+        if repeated:
+            raise OptionError("--class-words", f"two class-words files are named {repeated[0]!r} (the zero-shot head of "
+                                               "each file is named after it); rename one.")
+        return tuple(str(p) for p in paths)
 
     def _fit_heads(self, version: EmbeddingVersion, config, *, device: str, embedder=None, progress=None, text=None):
-        import numpy as np
-
         from clipfuse.classify import create_ensemble_from_config
 
         es = self.store.load_embeddings(version.fingerprint)
@@ -318,47 +382,121 @@ class Workspace(Tuning):
             self._warn(f"{len(es.conflicts)} image(s) are filed under two classes and count as unlabeled, "
                        f"e.g. id {es.conflicts[0]}")
         _heads.require_labels(self.store, version, es, val_fraction=config.val_fraction, seed=config.seed)
-        wants_text = any(h in config.heads for h in ("zero-shot", "knn", "probe"))
+        given = self._version_heads(version, es.classes, config, device=device, embedder=embedder, text=text)
+        ensemble = create_ensemble_from_config(config, len(es.classes), given["class_embeddings"],
+                                               given["finetuned_head"], given["finetuned_bias"])
+        ensemble.fit(es.X, es.labels, progress=self._fit_progress(len(ensemble.heads), config, progress))
+        self._explain_unavailable(ensemble, {None: given["reasons"]})
+        resolved = _heads.resolved_config(config, version, es, text=given["class_embeddings"] is not None)
+        folder = _heads.save_heads(self.store, version, ensemble, es, resolved)
+        return ensemble, folder
+
+    def _fit_cross(self, versions: list[EmbeddingVersion], config, *, device: str, progress=None, text=None):
+        """Heads on each version of the same images and one fusion over all of them (see ``train_heads``)."""
+        import time
+
+        import numpy as np
+
+        from clipfuse.classify import ViewRows, create_ensemble_from_config
+
+        texts = self._texts_by_version(versions, text)
+        dims = {v.dim for v in versions}
+        sets = [self.store.load_embeddings(v.fingerprint) for v in versions]
+        union, view_rows = crossversion.merge_rows(sets)
+        if union.conflicts:
+            self._warn(f"{len(union.conflicts)} image(s) are filed under two classes and count as unlabeled, "
+                       f"e.g. id {union.conflicts[0]}")
+        _heads.require_labels(self.store, versions[0], union, val_fraction=config.val_fraction, seed=config.seed)
+        crossversion.require_view_labels(versions, sets)
+        missing = crossversion.report_missing(versions, sets, len(union.ids), self._notify)
+        given = {v.short: self._version_heads(v, union.classes, config, device=device, text=texts.get(v.fingerprint))
+                 for v in versions}
+        ensemble = create_ensemble_from_config(
+            config, len(union.classes),
+            views={view: {k: g[k] for k in ("class_embeddings", "finetuned_head", "finetuned_bias")}
+                   for view, g in given.items()})
+        views = {v.short: ViewRows(es.X, rows) for v, es, rows in zip(versions, sets, view_rows)}
+        ensemble.fit(views, union.labels, progress=self._fit_progress(len(ensemble.heads), config, progress))
+        self._explain_unavailable(ensemble, {view: g["reasons"] for view, g in given.items()})
+        resolved = {**dataclasses.asdict(config), "versions": [v.fingerprint for v in versions],
+                    "models": [v.model for v in versions], "dims": sorted(dims), "rows": len(union.ids),
+                    "labeled": int(np.sum(union.labels >= 0)), "classes": union.classes, "trained_at": time.time(),
+                    "text_embeddings": {v.short: given[v.short]["class_embeddings"] is not None for v in versions}}
+        folder = crossversion.save_cross_heads(self.store, versions, ensemble, union, sets, resolved)
+        return ensemble, folder, missing
+
+    def _texts_by_version(self, versions: list[EmbeddingVersion], text) -> dict:
+        """``text_embeddings`` of a cross-version fit: {fingerprint or prefix: array} -> {fingerprint: array}."""
+        if text is None:
+            return {}
+        if not isinstance(text, dict):
+            raise OptionError("text_embeddings", "with versions=[...], text_embeddings is a dict of version "
+                                                 "(fingerprint or prefix) -> (n_classes, dim) array.")
+        out = {}
+        for key, value in text.items():
+            matches = [v for v in versions if v.fingerprint.startswith(str(key))]
+            if len(matches) != 1:
+                raise OptionError("text_embeddings", f"text_embeddings key {key!r} names "
+                                                     f"{'several' if matches else 'none'} of the versions "
+                                                     f"{', '.join(v.short for v in versions)}.")
+            out[matches[0].fingerprint] = value
+        return out
+
+    def _version_heads(self, version: EmbeddingVersion, classes: list[str], config, *, device: str, embedder=None,
+                       text=None) -> dict:
+        """What a version's heads are made with: its class text embeddings (one array, or one per
+        word list), its finetuned classifier, and why any of them is missing."""
+        import numpy as np
+
+        reasons = {}
         if text is not None:
-            text, reason = np.asarray(text, dtype=np.float32), None
-            if text.shape != (len(es.classes), version.dim):
-                raise OptionError("text_embeddings", f"text_embeddings must have shape ({len(es.classes)}, "
-                                                     f"{version.dim}) (classes x dim), got {text.shape}.")
-        elif wants_text:
-            text, reason = self._text_embeddings(version, es.classes, config.class_words, device, embedder)
-        else:
-            text, reason = None, None
-        finetuned, finetuned_reason = _heads.finetuned_head(version, es.classes) \
+            text = np.asarray(text, dtype=np.float32)
+            if text.shape != (len(classes), version.dim):
+                raise OptionError("text_embeddings", f"text_embeddings of version {version.short} must have shape "
+                                                     f"({len(classes)}, {version.dim}) (classes x dim), got "
+                                                     f"{text.shape}.")
+        elif any(h in config.heads for h in ("zero-shot", "knn", "probe")):
+            text, reasons["zero-shot"] = self._text_embeddings(version, classes, config.word_lists, device, embedder)
+        finetuned, reasons["finetuned"] = _heads.finetuned_head(version, classes) \
             if "finetuned" in config.heads else (None, None)
         if finetuned is not None:
-            self._warn("note: this version's model was finetuned and WiSE-FT-selected on the same validation "
-                       "labels, so validation scores here are optimistic.")
-        ensemble = create_ensemble_from_config(config, len(es.classes), text, *(finetuned or (None, None)))
-        total = len(config.heads) * (config.n_folds + 1 + int(config.refit))
+            self._warn(f"note: the model of version {version.short} was finetuned and WiSE-FT-selected on the same "
+                       "validation labels, so validation scores here are optimistic.")
+        return {"class_embeddings": text, "finetuned_head": finetuned[0] if finetuned else None,
+                "finetuned_bias": finetuned[1] if finetuned else None, "reasons": reasons}
+
+    @staticmethod
+    def _fit_progress(n_heads: int, config, progress):
+        total = n_heads * (config.n_folds + 1 + int(config.refit))
         done = 0
 
         def report(head, stage, step, steps):
             nonlocal done
             done += 1
             if progress is not None:
-                progress(f"{head}: {stage}", done - 1, total)
+                progress(f"{head}: {stage}", min(done - 1, total), total)
+                if done == total:
+                    progress("heads fitted", total, total)
 
-        ensemble.fit(es.X, es.labels, progress=report)
-        if progress is not None:
-            progress("heads fitted", total, total)
-        if reason and "zero-shot" in ensemble.unavailable_:
-            ensemble.unavailable_["zero-shot"] = reason
-        if finetuned_reason and "finetuned" in ensemble.unavailable_:
-            ensemble.unavailable_["finetuned"] = finetuned_reason
-        resolved = _heads.resolved_config(config, version, es, text=text is not None)
-        folder = _heads.save_heads(self.store, version, ensemble, es, resolved)
-        return ensemble, folder
+        return report
 
-    def _text_embeddings(self, version: EmbeddingVersion, classes: list[str], class_words, device: str, embedder=None):
-        """Class text embeddings of the version's model, or (None, reason) when it has no usable text tower."""
+    @staticmethod
+    def _explain_unavailable(ensemble, reasons: dict) -> None:
+        """Replace a skipped head's generic reason with the version's own (no text tower, not finetuned)."""
+        for member in list(ensemble.unavailable_):
+            view, _, head = member.rpartition("/")
+            why = reasons.get(view or None, {})
+            kind = head.split(":")[0]
+            if why.get(kind):
+                ensemble.unavailable_[member] = why[kind]
+
+    def _text_embeddings(self, version: EmbeddingVersion, classes: list[str], word_lists, device: str, embedder=None):
+        """Class text embeddings of the version's model (a dict of list name -> array when several word
+        lists are given), or (None, reason) when it has no usable text tower."""
         from clipfuse.embed import PretrainedWeightsError, class_text_embeddings
 
-        words = _heads.class_words(class_words, classes, notify=self._notify)
+        lists = list(word_lists) or [None]
+        words = {p: _heads.class_words(p, classes, notify=self._notify) for p in lists}
         if version.imported:
             return None, f"version {version.short} was imported without a model, so there is no text tower"
         if version.image_only:
@@ -366,52 +504,83 @@ class Workspace(Tuning):
         try:
             if embedder is None or embedder.fingerprint != version.fingerprint:
                 embedder = version_embedder(version, None, device, notify=self._notify)
-            return class_text_embeddings(embedder, classes, words), None
+            embedded = {Path(p).stem if p else "folder-names": class_text_embeddings(embedder, classes, words[p])
+                        for p in lists}
         except (PretrainedWeightsError, ValueError, OSError) as e:
             return None, str(e).splitlines()[0]
+        return (next(iter(embedded.values())) if len(embedded) == 1 else embedded), None
 
     @staticmethod
-    def _train_result(version: EmbeddingVersion, ensemble, folder: Path, notices) -> TrainResult:
-        return TrainResult(version=version.fingerprint, folder=folder, heads=list(ensemble.head_names_),
-                           scores=ensemble.val_scores_, weights=dict(ensemble.weights_),
-                           fit_seconds=dict(ensemble.fit_seconds_), unavailable=dict(ensemble.unavailable_),
-                           n_train=len(ensemble.train_idx_), n_val=len(ensemble.val_idx_), notices=notices)
+    def _train_result(versions: list[EmbeddingVersion], ensemble, folder: Path, notices, missing=None) -> TrainResult:
+        several = len(versions) > 1
+        return TrainResult(version="+".join(v.fingerprint for v in versions), folder=folder,
+                           heads=list(ensemble.head_names_), scores=ensemble.val_scores_,
+                           weights=dict(ensemble.weights_), fit_seconds=dict(ensemble.fit_seconds_),
+                           unavailable=dict(ensemble.unavailable_), n_train=len(ensemble.train_idx_),
+                           n_val=len(ensemble.val_idx_), versions=[v.fingerprint for v in versions] if several else [],
+                           version_scores=dict(ensemble.view_scores_) if several else {}, missing=missing or {},
+                           notices=notices)
 
-    def predict(self, *, version: str | None = None, heads: str | Iterable[str] | None = None,
+    def _trained(self, version, versions) -> tuple[list[EmbeddingVersion], _heads.Trained]:
+        """The saved heads of ``version`` or the ensemble over ``versions``, reloaded."""
+        several = crossversion.resolve_versions(self, versions, version=version)
+        if several is not None and len(several) == 1:
+            version, several = several[0].fingerprint, None
+        if several is None:
+            v = self.version(version)
+            return [v], _heads.load_trained(self.store, v, notify=self._notify)
+        trained = crossversion.load_cross_trained(self.store, several, notify=self._notify)
+        return trained.versions, trained
+
+    def _resolve_head_names(self, names: list[str] | None, ensemble) -> list[str] | None:
+        """``--heads`` of predict: trained head names; over several versions a bare head name
+        (``probe``) picks that head of every version."""
+        if names is None:
+            return None
+        if names == []:
+            raise OptionError("--heads", f"name at least one head; the trained heads are "
+                                         f"{', '.join(ensemble.head_names_)}.")
+        known = list(ensemble.head_names_) + list(ensemble.unavailable_)
+        picked, unknown = [], []
+        for name in names:
+            hits = [h for h in known if h == name or h.split("/", 1)[-1] == name
+                    or h.split("/", 1)[-1].split(":")[0] == name]
+            (picked.extend(hits) if hits else unknown.append(name))
+        if unknown:
+            raise OptionError("--heads", f"unknown head(s) {', '.join(unknown)}; the trained heads are "
+                                         f"{', '.join(ensemble.head_names_)}.")
+        return list(dict.fromkeys(picked))
+
+    def predict(self, *, version: str | None = None, versions=None, heads: str | Iterable[str] | None = None,
                 per_head: bool = False, progress: Progress | None = None) -> PredictResult:
-        """Run the trained heads and fusion over every image of the version; write its predictions table.
+        """Run the trained heads and fusion over every image of the version (or of the ensemble
+        over ``versions``); write its predictions table.
 
         ``heads`` fuses a subset of the trained heads; ``per_head`` adds one probability
         column per head (``probs_<head>``) to the table.
         """
-        import numpy as np
-
         notices = self._start()
-        v = self.version(version)
         names = _head_list(heads)
         with self.store.writer("clipfuse predict"):
-            trained = _heads.load_trained(self.store, v, notify=self._notify)
-            ensemble = trained.ensemble
-            if names == []:
-                raise OptionError("--heads", f"name at least one head; the trained heads are "
-                                             f"{', '.join(ensemble.head_names_)}.")
-            unknown = [h for h in names or () if h not in ensemble.head_names_ and h not in ensemble.unavailable_]
-            if unknown:
-                raise OptionError("--heads", f"unknown head(s) {', '.join(unknown)}; the trained heads are "
-                                             f"{', '.join(ensemble.head_names_)}.")
+            used, trained = self._trained(version, versions)
+            names = self._resolve_head_names(names, trained.ensemble)
             if progress is not None:
                 progress(f"predicting {len(trained.es.ids)} images", 0, None)
-            fused, probs = ensemble.predict_proba(trained.es.X, fit_rows=trained.fit_rows, heads=names)
+            fused, probs = trained.predict(names)
             table = _heads.predictions_table(trained.es, fused, probs if per_head else {}, trained.classes)
-            name = self.store.write_predictions(table, v.fingerprint)
-        return PredictResult(version=v.fingerprint, table=name, images=len(trained.es.ids),
-                             new_since_training=int(np.sum(trained.fit_rows < 0)), heads=list(probs),
+            name = self.store.write_predictions(table, used[0].fingerprint,
+                                                versions=[v.fingerprint for v in used] if len(used) > 1 else None)
+        return PredictResult(version="+".join(v.fingerprint for v in used), table=name, images=len(trained.es.ids),
+                             new_since_training=trained.new_rows, heads=list(probs),
                              mean_confidence=float(fused.max(axis=1).mean()) if len(fused) else float("nan"),
-                             per_head=per_head, notices=notices)
+                             per_head=per_head, versions=[v.fingerprint for v in used] if len(used) > 1 else [],
+                             notices=notices)
 
-    def evaluate(self, *, version: str | None = None, out="clipfuse-eval") -> EvaluateResult:
+    def evaluate(self, *, version: str | None = None, versions=None, out="clipfuse-eval",
+                 top_confusions: int = 10) -> EvaluateResult:
         """Score the trained heads on their held-out labels (and the fused predictions on labeled
-        test images); write ``metrics.json`` and the plots into ``out``."""
+        test images); write ``metrics.json``, ``confusions.csv`` (the most-confused class pairs on
+        validation, with their class-mean similarity and example paths) and the plots into ``out``."""
         import numpy as np
 
         from clipfuse.classify import plot_class_similarity, plot_confusion, score_predictions
@@ -421,19 +590,25 @@ class Workspace(Tuning):
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise OptionError("--out", f"{str(out)!r} is a file; --out takes a folder for metrics.json and the plots.")
-        v = self.version(version)
-        trained = _heads.load_trained(self.store, v, notify=self._notify)
+        if top_confusions < 0:
+            raise OptionError("--top-confusions", f"--top-confusions must be 0 or more; got {top_confusions}.")
+        used, trained = self._trained(version, versions)
         ensemble, es, classes = trained.ensemble, trained.es, trained.classes
         y_val = ensemble.val_labels_  # the labels as they were at train-heads time
         scores = {h: score_predictions(y_val, P) for h, P in ensemble.val_proba_.items()}
         order = [h for h in ensemble.head_names_ if h in scores] + ["fused"]
         scores = {h: scores[h] for h in order}
         out.mkdir(parents=True, exist_ok=True)
-        files = [plot_confusion(y_val, ensemble.val_proba_["fused"].argmax(1), classes, out / "confusion_val.png"),
-                 plot_class_similarity(es.X[es.labels >= 0], es.labels[es.labels >= 0], classes,
-                                       out / "class_similarity.png")]
-        report = {"fingerprint": v.fingerprint, "classes": classes, "validation": scores,
-                  "weights": ensemble.weights_, "unavailable": ensemble.unavailable_}
+        X_labeled, y_labeled = trained.labeled_vectors()
+        val_pred = ensemble.val_proba_["fused"].argmax(1)
+        files = [plot_confusion(y_val, val_pred, classes, out / "confusion_val.png"),
+                 plot_class_similarity(X_labeled, y_labeled, classes, out / "class_similarity.png")]
+        confusions = self._confusions(trained, y_val, val_pred, X_labeled, y_labeled, top_confusions)
+        files.append(self._write_confusions(out / "confusions.csv", confusions))
+        report = {"fingerprint": used[0].fingerprint if len(used) == 1 else None,
+                  "versions": [v.fingerprint for v in used], "classes": classes, "validation": scores,
+                  "weights": ensemble.weights_, "unavailable": ensemble.unavailable_,
+                  "version_scores": ensemble.view_scores_ if len(used) > 1 else {}, "confusions": confusions}
         test = (es.test_labels >= 0) & (es.test_labels < len(classes))  # classes added later: not scored
         later = int(np.sum(es.test_labels >= len(classes)))
         if later:
@@ -442,7 +617,8 @@ class Workspace(Tuning):
                        "train-heads` and `clipfuse predict` again to score them.")
             report["test_skipped_new_classes"] = later
         test_scores, n_test = None, 0
-        predictions = self.store.predictions(v.fingerprint)
+        predictions = self.store.predictions(used[0].fingerprint,
+                                             versions=[v.fingerprint for v in used] if len(used) > 1 else None)
         if test.any() and predictions is not None:
             pred_index = {id_: i for i, id_ in enumerate(predictions["id"].to_pylist())}
             rows = [pred_index.get(i) for i in es.ids[test]]
@@ -454,14 +630,54 @@ class Workspace(Tuning):
             files.append(plot_confusion(y_test, P_test.argmax(1), classes, out / "confusion_test.png"))
         metrics = out / "metrics.json"
         write_text_atomic(metrics, json.dumps(_finite(report), indent=2, allow_nan=False))
-        return EvaluateResult(version=v.fingerprint, out=out, classes=classes, validation=scores,
-                              weights=dict(ensemble.weights_), n_val=len(y_val),
+        return EvaluateResult(version="+".join(v.fingerprint for v in used), out=out, classes=classes,
+                              validation=scores, weights=dict(ensemble.weights_), n_val=len(y_val),
                               val_counts=[int(np.sum(y_val == i)) for i in range(len(classes))], test=test_scores,
-                              n_test=n_test, files=[metrics, *files], notices=notices)
+                              n_test=n_test, files=[metrics, *files], confusions=confusions,
+                              versions=[v.fingerprint for v in used] if len(used) > 1 else [], notices=notices)
 
-    def export(self, path, *, version: str | None = None, split: str = "unlabeled", probs: bool = False,
-               force: bool = False, raw_cells: bool = False, format: str = "clipfuse") -> ExportResult:
+    def _confusions(self, trained, y_val, val_pred, X_labeled, y_labeled, top: int) -> list[dict]:
+        """The most-confused class pairs on validation, with class names and example image paths."""
+        import numpy as np
+
+        from clipfuse.classify import confused_pairs
+
+        classes = trained.classes
+        pairs = confused_pairs(y_val, val_pred, classes, X=X_labeled,
+                               labels=np.where(y_labeled < len(classes), y_labeled, -1), top=top)
+        val_ids = trained.fit_ids[trained.ensemble.val_idx_]  # the rows as they were at train-heads time
+        wanted = sorted({str(val_ids[i]) for p in pairs for i in p["examples"]})
+        paths = {}
+        if wanted:
+            images = self.store.images(wanted).select(["id", "path"]).to_pydict()
+            paths = dict(zip(images["id"], images["path"]))
+        for p in pairs:
+            p["examples"] = [paths.get(str(val_ids[i]), f"id:{val_ids[i]}") for i in p["examples"]]
+        return pairs
+
+    @staticmethod
+    def _write_confusions(path: Path, pairs: list[dict]) -> Path:
+        import polars as pl
+
+        from clipfuse.data import write_frame_csv
+
+        frame = pl.DataFrame({
+            "class_a": [p["class_a"] for p in pairs], "class_b": [p["class_b"] for p in pairs],
+            "a_as_b": [p["a_as_b"] for p in pairs], "b_as_a": [p["b_as_a"] for p in pairs],
+            "errors": [p["errors"] for p in pairs], "rate": [p["rate"] for p in pairs],
+            "similarity": [p["similarity"] for p in pairs],
+            "examples": [" | ".join(p["examples"]) for p in pairs],
+        }, schema={"class_a": pl.Utf8, "class_b": pl.Utf8, "a_as_b": pl.Int64, "b_as_a": pl.Int64,
+                   "errors": pl.Int64, "rate": pl.Float64, "similarity": pl.Float64, "examples": pl.Utf8})
+        write_frame_csv(path, frame)
+        return path
+
+    def export(self, path, *, version: str | None = None, versions=None, split: str = "unlabeled",
+               probs: bool = False, force: bool = False, raw_cells: bool = False,
+               format: str = "clipfuse") -> ExportResult:
         """Write the predictions of one split as a CSV, one row per image file, in path order.
+
+        ``versions`` exports the predictions of the ensemble over those versions.
 
         ``format="clipfuse"``: ``path, id, label, confidence`` (+ ``p_<class>`` with ``probs``).
         ``format="kaggle"``: ``id,label`` with id = the file name without its extension.
@@ -488,10 +704,19 @@ class Workspace(Tuning):
             raise OptionError("PATH", f"{str(path)!r} is a folder; give a CSV file name, e.g. predictions.csv.")
         if os.path.lexists(path) and not force and not stream:
             raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
-        v = self.version(version)
-        predictions = self.store.predictions(v.fingerprint)
-        if predictions is None:
-            raise LookupError(f"no predictions for version {v.short}; run `clipfuse predict` first.")
+        several = crossversion.resolve_versions(self, versions, version=version)
+        if several is not None and len(several) > 1:
+            fps = [v.fingerprint for v in several]
+            predictions = self.store.predictions(fps[0], versions=fps)
+            if predictions is None:
+                names = ",".join(v.short for v in several)
+                raise LookupError(f"no predictions of the ensemble over versions {names}; run `clipfuse predict "
+                                  f"--versions {names}` first.")
+        else:
+            v = self.version(several[0].fingerprint if several else version)
+            predictions = self.store.predictions(v.fingerprint)
+            if predictions is None:
+                raise LookupError(f"no predictions for version {v.short}; run `clipfuse predict` first.")
         width = predictions.schema.field("probs").type.list_size
         classes = self.store.classes()[:width]  # the classes the heads were trained on (classes only get appended)
         pred = pl.from_arrow(predictions.select(["id", "label", "confidence", "probs"]))
