@@ -310,3 +310,41 @@ def test_ensemble_views_fuse_rows_a_view_lacks_from_the_others():
         ens.predict_proba({"a": ViewRows(Xa, np.arange(n))}, n_rows=n)
     with pytest.raises(ValueError, match="distinct indices"):
         ens.fit({"a": ViewRows(Xa, np.zeros(n, dtype=int)), "b": ViewRows(Xb, np.arange(n))}, labels)
+
+
+# ---- the README's recipe, run as written ---------------------------------------------------------
+def test_readme_two_version_recipe_runs_as_written(tmp_path, tiny_model):
+    """The README's two-finetunes recipe, with the tiny model for ViT-B-16 and one epoch for ten."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_shapes_folder
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- recipe: two-versions -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    assert "--model ViT-B-16 --pretrained openai" in block and "--epochs 10" in block
+    script = block.replace("--model ViT-B-16 --pretrained openai", f"--model {tiny_model} --batch-size 8") \
+        .replace("--epochs 10", "--epochs 1 --batch-size 8")
+    write_shapes_folder(tmp_path / "data" / "train", n_per_class=8, seed=0)
+    write_shapes_folder(tmp_path / "data" / "pool", n_per_class=3, seed=1)
+    for path in [p for files in write_shapes_folder(tmp_path / "shapes-test", n_per_class=2, seed=2).values()
+                 for p in files]:  # a flat test folder of unique names, as a competition gives it
+        (tmp_path / "data" / "test").mkdir(exist_ok=True)
+        path.rename(tmp_path / "data" / "test" / f"{path.parent.name}_{path.name}")
+    classes = sorted(p.name for p in (tmp_path / "data" / "train").iterdir())
+    (tmp_path / "words_a.yaml").write_text(yaml.safe_dump({c: [c] for c in classes}))
+    (tmp_path / "words_b.yaml").write_text(yaml.safe_dump({c: [f"a {c} drawn in one colour"] for c in classes}))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ws = clipfuse.open(tmp_path / "clipfuse.lance")
+    versions = ws.versions()
+    assert len(versions) == 3 and sum(v.model.startswith("local-dir:") for v in versions) == 3
+    assert "zero-shot:words_a" in done.stdout and "zero-shot:words_b" in done.stdout and "finetuned" in done.stdout
+    rows = list(csv.DictReader(open(tmp_path / "submission.csv")))
+    assert len(rows) == 2 * len(classes) and set(rows[0]) == {"id", "label"}
+    assert (tmp_path / "eval" / "confusions.csv").exists() and (tmp_path / "eval" / "metrics.json").exists()
