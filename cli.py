@@ -324,6 +324,10 @@ def info(
         versions.add_row("*" if v.fingerprint == result.active else "", v.fingerprint, model_name,
                          v.pretrained or "", str(v.dim), str(v.rows), v.source or "")
     console.print(versions)
+    for e in result.ensembles:
+        accuracy = "" if e["fused_accuracy"] is None else f", fused validation accuracy {e['fused_accuracy']:.3f}"
+        console.print(f"ensemble over versions {e['names']} ({e['heads']} heads{accuracy}): "
+                      f"--versions {e['names']}", highlight=False)
     console.print(f"index errors: {result.errors}" + ("" if errors or not result.errors else "  (list them with --errors)"))
     for e in result.error_list or []:
         console.print(f"  {escape(e['path'])}: {escape(e['reason'])}", highlight=False)

@@ -222,6 +222,10 @@ def test_cli_train_predict_evaluate_export_over_versions(views, tmp_path):
     r = runner.invoke(app, ["export", str(tmp_path / "out.csv"), "--db", db, "--versions", versions])
     assert r.exit_code == 0, r.output
     assert len(list(csv.DictReader(open(tmp_path / "out.csv")))) == sum(1 for c in ws.labels if c < 0)
+    r = runner.invoke(app, ["info", "--db", db])
+    assert r.exit_code == 0 and f"ensemble over versions {ws.fps[0][:12]},{ws.fps[1][:12]} (6 heads" in r.output
+    info = json.loads(runner.invoke(app, ["info", "--db", db, "--json"]).output)
+    assert info["ensembles"][0]["fingerprints"] == ws.fps
     r = runner.invoke(app, ["predict", "--db", db, "--versions", versions, "--version", ws.fps[0]])
     assert r.exit_code == 2 and "either --version" in r.output
     r = runner.invoke(app, ["remove-version", ws.fps[1][:8], "--db", db], input="n\n")

@@ -121,8 +121,9 @@ def save_cross_heads(store: Store, versions: list[EmbeddingVersion], ensemble, u
         return ensemble_folder(store, versions).replace(fill)
 
 
-def ensembles_using(store: Store, version: EmbeddingVersion) -> list[str]:
-    """The saved cross-version ensembles (their versions, comma-separated) that need ``version``."""
+def list_ensembles(store: Store) -> list[dict]:
+    """The saved cross-version ensembles of a store: their versions (``names``: comma-separated
+    shorts, as ``--versions`` takes them; ``fingerprints``), heads and fused validation accuracy."""
     if not store.is_local:
         return []
     found = []
@@ -133,10 +134,18 @@ def ensembles_using(store: Store, version: EmbeddingVersion) -> list[str]:
         meta_path = folder / ENSEMBLE_FILE if folder is not None else None
         if meta_path is None or not meta_path.exists():
             continue
-        records = json.loads(meta_path.read_text()).get("versions") or []
-        if any(r["fingerprint"] == version.fingerprint for r in records):
-            found.append(",".join(r["short"] for r in records))
+        meta = json.loads(meta_path.read_text())
+        records = meta.get("versions") or []
+        found.append({"names": ",".join(r["short"] for r in records),
+                      "fingerprints": [r["fingerprint"] for r in records], "heads": len(meta.get("heads", {})),
+                      "fused_accuracy": (meta.get("val_scores", {}).get("fused") or {}).get("accuracy"),
+                      "folder": str(link)})
     return found
+
+
+def ensembles_using(store: Store, version: EmbeddingVersion) -> list[str]:
+    """The saved cross-version ensembles (their versions, comma-separated) that need ``version``."""
+    return [e["names"] for e in list_ensembles(store) if version.fingerprint in e["fingerprints"]]
 
 
 def check_saved_versions(store: Store, versions: list[EmbeddingVersion], meta: dict) -> None:

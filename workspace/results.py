@@ -92,6 +92,7 @@ class InfoResult(_Result):
     errors: int
     duplicates: dict[str, int]  # duplicate rows per table (left by writers before the lock)
     error_list: Optional[list[dict]] = None  # path and reason of each, when asked for
+    ensembles: list[dict] = field(default_factory=list)  # saved --versions ensembles: versions, fused accuracy
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -255,7 +255,7 @@ class Workspace(Tuning):
                           unique_images=summary["unique_images"], per_split=summary["per_split"],
                           per_class=summary["per_class"], versions=versions, active=summary["active"],
                           errors=summary["errors"], duplicates=summary["duplicates"], error_list=error_list,
-                          notices=notices)
+                          ensembles=crossversion.list_ensembles(self.store), notices=notices)
 
     def import_embeddings(self, source, *, metadata=None, image_root=None, split: str = "unlabeled",
                           model: str | None = None, pretrained: str | None = None,
