@@ -326,8 +326,8 @@ def info(
     console.print(versions)
     for e in result.ensembles:
         accuracy = "" if e["fused_accuracy"] is None else f", fused validation accuracy {e['fused_accuracy']:.3f}"
-        console.print(f"ensemble over versions {e['names']} ({e['heads']} heads{accuracy}): "
-                      f"--versions {e['names']}", highlight=False)
+        state = f" [yellow]stale: {escape(e['stale'])}[/]" if e["stale"] else f": --versions {e['names']}"
+        console.print(f"ensemble over versions {e['names']} ({e['heads']} heads{accuracy}){state}", highlight=False)
     console.print(f"index errors: {result.errors}" + ("" if errors or not result.errors else "  (list them with --errors)"))
     for e in result.error_list or []:
         console.print(f"  {escape(e['path'])}: {escape(e['reason'])}", highlight=False)
@@ -449,11 +449,8 @@ def _print_cross_training(result, title: str) -> None:
         table.add_section()
     table.add_row("all", "[bold]fused[/]", *cells(result.scores["fused"]), "", "")
     console.print(table)
-    for short, lacks in result.missing.items():
-        console.print(f"[yellow]version {short} lacks {lacks} images[/]: they are predicted from the other versions")
 
 
-@app.command("train-heads")
 @app.command("train-heads")
 @_runtime_errors
 def train_heads(

@@ -392,6 +392,9 @@ class Ensemble:
             members = [h for h in names if self._view_of(h) == view]
             if not members:
                 continue
+            if len(vr.X) == 0:
+                per_head.update({h: np.full((n_rows, C), np.nan, dtype=np.float32) for h in members})
+                continue
             with prepared_rows(vr.X, estimator=self):  # checked and normalised once, not per head
                 spread = vr.rows is not None and (len(vr.rows) != n_rows or np.any(vr.rows != np.arange(n_rows)))
                 for h in members:

@@ -840,6 +840,17 @@ class Store:
     def _predictions_name(self, version: EmbeddingVersion) -> str:
         return "predictions_" + version.table.removeprefix("embeddings_")
 
+    @_storage_errors
+    def remove_predictions(self, *, versions: list[str]) -> bool:
+        """Drop the predictions table of the ensemble over ``versions`` (full fingerprints, which
+        need not be in the store any more); returns whether there was one."""
+        with self.writer():
+            name = f"predictions_ensemble_{self.ensemble_key(versions)}"
+            if name not in self._table_names():
+                return False
+            self._drop_table(name)
+            return True
+
     def _predictions_table_name(self, fingerprint: str | None, versions: list[str] | None) -> str:
         if versions is not None:
             return f"predictions_ensemble_{self.ensemble_key(self._ensemble_versions(versions))}"

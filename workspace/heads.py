@@ -202,7 +202,11 @@ def predictions_table(es: EmbeddingSet, fused: np.ndarray, per_head: dict[str, n
     n_classes = len(classes)
 
     def probs(P):
-        return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(P, dtype=np.float32).reshape(-1)), n_classes)
+        P = np.asarray(P, dtype=np.float32)
+        missing = np.isnan(P).any(axis=1)  # rows a head's version lacks: null, not NaN (LanceDB refuses NaN vectors)
+        mask = pa.array(missing) if missing.any() else None
+        return pa.FixedSizeListArray.from_arrays(pa.array(np.nan_to_num(P, nan=0.0).reshape(-1)), n_classes,
+                                                 mask=mask)
 
     pred = fused.argmax(axis=1)
     known = [es.classes[i] if i >= 0 else None for i in es.labels]

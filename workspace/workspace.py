@@ -146,6 +146,9 @@ class Workspace(Tuning):
             raise OptionError("VERSION", str(e)) from e
         with self.store.writer("clipfuse remove-version"):
             ensembles = crossversion.ensembles_using(self.store, v)
+            for e in crossversion.list_ensembles(self.store):  # their predictions would be stale: dropped first
+                if v.fingerprint in e["fingerprints"]:
+                    self.store.remove_predictions(versions=e["fingerprints"])
             removed = self.store.remove_version(v.fingerprint)
             try:
                 active = self.store.get_version(None, count_rows=False).fingerprint
@@ -406,8 +409,8 @@ class Workspace(Tuning):
         if union.conflicts:
             self._warn(f"{len(union.conflicts)} image(s) are filed under two classes and count as unlabeled, "
                        f"e.g. id {union.conflicts[0]}")
+        crossversion.require_view_labels(versions, sets, union)  # first: it names the version that lacks labels
         _heads.require_labels(self.store, versions[0], union, val_fraction=config.val_fraction, seed=config.seed)
-        crossversion.require_view_labels(versions, sets)
         missing = crossversion.report_missing(versions, sets, len(union.ids), self._notify)
         given = {v.short: self._version_heads(v, union.classes, config, device=device, text=texts.get(v.fingerprint))
                  for v in versions}
@@ -551,6 +554,25 @@ class Workspace(Tuning):
                                          f"{', '.join(ensemble.head_names_)}.")
         return list(dict.fromkeys(picked))
 
+    @staticmethod
+    def _require_answered(trained, names: list[str] | None) -> None:
+        """Over several versions, the chosen heads must answer for every image: an image held only
+        by versions none of whose heads were chosen would get a made-up (chance) prediction."""
+        if trained.views is None or names is None:
+            return
+        import numpy as np
+
+        chosen = {trained.ensemble.views[h] for h in names}
+        answered = np.zeros(len(trained.es.ids), dtype=bool)
+        for view, vr in trained.views.items():
+            if view in chosen:
+                answered[vr.rows] = True
+        if not answered.all():
+            others = sorted(set(trained.views) - chosen)
+            raise OptionError("--heads", f"the heads chosen belong to versions that lack {int((~answered).sum())} of "
+                                         f"the images; add a head of version {', '.join(others)} (or leave --heads "
+                                         "out) so that every image is predicted.")
+
     def predict(self, *, version: str | None = None, versions=None, heads: str | Iterable[str] | None = None,
                 per_head: bool = False, progress: Progress | None = None) -> PredictResult:
         """Run the trained heads and fusion over every image of the version (or of the ensemble
@@ -564,6 +586,7 @@ class Workspace(Tuning):
         with self.store.writer("clipfuse predict"):
             used, trained = self._trained(version, versions)
             names = self._resolve_head_names(names, trained.ensemble)
+            self._require_answered(trained, names)
             if progress is not None:
                 progress(f"predicting {len(trained.es.ids)} images", 0, None)
             fused, probs = trained.predict(names)
@@ -707,6 +730,9 @@ class Workspace(Tuning):
         several = crossversion.resolve_versions(self, versions, version=version)
         if several is not None and len(several) > 1:
             fps = [v.fingerprint for v in several]
+            meta = crossversion.saved_meta(self.store, several)
+            if meta is not None:
+                crossversion.check_saved_versions(self.store, meta)  # a version made again: its predictions are stale
             predictions = self.store.predictions(fps[0], versions=fps)
             if predictions is None:
                 names = ",".join(v.short for v in several)
