@@ -11,7 +11,7 @@ import numpy as np
 from clipfuse.data import AtomicFolder
 from clipfuse.store import EmbeddingSet, EmbeddingVersion, Store
 
-from .heads import CONFIG_FILE, ENSEMBLE_FILE, FIT_IDS_FILE, Trained, _is_heads_folder
+from .heads import CONFIG_FILE, ENSEMBLE_FILE, FIT_IDS_FILE, Trained, _is_heads_folder, check_classes, remap_fitted
 from .results import Notice, OptionError
 
 
@@ -214,26 +214,12 @@ def load_cross_trained(store: Store, versions: list[EmbeddingVersion], *,
     ensemble, meta = load_ensemble(folder)  # the fitted vectors (X_fit_) are the store's: set below, not saved twice
     views = {}
     for v, es, rows in zip(versions, sets, view_rows):
-        view_fit_ids = fit_ids[ensemble.view_rows_[v.short]]
-        if len(view_fit_ids) == len(es.ids) and np.array_equal(view_fit_ids, es.ids):
-            X_fit, fit_rows = es.X, np.arange(len(es.ids))
-        else:
-            position = {id_: i for i, id_ in enumerate(es.ids)}
-            current = np.array([position.get(i, -1) for i in view_fit_ids], dtype=np.int64)
-            X_fit = np.zeros((len(view_fit_ids), es.X.shape[1]), dtype=np.float32)
-            X_fit[current >= 0] = es.X[current[current >= 0]]
-            fit_position = {id_: i for i, id_ in enumerate(view_fit_ids)}
-            fit_rows = np.array([fit_position.get(i, -1) for i in es.ids], dtype=np.int64)
+        X_fit, fit_rows = remap_fitted(es, fit_ids[ensemble.view_rows_[v.short]])
         for name, spec in meta["heads"].items():
             if ensemble.views[name] == v.short and "attr:X_fit_" in spec["state"]:
                 ensemble.heads[name].X_fit_ = X_fit
         views[v.short] = ViewRows(es.X, rows, fit_rows)
-    if meta["classes"] != union.classes[:len(meta["classes"])]:
-        raise ValueError(f"the store's classes changed since train-heads ({len(meta['classes'])} then, "
-                         f"{len(union.classes)} now); run `clipfuse train-heads --versions {names}` again.")
-    if len(union.classes) > len(meta["classes"]):
-        notify(Notice(f"{len(union.classes) - len(meta['classes'])} class(es) were added since train-heads; images "
-                      "are predicted among the old classes until you run `clipfuse train-heads` again."))
+    check_classes(meta, union.classes, notify, f"clipfuse train-heads --versions {names}")
     report_missing(versions, sets, len(union.ids), notify)
     fit_position = {id_: i for i, id_ in enumerate(fit_ids)}
     fit_rows = np.array([fit_position.get(i, -1) for i in union.ids], dtype=np.int64)

@@ -114,26 +114,40 @@ def load_trained(store: Store, version: EmbeddingVersion, *, notify: Callable[[N
                                 "run `clipfuse train-heads` first.")
     es = es or store.load_embeddings(version.fingerprint)
     fit_ids = np.load(folder / FIT_IDS_FILE, allow_pickle=False)
-    if len(fit_ids) == len(es.ids) and np.array_equal(fit_ids, es.ids):
-        X_fit = es.X  # the rows are the fitted rows, in order (nothing indexed or removed since): no copy
-    else:
-        position = {id_: i for i, id_ in enumerate(es.ids)}
-        rows = np.array([position.get(i, -1) for i in fit_ids], dtype=np.int64)
-        X_fit = np.zeros((len(fit_ids), es.X.shape[1]), dtype=np.float32)
-        X_fit[rows >= 0] = es.X[rows[rows >= 0]]
+    X_fit, fit_rows = remap_fitted(es, fit_ids)
     ensemble, meta = load_ensemble(folder, external={"X_fit_": X_fit})
     if meta.get("n_fit_rows") != len(fit_ids):
         raise ValueError(f"the saved heads in {folder} are incomplete (fitted rows and ids disagree); "
                          "run `clipfuse train-heads` again.")
-    if meta["classes"] != es.classes[:len(meta["classes"])]:
-        raise ValueError(f"the store's classes changed since train-heads ({len(meta['classes'])} then, "
-                         f"{len(es.classes)} now); run `clipfuse train-heads` again.")
-    if len(es.classes) > len(meta["classes"]):
-        notify(Notice(f"{len(es.classes) - len(meta['classes'])} class(es) were added since train-heads; images "
-                      "are predicted among the old classes until you run `clipfuse train-heads` again."))
-    fit_position = {id_: i for i, id_ in enumerate(fit_ids)}
-    fit_rows = np.array([fit_position.get(i, -1) for i in es.ids], dtype=np.int64)
+    check_classes(meta, es.classes, notify, "clipfuse train-heads")
     return Trained(ensemble, meta, es, fit_rows, folder, fit_ids=fit_ids)
+
+
+def remap_fitted(es: EmbeddingSet, fit_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted rows' vectors as the store holds them now, and the fitted row of each current row.
+
+    Returns ``X_fit`` (len(fit_ids), dim): a row removed since training keeps a zero vector
+    (it never wins a vote); ``es.X`` itself when nothing changed. ``fit_rows`` (len(es.ids),):
+    -1 for rows added since.
+    """
+    if len(fit_ids) == len(es.ids) and np.array_equal(fit_ids, es.ids):
+        return es.X, np.arange(len(es.ids))  # the rows are the fitted rows, in order: no copy
+    position = {id_: i for i, id_ in enumerate(es.ids)}
+    current = np.array([position.get(i, -1) for i in fit_ids], dtype=np.int64)
+    X_fit = np.zeros((len(fit_ids), es.X.shape[1]), dtype=np.float32)
+    X_fit[current >= 0] = es.X[current[current >= 0]]
+    fit_position = {id_: i for i, id_ in enumerate(fit_ids)}
+    return X_fit, np.array([fit_position.get(i, -1) for i in es.ids], dtype=np.int64)
+
+
+def check_classes(meta: dict, classes: list[str], notify: Callable[[Notice], None], retrain: str) -> None:
+    """Classes only get appended: fail if the trained ones changed, say so if some were added."""
+    if meta["classes"] != classes[:len(meta["classes"])]:
+        raise ValueError(f"the store's classes changed since train-heads ({len(meta['classes'])} then, "
+                         f"{len(classes)} now); run `{retrain}` again.")
+    if len(classes) > len(meta["classes"]):
+        notify(Notice(f"{len(classes) - len(meta['classes'])} class(es) were added since train-heads; images "
+                      f"are predicted among the old classes until you run `{retrain}` again."))
 
 
 # ---- what the heads are fitted with ---------------------------------------------------------------
