@@ -222,7 +222,12 @@ def test_text_embeddings_per_version_give_each_version_its_zero_shot_head(views)
     for k, fp in enumerate(ws.fps):
         T = ws.centres + 0.5 * rng.standard_normal(ws.centres.shape)
         texts[fp[:8]] = (T / np.linalg.norm(T, axis=1, keepdims=True)).astype(np.float32)
-    trained = ws.train_heads(versions=ws.fps, heads="zero-shot,probe", folds=2, text_embeddings=texts)
+    steps = []
+    trained = ws.train_heads(versions=ws.fps, heads="zero-shot,probe", folds=2, text_embeddings=texts,
+                             progress=lambda stage, done, total: steps.append((stage, done, total)))
+    total = 4 * (2 + 1 + 1)  # 2 heads x 2 versions, each: 2 folds, the train split, the refit
+    assert steps[-1] == ("heads fitted", total, total) and len(steps) == total + 1
+    assert [d for _, d, _ in steps] == sorted(d for _, d, _ in steps) and steps[-2][1] == total - 1
     zs = [f"{fp[:12]}/zero-shot" for fp in ws.fps]
     assert all(h in trained.heads for h in zs) and trained.unavailable == {}
     assert trained.scores[zs[0]]["accuracy"] > 0.5

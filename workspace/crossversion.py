@@ -167,10 +167,12 @@ def ensembles_using(store: Store, version: EmbeddingVersion) -> list[str]:
 
 def check_saved_versions(store: Store, meta: dict) -> None:
     """Fail, naming the version, when the store lost or remade a version the ensemble needs."""
-    have = {v.fingerprint: v for v in store.versions()}
     names = ",".join(r["short"] for r in meta["versions"])
     for record in meta["versions"]:
-        v = have.get(record["fingerprint"])
+        try:
+            v = store.get_version(record["fingerprint"], count_rows=False)  # the record alone: no row count
+        except LookupError:
+            v = None
         if v is None:
             raise LookupError(f"the ensemble over versions {names} needs version {record['short']} "
                               f"({record['model']}), which is no longer in the store {store.uri}; train the "

@@ -388,7 +388,7 @@ class Workspace(Tuning):
         given = self._version_heads(version, es.classes, config, device=device, embedder=embedder, text=text)
         ensemble = create_ensemble_from_config(config, len(es.classes), given["class_embeddings"],
                                                given["finetuned_head"], given["finetuned_bias"])
-        ensemble.fit(es.X, es.labels, progress=self._fit_progress(len(ensemble.heads), config, progress))
+        self._fit_ensemble(ensemble, es.X, es.labels, config, progress)
         self._explain_unavailable(ensemble, {None: given["reasons"]})
         resolved = _heads.resolved_config(config, version, es, text=given["class_embeddings"] is not None)
         folder = _heads.save_heads(self.store, version, ensemble, es, resolved)
@@ -419,7 +419,7 @@ class Workspace(Tuning):
             views={view: {k: g[k] for k in ("class_embeddings", "finetuned_head", "finetuned_bias")}
                    for view, g in given.items()})
         views = {v.short: ViewRows(es.X, rows) for v, es, rows in zip(versions, sets, view_rows)}
-        ensemble.fit(views, union.labels, progress=self._fit_progress(len(ensemble.heads), config, progress))
+        self._fit_ensemble(ensemble, views, union.labels, config, progress)
         self._explain_unavailable(ensemble, {view: g["reasons"] for view, g in given.items()})
         resolved = {**dataclasses.asdict(config), "versions": [v.fingerprint for v in versions],
                     "models": [v.model for v in versions], "dims": sorted(dims), "rows": len(union.ids),
@@ -469,8 +469,9 @@ class Workspace(Tuning):
                 "finetuned_bias": finetuned[1] if finetuned else None, "reasons": reasons}
 
     @staticmethod
-    def _fit_progress(n_heads: int, config, progress):
-        total = n_heads * (config.n_folds + 1 + int(config.refit))
+    def _fit_ensemble(ensemble, X, y, config, progress) -> None:
+        """Fit, reporting each head fit as one step of ``heads x (folds + train split + refit)``."""
+        total = len(ensemble.heads) * (config.n_folds + 1 + int(config.refit))
         done = 0
 
         def report(head, stage, step, steps):
@@ -478,10 +479,10 @@ class Workspace(Tuning):
             done += 1
             if progress is not None:
                 progress(f"{head}: {stage}", min(done - 1, total), total)
-                if done == total:
-                    progress("heads fitted", total, total)
 
-        return report
+        ensemble.fit(X, y, progress=report)
+        if progress is not None:
+            progress("heads fitted", total, total)
 
     @staticmethod
     def _explain_unavailable(ensemble, reasons: dict) -> None:
