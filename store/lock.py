@@ -97,12 +97,18 @@ class WriterLock:
         (``memory://``), which are locked between the threads of this process only.
     key : str
         Identity of the store (its resolved path or URI).
+    remote : callable, optional
+        For a store on object storage: makes its lease (``acquire``/``check``/``release``,
+        see :class:`clipfuse.store.objectlock.S3Lease`), which keeps writers on every
+        machine apart.
     """
 
-    def __init__(self, folder: Path | None, key: str):
+    def __init__(self, folder: Path | None, key: str, *, remote: Callable[[], object] | None = None):
         self.folder = folder
         self.key = key
         self._lock = _process_lock(key)
+        self._remote_factory = remote  # makes the object-store lease (store.objectlock.S3Lease) on first use
+        self._remote = None
 
     @property
     def path(self) -> Path | None:
@@ -146,10 +152,13 @@ class WriterLock:
             if not lock.thread_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
                 raise StoreBusyError(f"the store {self.key!r} is being written by {lock.what or 'another writer'} "
                                      "in this process; try again when it is done.")
+        remote = None
         try:
             if self.folder is not None:
                 lock.fd = self._acquire_file(what, deadline, on_wait)
                 lock.inode = _inode(os.fstat(lock.fd))
+            elif self._remote_factory is not None:
+                remote = self._acquire_remote(what, deadline, on_wait)
             lock.what = what
         except BaseException:
             lock.thread_lock.release()
@@ -159,6 +168,9 @@ class WriterLock:
             yield self
         finally:
             _HELD.reset(token)
+            if remote is not None:
+                with contextlib.suppress(Exception):  # an unreleased lease expires on its own
+                    remote.release()
             lock.what, lock.inode = "", None
             if lock.fd is not None:
                 fd, lock.fd = lock.fd, None
@@ -199,8 +211,28 @@ class WriterLock:
         return OSError(f"{str(self.path)!r} is {what}, so it can't be the store's writer lock (it is never followed "
                        "or written through); remove it, and clipfuse creates a plain file there.")
 
+    def _acquire_remote(self, what: str, deadline: float | None, on_wait):
+        """Take the object-store lease, waiting (and saying so once) while a live holder has it."""
+        if self._remote is None:
+            self._remote = self._remote_factory()
+        told = False
+        while True:
+            holder = self._remote.try_acquire(what)
+            if holder is None:
+                self._remote.start_renewing()
+                return self._remote
+            if not told and on_wait:
+                on_wait(describe_holder(holder))
+                told = True
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreBusyError(f"the store {self.key!r} is being written by {describe_holder(holder)}; try "
+                                     "again when it is done.")
+            time.sleep(max(_POLL_SECONDS, 1.0))  # each poll is a request to the object store
+
     def _check_still_ours(self) -> None:
         """A holder whose lock file was deleted (or replaced) no longer keeps other writers out: stop."""
+        if self._remote is not None and self.folder is None:
+            self._remote.check()
         if self.folder is None or self._lock.inode is None:
             return
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import os
 import re
 import shutil
 import time
@@ -114,6 +115,42 @@ _TABLE_NAMES: dict[str, frozenset[str]] = {}
 _LANCE_LOCATION = re.compile(r",?\s*/\S*\.rs:\d+:\d+\s*$")
 
 
+def resolve_storage_options(uri: str, given: dict[str, str] | None) -> dict[str, str]:
+    """LanceDB storage options of a store on object storage: ``given`` (``--storage-option``)
+    over what the cloud's standard variables say; an ``http://`` endpoint (a local S3 API)
+    allows plain http unless told otherwise."""
+    opts = {str(k).lower(): str(v) for k, v in (given or {}).items()}
+    if uri.startswith("s3://"):
+        endpoint = opts.get("endpoint") or opts.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and "endpoint" not in opts and "aws_endpoint" not in opts:
+            opts["endpoint"] = endpoint
+        if endpoint and endpoint.startswith("http://"):
+            opts.setdefault("allow_http", "true")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region and "region" not in opts and "aws_region" not in opts:
+            opts["region"] = region
+    return opts
+
+
+def _remote_message(uri: str, e: Exception) -> OSError | None:
+    """A clear error for an object store's refusal inside a LanceDB error, or None if it is not one."""
+    text = str(e)
+    if "://" not in uri or "store:" not in text and "ObjectStore" not in text and "object_store" not in text:
+        return None
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    if "NoSuchBucket" in text:
+        return FileNotFoundError(f"the bucket {bucket!r} of store {uri!r} does not exist; create it, or check the --db "
+                                 "URI.")
+    for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "status: 403"):
+        if code in text:
+            return PermissionError(f"store {uri!r}: the object store refused the credentials ({code}); check "
+                                   "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the --storage-option keys.")
+    if "Connection refused" in text or "error sending request" in text or "dns error" in text:
+        return ConnectionError(f"store {uri!r}: the object store can't be reached ({_LANCE_LOCATION.sub('', text)[:200]});"
+                               " check the endpoint (AWS_ENDPOINT_URL or --storage-option endpoint=...).")
+    return OSError(f"store {uri!r}: the object store failed: {_LANCE_LOCATION.sub('', text)[:300]}")
+
+
 def _storage_message(uri: str, e: Exception) -> str:
     """A one-line message for an error that LanceDB raised while reading or writing the store."""
     text = _LANCE_LOCATION.sub("", str(e).strip()).removeprefix("lance error: ")
@@ -141,6 +178,11 @@ def _storage_errors(method):
             if "lance" not in str(e).lower() and "commit" not in str(e).lower():
                 raise
             raise OSError(_storage_message(self.uri, e)) from e
+        except ValueError as e:  # LanceDB reports object-store failures (no bucket, refused keys) as ValueError
+            remote = _remote_message(self.uri, e)
+            if remote is None:
+                raise
+            raise remote from e
 
     return wrapper
 
@@ -187,7 +229,8 @@ class Store:
     """
 
     def __init__(self, uri: str | Path = DEFAULT_DB, *, ann_threshold: int = 50_000, ann_config: AnnConfig | None = None,
-                 lock_timeout: float | None = None, on_lock_wait: Callable[[str], None] | None = None):
+                 lock_timeout: float | None = None, on_lock_wait: Callable[[str], None] | None = None,
+                 storage_options: dict[str, str] | None = None):
         self.uri = str(uri)
         if self.uri.startswith("file://"):  # the same folder under the same lock as its plain path
             from urllib.parse import unquote, urlparse
@@ -205,14 +248,21 @@ class Store:
         self.on_lock_wait = on_lock_wait
         self._db = None
         self._ann: dict[str, AnnIndex] = {}
+        self.storage_options = resolve_storage_options(self.uri, storage_options)
         folder = Path(self.uri).absolute() if self.is_local else None
-        self._lock = WriterLock(folder, str(folder.resolve()) if folder else self.uri)
+        remote = None
+        if self.uri.startswith("s3://"):
+            from .objectlock import S3Lease
+
+            def remote():
+                return S3Lease(self.uri, self.storage_options)
+        self._lock = WriterLock(folder, str(folder.resolve()) if folder else self.uri, remote=remote)
 
     @property
     def db(self):
         """The LanceDB connection, opened on first use (connecting creates the folder)."""
         if self._db is None:
-            self._db = lancedb.connect(self.uri)
+            self._db = lancedb.connect(self.uri, storage_options=self.storage_options or None)
         return self._db
 
     def writer(self, what: str = "a clipfuse writer"):

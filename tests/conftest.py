@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,63 @@ def write_timm_weights(path: Path, arch: str = "test_efficientnet", seed: int = 
 def tiny_timm(tmp_path_factory) -> tuple[str, Path]:
     """(model name, weights file) of timm's tiny test_efficientnet (356k parameters, 160 px)."""
     return "timm:test_efficientnet", write_timm_weights(tmp_path_factory.mktemp("tiny-timm") / "w.safetensors")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1 and a free port, stopped after the module's tests.
+
+    Yields the endpoint URL; the AWS_* variables point at it while the tests run.
+    """
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    if not Path(server).exists():
+        pytest.fail("moto_server is missing: install the test extra (pip install -e '.[test]').")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                             "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint)
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(200):
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if proc.poll() is not None:
+                    pytest.fail("moto_server exited at start")
+                time.sleep(0.05)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the test S3 server; its name."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name

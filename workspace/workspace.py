@@ -69,6 +69,10 @@ class Workspace(Tuning):
         lists its notices. A notice of kind ``lock-wait`` says another writer holds the store.
     lock_timeout : float, optional
         Seconds a write waits for another writer; None waits as long as it takes.
+    storage_options : dict, optional
+        For a store on object storage (``s3://bucket/prefix``): LanceDB storage options
+        (``endpoint``, ``region``, ``aws_access_key_id``...) over the standard ``AWS_*``
+        variables; an ``http://`` endpoint allows plain http.
 
     Notes
     -----
@@ -79,9 +83,10 @@ class Workspace(Tuning):
     """
 
     def __init__(self, db: str | os.PathLike = "clipfuse.lance", *, on_notice: Callable[[Notice], None] | None = None,
-                 lock_timeout: float | None = None):
+                 lock_timeout: float | None = None, storage_options: dict[str, str] | None = None):
         try:
-            self.store = Store(db, lock_timeout=lock_timeout, on_lock_wait=self._lock_wait)
+            self.store = Store(db, lock_timeout=lock_timeout, on_lock_wait=self._lock_wait,
+                               storage_options=storage_options)
         except NotADirectoryError as e:
             raise OptionError("--db", str(e).replace("--db ", "", 1)) from e
         self.db = Path(self.store.uri) if self.store.is_local else self.store.uri  # file:// URIs as their folder

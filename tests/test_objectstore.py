@@ -1,0 +1,137 @@
+"""Stores on object storage (a real S3 API: moto's server on 127.0.0.1): the store, its writer lease, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+import clipfuse
+from clipfuse.store import Store
+from clipfuse.store.lock import StoreBusyError
+from clipfuse.store.objectlock import S3Lease
+
+
+def _import(ws, folder, n=200, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, dim)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    np.save(folder / f"v{seed}.npy", X)
+    labels = [f"c{i % 4}" if i < 40 else None for i in range(n)]
+    pl.DataFrame({"id": [f"img{i:04d}" for i in range(n)], "label": labels}).write_parquet(folder / "rows.parquet")
+    return X, ws.import_embeddings(folder / f"v{seed}.npy", metadata=folder / "rows.parquet")
+
+
+def test_a_store_on_s3_holds_and_reads_back_what_a_local_one_does(s3_bucket, tmp_path):
+    uri = f"s3://{s3_bucket}/stores/main"
+    ws = clipfuse.open(uri)
+    assert ws.db == uri and ws.store.storage_options["allow_http"] == "true"  # the endpoint says http://
+    X, imported = _import(ws, tmp_path)
+    local = clipfuse.open(tmp_path / "local.lance")
+    _, local_import = _import(local, tmp_path)
+    assert imported.fingerprint == local_import.fingerprint and imported.rows == 200
+    es = clipfuse.open(uri).store.load_embeddings()  # another Workspace, as another process would
+    np.testing.assert_array_equal(es.X, local.store.load_embeddings().X)
+    info = clipfuse.open(uri).info()
+    assert info.versions[0].rows == 200 and info.per_class == {"c0": 10, "c1": 10, "c2": 10, "c3": 10}
+    hits = ws.neighbors("img0007", k=3)
+    assert hits.neighbors[0].id == "img0007" and hits.neighbors[0].similarity == pytest.approx(1.0, abs=1e-5)
+    assert not (tmp_path / "stores").exists()  # nothing landed on the local disk
+
+
+def test_the_writer_lease_keeps_a_writer_of_another_process_out_and_is_released(s3_bucket):
+    uri = f"s3://{s3_bucket}/store"
+    other = f"""
+import time
+from clipfuse.store import Store
+from clipfuse.store.lock import StoreBusyError
+waits = []
+store = Store({uri!r}, lock_timeout=1.5, on_lock_wait=waits.append)
+started = time.monotonic()
+try:
+    with store.writer("clipfuse train-heads"):
+        print("got it")
+except StoreBusyError as e:
+    print("busy", round(time.monotonic() - started, 1), "|", waits[0], "|", e)
+"""
+    with Store(uri).writer("clipfuse index"):
+        record, etag = S3Lease(uri).holder()
+        assert record["what"] == "clipfuse index" and etag
+        out = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, timeout=120).stdout
+        assert out.startswith("busy") and float(out.split()[1]) >= 1.4, out
+        assert "clipfuse index (pid" in out and "is being written by clipfuse index" in out
+    assert S3Lease(uri).holder() == ({}, None)  # released
+    out = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip() == "got it"
+
+
+def test_a_second_process_waits_for_the_lease_and_a_dead_holders_lease_expires(s3_bucket, s3_endpoint):
+    uri = f"s3://{s3_bucket}/store"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from clipfuse.store.objectlock import S3Lease
+lease = S3Lease({uri!r}, lease_seconds=3)
+assert lease.try_acquire("clipfuse index (other process)") is None
+print("held", flush=True)
+time.sleep(60)  # killed before it releases: its lease stops being renewed
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        store = Store(uri, lock_timeout=0.5)
+        with pytest.raises(StoreBusyError, match="other process"):
+            with store.writer("clipfuse predict"):
+                pass
+        holder.kill()
+        holder.wait()
+        store.lock_timeout = 10  # the dead holder's 3 s lease runs out; then this writer takes it over
+        started = time.monotonic()
+        with store.writer("clipfuse predict"):
+            assert S3Lease(uri).holder()[0]["what"] == "clipfuse predict"
+        assert time.monotonic() - started < 10
+    finally:
+        holder.kill()
+
+
+def test_a_held_lease_is_renewed_past_its_length(s3_bucket):
+    uri = f"s3://{s3_bucket}/store"
+    lease = S3Lease(uri, lease_seconds=1.5)
+    assert lease.try_acquire("long job") is None
+    lease.start_renewing()
+    try:
+        time.sleep(2.5)  # longer than the lease: only renewal keeps it
+        other = S3Lease(uri, lease_seconds=1.5)
+        assert other.try_acquire("intruder") is not None
+        lease.check()
+    finally:
+        lease.release()
+    assert S3Lease(uri).try_acquire("next") is None
+
+
+def test_a_missing_bucket_is_named(s3_endpoint, tmp_path):
+    ws = clipfuse.open("s3://no-such-bucket-here/store")
+    with pytest.raises(FileNotFoundError, match="the bucket 'no-such-bucket-here' of store .* does not exist"):
+        ws.info()
+    with pytest.raises(FileNotFoundError, match="the bucket 'no-such-bucket-here'"):
+        _import(ws, tmp_path)
+
+
+def test_index_into_s3_gives_the_local_run_s_version_and_vectors(s3_bucket, tmp_path, tiny_model):
+    from conftest import write_shapes_folder
+
+    write_shapes_folder(tmp_path / "labeled", n_per_class=3, seed=0)
+    (tmp_path / "labeled" / "red" / "broken.png").write_bytes(b"not an image")
+    remote = clipfuse.open(f"s3://{s3_bucket}/store")
+    done = remote.index(tmp_path / "labeled", model=tiny_model, batch_size=4)
+    local = clipfuse.open(tmp_path / "local.lance")
+    here = local.index(tmp_path / "labeled", model=tiny_model, batch_size=4)
+    assert done.fingerprint == here.fingerprint and done.summary.embedded == 9
+    assert [e[0] for e in done.summary.errors] == [str(tmp_path / "labeled" / "red" / "broken.png")]
+    a, b = remote.store.load_embeddings(), local.store.load_embeddings()
+    assert list(a.ids) == list(b.ids)
+    np.testing.assert_allclose(a.X, b.X, atol=1e-6)
+    again = remote.index(tmp_path / "labeled", model=tiny_model, batch_size=4)  # nothing new: nothing embedded
+    assert again.summary.embedded == 0
