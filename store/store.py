@@ -256,6 +256,12 @@ class Store:
 
             def remote():
                 return S3Lease(self.uri, self.storage_options)
+        elif not self.is_local and not self.uri.startswith("memory://"):
+            def remote():
+                scheme = self.uri.split("://", 1)[0]
+                raise OSError(f"store {self.uri!r}: writing to {scheme}:// is not supported yet, because clipfuse "
+                              "has no writer lock there to keep two writers apart (reading works); use s3:// or a "
+                              "folder.")
         self._lock = WriterLock(folder, str(folder.resolve()) if folder else self.uri, remote=remote)
 
     @property

@@ -135,3 +135,10 @@ def test_index_into_s3_gives_the_local_run_s_version_and_vectors(s3_bucket, tmp_
     np.testing.assert_allclose(a.X, b.X, atol=1e-6)
     again = remote.index(tmp_path / "labeled", model=tiny_model, batch_size=4)  # nothing new: nothing embedded
     assert again.summary.embedded == 0
+
+
+def test_writing_a_store_without_a_writer_lock_there_is_refused(tmp_path):
+    store = Store("gs://some-bucket/store")
+    with pytest.raises(OSError, match="writing to gs:// is not supported yet"):
+        with store.writer("clipfuse index"):
+            pass
