@@ -61,14 +61,21 @@ def _db_path(value) -> Path:
     if uri.scheme == "memory":
         raise typer.BadParameter(f"{text!r}: in-memory stores live only inside one Python process (use "
                                  "clipfuse.open('memory://')); --db takes a folder.")
+    if uri.scheme in ("s3", "gs", "az"):
+        if not uri.netloc:
+            raise typer.BadParameter(f"{text!r} names no bucket; an object-store --db is {uri.scheme}://bucket/prefix.")
+        return text  # a store on object storage (see --storage-option)
     if "/" in text.split(":", 1)[1][:2] or uri.netloc:
-        raise typer.BadParameter(f"{text!r} looks like a URI; --db takes a folder on this machine (object storage "
-                                 "is not supported yet).")
+        raise typer.BadParameter(f"{text!r} looks like a URI; --db takes a folder on this machine, or "
+                                 "s3://bucket/prefix (gs://, az:// to read).")
     return Path(text)  # a folder that merely has a colon in its name
 
 
 DbOpt = Annotated[Path, typer.Option("--db", parser=_db_path, help="LanceDB folder of the store (created on first "
                                      "index), or a file:/// URI of one.")]
+StorageOpt = Annotated[Optional[list[str]], typer.Option(
+    "--storage-option", help="KEY=VALUE for a store on object storage (repeatable; LanceDB's keys: endpoint, "
+    "region, aws_access_key_id, ...), over the AWS_* variables.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="CLIP (open_clip) model: a built-in name (ViT-B-32), `hf-hub:org/repo` or `local-dir:/path`; "
     "or an image-only backbone: `timm:<name>` (timm:resnet50.a1_in1k) or `effnet-lite0` (ImageNet weights "
@@ -124,12 +131,26 @@ def _show_notice(notice) -> None:
         err_console.print(f"[yellow]{escape(notice.message)}[/]", highlight=False, soft_wrap=True)
 
 
-def _workspace(db: Path, *, quiet: bool = False):
+def _storage_options(items: list[str] | None) -> dict[str, str] | None:
+    """``--storage-option KEY=VALUE`` (repeatable) as a dict."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE (e.g. endpoint=http://127.0.0.1:9000).",
+                                     param_hint="--storage-option")
+        out[key.strip()] = value
+    return out
+
+
+def _workspace(db, storage: list[str] | None = None, *, quiet: bool = False):
     """The store at ``--db``; notices are printed (on stderr) as they come, unless ``quiet`` (JSON
     output, which carries what they say)."""
     from clipfuse.workspace import Workspace
 
-    return Workspace(db, on_notice=None if quiet else _show_notice)
+    return Workspace(db, on_notice=None if quiet else _show_notice, storage_options=_storage_options(storage))
 
 
 class _RateColumn(ProgressColumn):
@@ -205,6 +226,7 @@ def index(
     test: Annotated[Optional[Path], typer.Option(
         exists=True, file_okay=False, help="Test images: class sub-folders or a plain folder.")] = None,
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = "auto",
@@ -229,7 +251,7 @@ def index(
         clipfuse index data/train --model local-dir:./my-model --db runs/store.lance
     """
     with _Bars(rate=True) as bars:
-        result = _workspace(db).index(
+        result = _workspace(db, storage_option).index(
             labeled_dir, unlabeled=unlabeled, test=test, model=model, pretrained=pretrained, device=device,
             precision=precision.value, batch_size=batch_size, workers=workers,
             allow_random_weights=allow_random_weights, commit_every=commit_every, max_file_size=max_file_size,
@@ -260,6 +282,7 @@ def neighbors(
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of neighbours.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     version: VersionOpt = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Embed the query with this model (must be the version's model).")] = None,
@@ -278,7 +301,7 @@ def neighbors(
 
         clipfuse neighbors --text "a photo of a seven"
     """
-    result = _workspace(db).neighbors(query, text=text, k=k, version=version, model=model, pretrained=pretrained,
+    result = _workspace(db, storage_option).neighbors(query, text=text, k=k, version=version, model=model, pretrained=pretrained,
                                       device=device, exact=exact)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -290,6 +313,7 @@ def neighbors(
 @_runtime_errors
 def info(
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     errors: Annotated[bool, typer.Option("--errors", help="List every file that could not be indexed.")] = False,
     as_json: JsonOpt = False,
 ):
@@ -301,7 +325,7 @@ def info(
 
         clipfuse info --db runs/store.lance --errors
     """
-    result = _workspace(db, quiet=as_json).info(errors=errors)
+    result = _workspace(db, storage_option, quiet=as_json).info(errors=errors)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
@@ -338,6 +362,7 @@ def info(
 def remove_version(
     version: Annotated[str, typer.Argument(help="The version to delete (fingerprint or prefix, see `clipfuse info`).")],
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ):
     """Delete one embedding version: its vectors, predictions, neighbour index and heads.
@@ -351,7 +376,7 @@ def remove_version(
     """
     from clipfuse.workspace import OptionError
 
-    ws = _workspace(db)
+    ws = _workspace(db, storage_option)
     try:
         v = ws.version(version)
     except OptionError as e:
@@ -374,6 +399,7 @@ def import_embeddings(
     image_root: Annotated[Optional[Path], typer.Option(help="Folder that relative image paths are resolved against.")] = None,
     split: Annotated[Split, typer.Option(help="Split of rows without a split or label column.")] = Split.unlabeled,
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", help="The model that made the vectors (open_clip, timm:<name>, effnet-lite0), if it can be "
         "loaded here; enables image queries (and, for CLIP, text queries) against them.")] = None,
@@ -391,7 +417,7 @@ def import_embeddings(
 
         clipfuse import-embeddings vectors.npy --metadata rows.parquet --model ViT-B-32 --pretrained laion2b_s34b_b79k
     """
-    r = _workspace(db).import_embeddings(source, metadata=metadata, image_root=image_root, split=split.value,
+    r = _workspace(db, storage_option).import_embeddings(source, metadata=metadata, image_root=image_root, split=split.value,
                                          model=model, pretrained=pretrained, device=device)
     console.print(f"imported {r.rows} vectors ({r.dim}-d) for {r.images} images as version {r.fingerprint} "
                   f"({r.hashed} ids hashed from files) into {db}")
@@ -455,6 +481,7 @@ def _print_cross_training(result, title: str) -> None:
 @_runtime_errors
 def train_heads(
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     version: VersionOpt = None,
     versions: VersionsOpt = None,
     heads: HeadsOpt = None,
@@ -489,7 +516,7 @@ def train_heads(
         clipfuse train-heads --versions 3f2a9c0d,8b1e4f27
     """
     with _Bars() as bars:
-        result = _workspace(db).train_heads(
+        result = _workspace(db, storage_option).train_heads(
             version=version, versions=versions, heads=heads, class_words=class_words or None, val_fraction=val_fraction, seed=seed,
             folds=folds, graph=graph, probe_zero_shot_prior=probe_zero_shot_prior, device=device, progress=bars)
     _print_training(result)
@@ -499,6 +526,7 @@ def train_heads(
 @_runtime_errors
 def predict(
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     version: VersionOpt = None,
     versions: VersionsOpt = None,
     heads: HeadsOpt = None,
@@ -519,7 +547,7 @@ def predict(
         clipfuse predict --versions 3f2a9c0d,8b1e4f27
     """
     with err_console.status("predicting ..."):
-        r = _workspace(db).predict(version=version, versions=versions, heads=heads, per_head=per_head)
+        r = _workspace(db, storage_option).predict(version=version, versions=versions, heads=heads, per_head=per_head)
     console.print(f"predicted {r.images} images ({r.new_since_training} new since train-heads) with "
                   f"{', '.join(r.heads)}; mean confidence {r.mean_confidence:.3f}; table {r.table} in {db}")
 
@@ -528,6 +556,7 @@ def predict(
 @_runtime_errors
 def evaluate(
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     version: VersionOpt = None,
     versions: VersionsOpt = None,
     out: Annotated[Path, typer.Option(file_okay=False, help="Folder for metrics.json, confusions.csv and the PNG "
@@ -547,7 +576,7 @@ def evaluate(
 
         clipfuse evaluate --versions 3f2a9c0d,8b1e4f27
     """
-    r = _workspace(db).evaluate(version=version, versions=versions, out=out, top_confusions=top_confusions)
+    r = _workspace(db, storage_option).evaluate(version=version, versions=versions, out=out, top_confusions=top_confusions)
     console.print(_scores_table(f"validation ({r.n_val} held-out labels)", r.validation, r.weights))
     if r.test is not None:
         console.print(_scores_table(f"test ({r.n_test} labeled test images, fused predictions)", {"fused": r.test}))
@@ -576,6 +605,7 @@ def evaluate(
 def export(
     path: Annotated[Path, typer.Argument(dir_okay=False, help="CSV file to write, e.g. predictions.csv.")],
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     version: VersionOpt = None,
     versions: VersionsOpt = None,
     split: Annotated[ExportSplit, typer.Option(help="Images to export: unlabeled, test or all.")] = ExportSplit.unlabeled,
@@ -603,7 +633,7 @@ def export(
 
         clipfuse export all.csv --split all --probs --force
     """
-    r = _workspace(db).export(path, version=version, versions=versions, split=split.value, probs=probs, force=force,
+    r = _workspace(db, storage_option).export(path, version=version, versions=versions, split=split.value, probs=probs, force=force,
                               raw_cells=raw_cells, format=format.value)
     (err_console if r.streamed else console).print(  # a CSV streamed to stdout gets no summary line mixed in
         f"wrote {r.rows} rows ({r.split}) to {escape(str(path))}")
@@ -614,6 +644,7 @@ def export(
 @_runtime_errors
 def finetune(
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     version: VersionOpt = None,
     out: Annotated[Path, typer.Option(file_okay=False, help="Folder for the finetuned model (a local-dir: model).")] = Path("clipfuse-models/finetuned"),
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the labeled train split.")] = 10,
@@ -649,7 +680,7 @@ def finetune(
         clipfuse finetune --epochs 10 --lr 1e-5 --augment --out models/ft
     """
     with _Bars() as bars:
-        r = _workspace(db).finetune(
+        r = _workspace(db, storage_option).finetune(
             version=version, out=out, epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, augment=augment,
             train_text=train_text, freeze_backbone=freeze_backbone, mean_teacher=mean_teacher,
             class_words=class_words, patience=patience, seed=seed, pseudo_labels=pseudo_labels,
@@ -667,6 +698,7 @@ def finetune(
 def wise_ft(
     checkpoint: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Folder written by `clipfuse finetune`.")],
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     alphas: Annotated[str, typer.Option(help="Mixing weights: start:stop:step or a comma list; 0 = the start "
                                         "(zero-shot, or the linear probe of an image-only backbone), 1 = finetuned.")] = "0:1:0.1",
     out: Annotated[Optional[Path], typer.Option(file_okay=False, help="Folder for the chosen model (default: CHECKPOINT-wiseft).")] = None,
@@ -684,7 +716,7 @@ def wise_ft(
         clipfuse wise-ft --checkpoint models/ft --alphas 0:1:0.1
     """
     with _Bars() as bars:
-        r = _workspace(db).wise_ft(checkpoint, alphas=alphas, out=out, device=device, progress=bars)
+        r = _workspace(db, storage_option).wise_ft(checkpoint, alphas=alphas, out=out, device=device, progress=bars)
     table = Table(title=f"WiSE-FT on {r.val_images} validation images")
     table.add_column("alpha", justify="right")
     table.add_column("val accuracy", justify="right")
@@ -709,6 +741,7 @@ def reembed(
     model_checkpoint: Annotated[Path, typer.Option(exists=True, file_okay=False,
                                                    help="Model folder from `clipfuse finetune` or `wise-ft`.")],
     db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
@@ -725,7 +758,7 @@ def reembed(
         clipfuse reembed --model-checkpoint models/ft-wiseft
     """
     with _Bars(rate=True) as bars:
-        r = _workspace(db).reembed(model_checkpoint, device=device, batch_size=batch_size, workers=workers,
+        r = _workspace(db, storage_option).reembed(model_checkpoint, device=device, batch_size=batch_size, workers=workers,
                                    commit_every=commit_every, max_file_size=max_file_size, progress=bars)
     _print_reembed(r)
 

@@ -142,3 +142,29 @@ def test_writing_a_store_without_a_writer_lock_there_is_refused(tmp_path):
     with pytest.raises(OSError, match="writing to gs:// is not supported yet"):
         with store.writer("clipfuse index"):
             pass
+
+
+def test_the_cli_takes_an_s3_store_and_storage_options(s3_bucket, s3_endpoint, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from clipfuse.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # given as a storage option instead
+    db = f"s3://{s3_bucket}/cli"
+    opts = ["--storage-option", f"endpoint={s3_endpoint}", "--storage-option", "region=us-east-1"]
+    _import(clipfuse.open(tmp_path / "scratch.lance"), tmp_path)  # writes v0.npy and rows.parquet
+    r = runner.invoke(app, ["import-embeddings", str(tmp_path / "v0.npy"), "--metadata", str(tmp_path / "rows.parquet"),
+                            "--db", db, *opts])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", "--db", db, "--json", *opts])
+    assert r.exit_code == 0, r.output
+    assert '"rows": 200' in r.output
+    r = runner.invoke(app, ["neighbors", "img0003", "--db", db, "--k", "2", *opts])
+    assert r.exit_code == 0 and "img0003" in r.output, r.output
+    r = runner.invoke(app, ["train-heads", "--db", db, "--heads", "probe", *opts])
+    assert r.exit_code == 1 and "not on disk" in r.output
+    r = runner.invoke(app, ["info", "--db", db, "--storage-option", "endpoint"])
+    assert r.exit_code == 2 and "is not KEY=VALUE" in r.output
+    r = runner.invoke(app, ["info", "--db", "s3://"])
+    assert r.exit_code == 2 and "names no bucket" in r.output
