@@ -883,15 +883,28 @@ class Store:
         found = self._version_rows()
         return [self._find_version(found, fp).fingerprint for fp in versions]
 
+    def heads_name(self, fingerprint: str | None = None, *, versions: list[str] | None = None) -> str:
+        """Where beside the tables the heads fitted on a version are saved: ``_heads/<fingerprint>``
+        (``versions``: the ensemble over several versions, ``_heads/ensemble-<key>``)."""
+        if versions is not None:
+            return f"_heads/ensemble-{self.ensemble_key(self._ensemble_versions(versions))}"
+        return f"_heads/{self.get_version(fingerprint, count_rows=False).fingerprint}"
+
     def heads_folder(self, fingerprint: str | None = None, *, versions: list[str] | None = None) -> Path:
-        """Folder beside the tables where the heads fitted on a version are saved
-        (``versions``: those of the ensemble over several versions, ``_heads/ensemble-<key>``)."""
+        """The local folder of :meth:`heads_name` (a store on disk; see :meth:`object_folder` for S3)."""
         if "://" in self.uri:
             raise ValueError(f"store {self.uri!r} is not on disk, so trained heads can't be saved beside it; "
-                             "use a folder for --db.")
-        if versions is not None:
-            return Path(self.uri) / "_heads" / f"ensemble-{self.ensemble_key(self._ensemble_versions(versions))}"
-        return Path(self.uri) / "_heads" / self.get_version(fingerprint, count_rows=False).fingerprint
+                             "use a folder or s3://bucket/prefix for --db.")
+        return Path(self.uri) / self.heads_name(fingerprint, versions=versions)
+
+    def object_folder(self, name: str):
+        """A folder of files beside a store on S3 (:class:`~clipfuse.store.objectfolder.ObjectFolder`)."""
+        if not self.uri.startswith("s3://"):
+            raise ValueError(f"store {self.uri!r} is not on disk or on S3, so trained heads can't be saved beside "
+                             "it; use a folder or s3://bucket/prefix for --db.")
+        from .objectfolder import ObjectFolder
+
+        return ObjectFolder(self.uri, name, self.storage_options)
 
     def _predictions_name(self, version: EmbeddingVersion) -> str:
         return "predictions_" + version.table.removeprefix("embeddings_")

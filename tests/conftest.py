@@ -143,10 +143,11 @@ def tiny_timm(tmp_path_factory) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
+def s3_endpoint(tmp_path_factory):
     """A real S3 API (moto's server) on 127.0.0.1 and a free port, stopped after the module's tests.
 
-    Yields the endpoint URL; the AWS_* variables point at it while the tests run.
+    Yields the endpoint URL; the AWS_* variables point at it while the tests run, and the
+    local cache of files read from object storage (XDG_CACHE_HOME) is a temporary folder.
     """
     import shutil
     import socket
@@ -164,9 +165,9 @@ def s3_endpoint():
                             stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-                                             "AWS_ENDPOINT_URL")}
+                                             "AWS_ENDPOINT_URL", "XDG_CACHE_HOME")}
     os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=endpoint)
+                      AWS_ENDPOINT_URL=endpoint, XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
     try:
         import boto3
 

@@ -162,9 +162,38 @@ def test_the_cli_takes_an_s3_store_and_storage_options(s3_bucket, s3_endpoint, t
     assert '"rows": 200' in r.output
     r = runner.invoke(app, ["neighbors", "img0003", "--db", db, "--k", "2", *opts])
     assert r.exit_code == 0 and "img0003" in r.output, r.output
-    r = runner.invoke(app, ["train-heads", "--db", db, "--heads", "probe", *opts])
-    assert r.exit_code == 1 and "not on disk" in r.output
+    r = runner.invoke(app, ["train-heads", "--db", db, "--heads", "probe,knn", "--folds", "2", *opts])
+    assert r.exit_code == 0 and "fused validation accuracy" in r.output, r.output
+    assert runner.invoke(app, ["predict", "--db", db, *opts]).exit_code == 0
+    r = runner.invoke(app, ["export", str(tmp_path / "out.csv"), "--db", db, *opts])
+    assert r.exit_code == 0 and "wrote 160 rows" in r.output, r.output
     r = runner.invoke(app, ["info", "--db", db, "--storage-option", "endpoint"])
     assert r.exit_code == 2 and "is not KEY=VALUE" in r.output
     r = runner.invoke(app, ["info", "--db", "s3://"])
     assert r.exit_code == 2 and "names no bucket" in r.output
+
+
+def test_heads_on_s3_are_trained_reloaded_on_another_machine_and_exported(s3_bucket, tmp_path, monkeypatch):
+    uri = f"s3://{s3_bucket}/store"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-a"))
+    ws = clipfuse.open(uri)
+    _import(ws, tmp_path, seed=0)
+    trained = ws.train_heads(heads="probe,knn,propagation", folds=2)
+    assert str(trained.folder).startswith(str(tmp_path / "cache-a"))  # this machine's copy of what it uploaded
+    first = ws.predict(per_head=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-b"))  # "another machine": nothing cached
+    other = clipfuse.open(uri)
+    again = other.predict(per_head=True)
+    assert again.images == first.images == 200 and again.heads == first.heads
+    report = other.evaluate(out=tmp_path / "eval")
+    assert report.validation["fused"]["accuracy"] == trained.scores["fused"]["accuracy"]
+    assert (tmp_path / "cache-b").is_dir()
+    out = other.export(tmp_path / "pred.csv")
+    assert out.rows == 160  # the unlabeled images
+    # a second version and an ensemble over both, on S3 too
+    _import(ws, tmp_path, seed=1)
+    fps = [v.fingerprint for v in ws.versions()]
+    ens = ws.train_heads(versions=fps, heads="probe", folds=2)
+    assert len(ens.heads) == 2 and other.predict(versions=fps).images == 200
+    retrained = ws.train_heads(heads="probe", folds=2)  # a new generation replaces the old one whole
+    assert clipfuse.open(uri).predict().heads == ["probe"] and retrained.folder != trained.folder

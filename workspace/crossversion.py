@@ -11,7 +11,8 @@ import numpy as np
 from clipfuse.data import AtomicFolder
 from clipfuse.store import EmbeddingSet, EmbeddingVersion, Store
 
-from .heads import CONFIG_FILE, ENSEMBLE_FILE, FIT_IDS_FILE, Trained, _is_heads_folder, check_classes, remap_fitted
+from .heads import (CONFIG_FILE, ENSEMBLE_FILE, FIT_IDS_FILE, Trained, _is_heads_folder, check_classes,
+                    remap_fitted, store_folder)
 from .results import Notice, OptionError
 
 
@@ -23,11 +24,10 @@ def parse_versions(versions) -> list[str] | None:
     return [str(v).strip() for v in items if str(v).strip()]
 
 
-def ensemble_folder(store: Store, versions: list[EmbeddingVersion]) -> AtomicFolder:
+def ensemble_folder(store: Store, versions: list[EmbeddingVersion]):
     """``<db>/_heads/ensemble-<key>``: the current generation of the ensemble over ``versions``
     (the key depends on the set of fingerprints, not their order)."""
-    return AtomicFolder(store.heads_folder(versions=[v.fingerprint for v in versions]), owns=_is_heads_folder,
-                        generations=True, stale_after=0.0)
+    return store_folder(store, store.heads_name(versions=[v.fingerprint for v in versions]))
 
 
 def merge_rows(sets: list[EmbeddingSet]) -> tuple[EmbeddingSet, list[np.ndarray]]:

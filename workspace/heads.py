@@ -30,13 +30,20 @@ def _is_heads_folder(folder: Path) -> bool:
     return all(p.name in HEADS_FILES for p in folder.iterdir())
 
 
-def heads_folder(store: Store, version: EmbeddingVersion) -> AtomicFolder:
-    """``<db>/_heads/<fingerprint>``: a link to the current generation of the version's heads.
+def heads_folder(store: Store, version: EmbeddingVersion):
+    """``<db>/_heads/<fingerprint>``: a link to the current generation of the version's heads
+    (on S3: objects in generations, read through a local cache).
 
     Heads are written under the store's writer lock, so any staging folder found is stale.
     """
-    return AtomicFolder(store.heads_folder(version.fingerprint), owns=_is_heads_folder, generations=True,
-                        stale_after=0.0)
+    return store_folder(store, store.heads_name(version.fingerprint))
+
+
+def store_folder(store: Store, name: str):
+    """The folder ``name`` beside the store's tables: an AtomicFolder on disk, an ObjectFolder on S3."""
+    if not store.is_local:
+        return store.object_folder(name)
+    return AtomicFolder(Path(store.uri) / name, owns=_is_heads_folder, generations=True, stale_after=0.0)
 
 
 def current_heads(store: Store, version: EmbeddingVersion) -> Path | None:
