@@ -30,7 +30,8 @@ class ObjectFolder:
     object ``<prefix>/<name>/CURRENT`` names the current generation. :meth:`replace` uploads
     a new generation whole, then switches ``CURRENT`` in one put, so a reader sees the old
     generation or the new one, never a mix; a crash leaves the old one current (and at most
-    an orphan generation). :meth:`current` downloads the current generation once into a local
+    an orphan generation, removed by a later replace). The generation before the current one
+    is kept, for readers that are still downloading it. :meth:`current` downloads the current generation once into a local
     cache (generations never change once published) and returns that folder.
     """
 
@@ -105,8 +106,14 @@ class ObjectFolder:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if previous and previous != generation:  # readers that opened it hold their local copy
-            for key in self._keys(previous):
-                self._client.delete_object(Bucket=self.bucket, Key=key)
-            shutil.rmtree(self.cache / previous, ignore_errors=True)
+        # the previous generation stays (a reader on another machine may be downloading it now); older go
+        for old in self._generations():
+            if old not in (generation, previous):
+                for key in self._keys(old):
+                    self._client.delete_object(Bucket=self.bucket, Key=key)
+                shutil.rmtree(self.cache / old, ignore_errors=True)
         return local
+
+    def _generations(self) -> list[str]:
+        page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/")
+        return [p["Prefix"][len(self.prefix) + 1:].rstrip("/") for p in page.get("CommonPrefixes", [])]

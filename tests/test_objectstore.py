@@ -195,5 +195,11 @@ def test_heads_on_s3_are_trained_reloaded_on_another_machine_and_exported(s3_buc
     fps = [v.fingerprint for v in ws.versions()]
     ens = ws.train_heads(versions=fps, heads="probe", folds=2)
     assert len(ens.heads) == 2 and other.predict(versions=fps).images == 200
-    retrained = ws.train_heads(heads="probe", folds=2)  # a new generation replaces the old one whole
-    assert clipfuse.open(uri).predict().heads == ["probe"] and retrained.folder != trained.folder
+    first = trained.version
+    retrained = ws.train_heads(version=first, heads="probe", folds=2)  # a new generation replaces the old whole
+    assert clipfuse.open(uri).predict(version=first).heads == ["probe"] and retrained.folder != trained.folder
+    ws.train_heads(version=first, heads="knn", folds=2)
+    import boto3
+
+    listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix=f"store/_heads/{first}/", Delimiter="/")
+    assert len(listed["CommonPrefixes"]) == 2  # the current generation and the one before it, not the first
