@@ -797,7 +797,17 @@ class Store:
 
     # ---- neighbour search -----------------------------------------------------------------------
     def _ann_folder(self) -> Path | None:
-        return None if "://" in self.uri else Path(self.uri) / "_ann"
+        """Where the hnswlib indexes live: beside a store on disk; for a store on object storage, in this
+        machine's cache (derived data, keyed by the store and the version, rebuilt or extended when behind)."""
+        if self.is_local:
+            return Path(self.uri) / "_ann"
+        if self.uri.startswith("memory://"):
+            return None
+        import hashlib
+
+        from .objectfolder import cache_root
+
+        return cache_root() / hashlib.sha256(self.uri.encode()).hexdigest()[:16] / "_ann"
 
     @_storage_errors
     def ann_index(self, fingerprint: str | None = None) -> AnnIndex:
@@ -817,10 +827,15 @@ class Store:
         if len(index) != version.rows:
             ids, X = self._read_vectors(version)
             if index.extend(ids, X) and folder is not None:
-                # saved under the writer lock if it is free right now: a reader never waits, and a busy or
-                # read-only store still answers from memory (the next query saves it)
-                with contextlib.suppress(OSError), self._lock.hold("saving the neighbour index", timeout=0):
-                    index.save(folder, fp)
+                if self.is_local:
+                    # saved under the writer lock if it is free right now: a reader never waits, and a busy or
+                    # read-only store still answers from memory (the next query saves it)
+                    with contextlib.suppress(OSError), self._lock.hold("saving the neighbour index", timeout=0):
+                        index.save(folder, fp)
+                else:  # this machine's cache: no store lock needed (files are replaced whole)
+                    with contextlib.suppress(OSError):
+                        folder.mkdir(parents=True, exist_ok=True)
+                        index.save(folder, fp)
         self._ann[fp] = index
         return index
 

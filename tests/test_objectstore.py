@@ -203,3 +203,18 @@ def test_heads_on_s3_are_trained_reloaded_on_another_machine_and_exported(s3_buc
 
     listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix=f"store/_heads/{first}/", Delimiter="/")
     assert len(listed["CommonPrefixes"]) == 2  # the current generation and the one before it, not the first
+
+
+def test_the_neighbour_index_of_an_s3_store_is_kept_in_this_machine_s_cache(s3_bucket, tmp_path, monkeypatch):
+    uri = f"s3://{s3_bucket}/store"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    X, imported = _import(clipfuse.open(uri), tmp_path)
+    store = Store(uri, ann_threshold=10)  # 200 rows: the hnswlib index answers
+    ids, sims = store.search(X[:3], k=5)
+    assert list(ids[:, 0]) == ["img0000", "img0001", "img0002"]
+    saved = list((tmp_path / "cache").rglob(f"{imported.fingerprint}.hnsw"))
+    assert len(saved) == 1 and saved[0].parent.name == "_ann"
+    fresh = Store(uri, ann_threshold=10)  # another process on this machine: loads it, reads no vectors
+    monkeypatch.setattr(Store, "_read_vectors", lambda *a, **k: pytest.fail("the cached index was rebuilt"))
+    again, _ = fresh.search(X[:3], k=5)
+    assert (again == ids).all()
