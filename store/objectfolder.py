@@ -117,3 +117,17 @@ class ObjectFolder:
     def _generations(self) -> list[str]:
         page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/")
         return [p["Prefix"][len(self.prefix) + 1:].rstrip("/") for p in page.get("CommonPrefixes", [])]
+
+    def remove(self) -> None:
+        """Delete every generation and the CURRENT pointer (pointer first: readers then see no folder)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{CURRENT}")
+        except ClientError as e:
+            if _code(e) not in ("NoSuchKey", "404"):
+                raise
+        for generation in self._generations():
+            for key in self._keys(generation):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+        shutil.rmtree(self.cache, ignore_errors=True)

@@ -203,6 +203,9 @@ def test_heads_on_s3_are_trained_reloaded_on_another_machine_and_exported(s3_buc
 
     listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix=f"store/_heads/{first}/", Delimiter="/")
     assert len(listed["CommonPrefixes"]) == 2  # the current generation and the one before it, not the first
+    ws.remove_version(first)  # its heads go with it
+    left = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix=f"store/_heads/{first}/")
+    assert left.get("KeyCount", 0) == 0 and len(ws.versions()) == 1
 
 
 def test_the_neighbour_index_of_an_s3_store_is_kept_in_this_machine_s_cache(s3_bucket, tmp_path, monkeypatch):
