@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from .objectlock import _code, s3_client
+from .objectlock import NOT_FOUND, _code, s3_client
 
 CURRENT = "CURRENT"  # the object naming the current generation: one put switches readers to a new one
 
@@ -51,7 +51,7 @@ class ObjectFolder:
         try:
             body = self._client.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{CURRENT}")["Body"].read()
         except ClientError as e:
-            if _code(e) in ("NoSuchKey", "404"):
+            if _code(e) in NOT_FOUND:
                 return None
             raise OSError(f"store {self.uri!r}: can't read {self.prefix}/{CURRENT} ({_code(e) or e}).") from e
         return body.decode().strip() or None
@@ -125,7 +125,7 @@ class ObjectFolder:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{CURRENT}")
         except ClientError as e:
-            if _code(e) not in ("NoSuchKey", "404"):
+            if _code(e) not in NOT_FOUND:
                 raise
         for generation in self._generations():
             for key in self._keys(generation):

@@ -45,6 +45,10 @@ def _code(error) -> str:
     return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
 
 
+NOT_FOUND = ("NoSuchKey", "404")  # error codes of an object that is not there
+CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")  # a conditional put lost
+
+
 class S3Lease:
     """One store's writer lease: the object ``<prefix>/_writer.lock`` on S3.
 
@@ -93,7 +97,7 @@ class S3Lease:
         try:
             got = self._client.get_object(Bucket=self.bucket, Key=self.key)
         except ClientError as e:
-            if _code(e) in ("NoSuchKey", "404"):
+            if _code(e) in NOT_FOUND:
                 return {}, None
             raise self._errors(e) from e
         try:
@@ -114,7 +118,7 @@ class S3Lease:
             self._etag = put["ETag"]
             return None
         except ClientError as e:
-            if _code(e) not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            if _code(e) not in CONFLICT:
                 raise self._errors(e) from e
         record, etag = self.holder()
         if etag is None:
@@ -127,7 +131,7 @@ class S3Lease:
             self._etag = put["ETag"]
             return None
         except ClientError as e:
-            if _code(e) not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            if _code(e) not in CONFLICT:
                 raise self._errors(e) from e
             return self.holder()[0] or {"what": "another writer"}
 
@@ -147,7 +151,7 @@ class S3Lease:
                                               Body=self._body(self._record.get("what", ""), self._record["token"]))
                 self._etag = put["ETag"]
             except ClientError as e:
-                if _code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey"):
+                if _code(e) in CONFLICT + NOT_FOUND:
                     self._lost = "its lease was taken over by another writer (this one stalled past the lease)"
                     return
             except Exception:  # a network blip: the next renewal tries again, well within the lease

@@ -8,10 +8,9 @@ from typing import Callable
 
 import numpy as np
 
-from clipfuse.data import AtomicFolder
 from clipfuse.store import EmbeddingSet, EmbeddingVersion, Store
 
-from .heads import (CONFIG_FILE, ENSEMBLE_FILE, FIT_IDS_FILE, Trained, _is_heads_folder, check_classes,
+from .heads import (CONFIG_FILE, ENSEMBLE_FILE, FIT_IDS_FILE, Trained, check_classes,
                     remap_fitted, store_folder)
 from .results import Notice, OptionError
 
@@ -142,11 +141,9 @@ def list_ensembles(store: Store) -> list[dict]:
     for link in sorted((Path(store.uri) / "_heads").glob("ensemble-*")):
         if "." in link.name:  # generations and staging folders beside the link
             continue
-        folder = AtomicFolder(link, owns=_is_heads_folder, generations=True).current()
-        meta_path = folder / ENSEMBLE_FILE if folder is not None else None
-        if meta_path is None or not meta_path.exists():
+        _, meta = _saved(store_folder(store, f"_heads/{link.name}"))
+        if meta is None:
             continue
-        meta = json.loads(meta_path.read_text())
         records = meta.get("versions") or []
         try:
             check_saved_versions(store, meta)
@@ -158,11 +155,6 @@ def list_ensembles(store: Store) -> list[dict]:
                       "fused_accuracy": (meta.get("val_scores", {}).get("fused") or {}).get("accuracy"),
                       "folder": str(link)})
     return found
-
-
-def ensembles_using(store: Store, version: EmbeddingVersion) -> list[str]:
-    """The saved cross-version ensembles (their versions, comma-separated) that need ``version``."""
-    return [e["names"] for e in list_ensembles(store) if version.fingerprint in e["fingerprints"]]
 
 
 def check_saved_versions(store: Store, meta: dict) -> None:
@@ -184,12 +176,17 @@ def check_saved_versions(store: Store, meta: dict) -> None:
                              f"`clipfuse train-heads --versions {names}` again.")
 
 
+def _saved(heads) -> tuple[Path | None, dict | None]:
+    """The current generation of a heads folder and its saved metadata; (None, None) when there is none."""
+    folder = heads.current()
+    if folder is None or not (folder / ENSEMBLE_FILE).exists():
+        return None, None
+    return folder, json.loads((folder / ENSEMBLE_FILE).read_text())
+
+
 def saved_meta(store: Store, versions: list[EmbeddingVersion]) -> dict | None:
     """The saved metadata of the ensemble over ``versions``, or None when none is trained."""
-    folder = ensemble_folder(store, versions).current()
-    if folder is None or not (folder / ENSEMBLE_FILE).exists():
-        return None
-    return json.loads((folder / ENSEMBLE_FILE).read_text())
+    return _saved(ensemble_folder(store, versions))[1]
 
 
 def load_cross_trained(store: Store, versions: list[EmbeddingVersion], *,
@@ -198,11 +195,10 @@ def load_cross_trained(store: Store, versions: list[EmbeddingVersion], *,
     from clipfuse.classify import ViewRows, load_ensemble
 
     names = ",".join(v.short for v in versions)
-    folder = ensemble_folder(store, versions).current()
-    if folder is None or not (folder / ENSEMBLE_FILE).exists():
+    folder, meta = _saved(ensemble_folder(store, versions))
+    if meta is None:
         raise FileNotFoundError(f"no ensemble trained over versions {names} in {store.uri}; run "
                                 f"`clipfuse train-heads --versions {names}` first.")
-    meta = json.loads((folder / ENSEMBLE_FILE).read_text())
     check_saved_versions(store, meta)
     order = [r["fingerprint"] for r in meta["versions"]]
     by_fp = {v.fingerprint: v for v in versions}

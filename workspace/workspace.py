@@ -150,10 +150,10 @@ class Workspace(Tuning):
         except OptionError as e:
             raise OptionError("VERSION", str(e)) from e
         with self.store.writer("clipfuse remove-version"):
-            ensembles = crossversion.ensembles_using(self.store, v)
-            for e in crossversion.list_ensembles(self.store):  # their predictions would be stale: dropped first
-                if v.fingerprint in e["fingerprints"]:
-                    self.store.remove_predictions(versions=e["fingerprints"])
+            using = [e for e in crossversion.list_ensembles(self.store) if v.fingerprint in e["fingerprints"]]
+            for e in using:  # their predictions would be stale: dropped first
+                self.store.remove_predictions(versions=e["fingerprints"])
+            ensembles = [e["names"] for e in using]
             removed = self.store.remove_version(v.fingerprint)
             try:
                 active = self.store.get_version(None, count_rows=False).fingerprint
