@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import is_printable, printable_path
+from .remote import is_uri, list_files
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
@@ -28,9 +29,11 @@ SPLIT_PRIORITY = {"labeled": 0, "test": 1, "unlabeled": 2}  # one file or id in 
 class ImageFile:
     """One image file found on disk, with the split and label its location gives it."""
 
-    path: str  # absolute path
+    path: str  # absolute path, or the object's URI (s3://...) for folders on object storage
     split: str  # one of SPLITS
     label: str | None  # class name, None when the location carries no label
+    size: int | None = None  # listed size and mtime of an object on object storage (local files: None, stat'ed)
+    mtime: float | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ def scan_folders(
     unlabeled: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     known_classes: list[str] | None = None,
+    storage_options: dict | None = None,
 ) -> ImageFolders:
     """Find every image of a run and assign it a split and a label.
 
@@ -183,6 +187,10 @@ def scan_folders(
     known_classes : list of str, optional
         Classes already in the store; new labeled classes are appended after them so
         that class indices stay stable across runs.
+    storage_options : dict, optional
+        For folders on object storage (``s3://bucket/train``): credentials and endpoint
+        (LanceDB's keys), over the cloud's standard variables. All folders of one run are
+        then on object storage.
 
     Returns
     -------
@@ -190,6 +198,8 @@ def scan_folders(
     """
     if labeled is None and unlabeled is None and test is None:
         raise ValueError("no folder given: pass a labeled folder and/or --unlabeled / --test folders.")
+    if any(is_uri(str(f)) for f in (labeled, unlabeled, test) if f is not None):
+        return _scan_remote(labeled, unlabeled, test, known_classes, storage_options)
     classes = list(known_classes or [])
     files: list[ImageFile] = []
     skipped: list[tuple[str, str]] = []
@@ -230,3 +240,70 @@ def scan_folders(
     roots = [str(Path(r).absolute()) for r in (labeled, unlabeled, test) if r is not None]
     return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes, roots=roots,
                         skipped=sorted(set(skipped)))
+
+
+def _scan_remote(labeled, unlabeled, test, known_classes, storage_options) -> ImageFolders:
+    """:func:`scan_folders` for folders on object storage: the same layout rules, over object listings.
+
+    Objects (or folders) whose name starts with a dot are skipped, as on disk; object storage has
+    no links to follow.
+    """
+    given = [(name, str(f)) for name, f in (("labeled", labeled), ("unlabeled", unlabeled), ("test", test))
+             if f is not None]
+    local = [f"{name} folder {f!r}" for name, f in given if not is_uri(f)]
+    if local:
+        raise ValueError(f"{', '.join(local)} is on this machine while another folder is on object storage; give all "
+                         "folders of one run on object storage (upload it), or all local.")
+
+    def listing(name: str, root: str) -> list[tuple[str, list[str], object]]:
+        """(uri, parts below root, RemoteFile) of every visible image object under ``root``."""
+        root = root.rstrip("/")
+        found = []
+        for obj in list_files(root, storage_options):
+            parts = obj.uri[len(root) + 1:].split("/")
+            if any(p.startswith(".") or not p for p in parts) or not is_image_name(parts[-1]):
+                continue
+            found.append((obj.uri, parts, obj))
+        return found
+
+    def image(obj, split, label) -> ImageFile:
+        return ImageFile(obj.uri, split, label, size=obj.size, mtime=obj.mtime)
+
+    classes = list(known_classes or [])
+    files: list[ImageFile] = []
+    if labeled is not None:
+        root = str(labeled).rstrip("/")
+        found = listing("labeled", root)
+        loose = [parts[0] for _, parts, _ in found if len(parts) == 1]
+        if loose:
+            raise ValueError(
+                f"labeled folder {root!r} has {len(loose)} image(s) directly inside it ({', '.join(loose[:3])}); "
+                "labeled images must sit in one sub-folder per class, e.g. LABELED_DIR/cat/001.jpg. Move them "
+                "into class folders, or pass the folder with --unlabeled instead.")
+        if not found:
+            raise ValueError(f"labeled folder {root!r} holds no images in class sub-folders (looked for "
+                             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); expected LABELED_DIR/<class>/<image>.")
+        labeled_classes = sorted({parts[0] for _, parts, _ in found})
+        classes += [c for c in labeled_classes if c not in classes]
+        files += [image(obj, "labeled", parts[0]) for _, parts, obj in found]
+    if unlabeled is not None:
+        files += [image(obj, "unlabeled", None) for _, _, obj in listing("unlabeled", str(unlabeled))]
+    if test is not None:
+        root = str(test).rstrip("/")
+        found = listing("test", root)
+        if found and all(len(parts) > 1 for _, parts, _ in found):
+            unknown = sorted({parts[0] for _, parts, _ in found} - set(classes))
+            if unknown:
+                raise ValueError(f"test folder {root!r} has class folders {unknown} that are not among the labeled "
+                                 f"classes {classes}; rename them to match, or index a labeled folder that has them.")
+            files += [image(obj, "test", parts[0]) for _, parts, obj in found]
+        else:
+            files += [image(obj, "test", None) for _, _, obj in found]
+    if not files:
+        raise ValueError("the given folders hold no image files; check the URIs and extensions.")
+    unique: dict[str, ImageFile] = {}
+    for f in files:
+        if f.path not in unique or SPLIT_PRIORITY[f.split] < SPLIT_PRIORITY[unique[f.path].split]:
+            unique[f.path] = f
+    return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes,
+                        roots=[f.rstrip("/") for _, f in given])

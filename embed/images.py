@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipfuse.data import DEFAULT_MAX_FILE_BYTES, UNSUPPORTED_EXTENSIONS, FileTooLargeError, hash_bytes, read_regular_file
+from clipfuse.data.remote import is_uri, read_object
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 
@@ -103,8 +104,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> tuple[ImageRecord, Image.Image | None]:
-    """Read, hash and decode one file.
+               max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+               storage_options: dict | None = None) -> tuple[ImageRecord, Image.Image | None]:
+    """Read, hash and decode one file (or object: ``s3://...``, read with ``storage_options``).
 
     Never raises for a bad file: the returned record carries the reason in ``error``
     and the image is ``None``. Only regular files (or symlinks to them) of at most
@@ -117,6 +119,16 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         Upright RGB image, or None when the file is not usable.
     """
     path = os.fspath(path)
+    record, data = read_image_bytes(path, max_bytes=max_bytes, storage_options=storage_options)
+    if data is None:
+        return record, None
+    return record, decode_record(record, data, max_pixels=max_pixels)
+
+
+def read_image_bytes(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+                     storage_options: dict | None = None) -> tuple[ImageRecord, bytes | None]:
+    """The first half of :func:`read_image`: read and hash the bytes, or say why not (``data`` None)."""
+    path = os.fspath(path)
     record = ImageRecord(path=path)
     try:
         path.encode("utf-8")
@@ -128,19 +140,27 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         record.error = f"unsupported image type: {unsupported}"
         return record, None
     try:
-        data, st = read_regular_file(path, max_bytes=max_bytes)
+        if is_uri(path):
+            data, record.bytes, record.mtime = read_object(path, max_bytes=max_bytes, storage_options=storage_options)
+        else:
+            data, st = read_regular_file(path, max_bytes=max_bytes)
+            record.bytes, record.mtime = st.st_size, st.st_mtime
     except FileTooLargeError as e:
         record.error = str(e)
         return record, None
     except OSError as e:
         record.error = f"cannot read file: {e.strerror or e}"
         return record, None
-    record.bytes, record.mtime = st.st_size, st.st_mtime
     record.id = hash_bytes(data)
+    return record, data
+
+
+def decode_record(record: ImageRecord, data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image | None:
+    """The second half of :func:`read_image`: decode, setting ``record.error`` (and returning None) on failure."""
     try:
         img = decode_image(data, max_pixels=max_pixels)
     except ValueError as e:
         record.error = str(e)
-        return record, None
+        return None
     record.width, record.height = img.size
-    return record, img
+    return img

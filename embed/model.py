@@ -262,12 +262,13 @@ class Embedder:
             return self.config.workers
         return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 1
 
-    def iter_batches(self, paths: list[str]):
-        """Read and preprocess files in worker processes; yield :class:`ImageBatch` es in order."""
+    def iter_batches(self, paths: list[str], *, storage_options: dict | None = None):
+        """Read and preprocess files (or objects: ``s3://...``, read with ``storage_options``) in worker
+        processes; yield :class:`ImageBatch` es in order."""
         return iter_image_batches(paths, self.preprocess, batch_size=self.config.batch_size,
                                   workers=self.workers if paths else 0, max_pixels=self.config.max_image_pixels,
                                   max_bytes=self.config.max_file_bytes,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda", storage_options=storage_options)
 
     def _autocast(self):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.precision)

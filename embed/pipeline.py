@@ -30,24 +30,31 @@ class ImageFileDataset(Dataset):
     """Reads, hashes, decodes and preprocesses one file per item; never raises for a bad file."""
 
     def __init__(self, paths: list[str], preprocess: Callable, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 max_bytes: int | None = DEFAULT_MAX_FILE_BYTES):
+                 max_bytes: int | None = DEFAULT_MAX_FILE_BYTES, storage_options: dict | None = None):
         self.paths = paths
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
+        self.storage_options = storage_options
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[ImageRecord, torch.Tensor | None]:
-        record, img = read_image(self.paths[i], max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-        if img is None:
-            return record, None
-        try:
-            return record, self.preprocess(img)
-        except Exception as e:  # a transform that chokes on a degenerate image (e.g. 1x0 after EXIF)
-            record.error = f"preprocessing failed: {type(e).__name__}: {e}"
-            return record, None
+        record, img = read_image(self.paths[i], max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                                 storage_options=self.storage_options)
+        return record, preprocess_image(record, img, self.preprocess)
+
+
+def preprocess_image(record: ImageRecord, img, preprocess: Callable) -> torch.Tensor | None:
+    """The model's preprocessing of a decoded image; None (with ``record.error`` set) when it fails."""
+    if img is None:
+        return None
+    try:
+        return preprocess(img)
+    except Exception as e:  # a transform that chokes on a degenerate image (e.g. 1x0 after EXIF)
+        record.error = f"preprocessing failed: {type(e).__name__}: {e}"
+        return None
 
 
 def collate_images(items: list[tuple[ImageRecord, torch.Tensor | None]]) -> ImageBatch:
@@ -66,13 +73,15 @@ def iter_image_batches(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     pin_memory: bool = False,
+    storage_options: dict | None = None,
 ) -> Iterator[ImageBatch]:
     """Yield :class:`ImageBatch` es in the order of ``paths``.
 
     With ``workers > 0`` files are read and preprocessed in that many worker
     processes, a few batches ahead of the consumer, so decoding overlaps the model.
     """
-    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, max_bytes=max_bytes)
+    dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, max_bytes=max_bytes,
+                               storage_options=storage_options)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -249,6 +249,8 @@ class Store:
         self._db = None
         self._ann: dict[str, AnnIndex] = {}
         self.storage_options = resolve_storage_options(self.uri, storage_options)
+        # for image folders on object storage (s3://bucket/train): the options as given, over the AWS_* variables
+        self.folder_storage_options = {str(k).lower(): str(v) for k, v in (storage_options or {}).items()}
         folder = Path(self.uri).absolute() if self.is_local else None
         remote = None
         if self.uri.startswith("s3://"):
@@ -582,6 +584,49 @@ class Store:
         }, schema=_embeddings_schema(version.dim))
         with self.writer():
             self._version_table(version).merge_insert("id").when_not_matched_insert_all().execute(data)
+
+    def table_uri(self, name: str) -> str:
+        """Where LanceDB keeps table ``name``: ``<store>/<name>.lance`` (a local path or a URI)."""
+        base = str(Path(self.uri).absolute()) if self.is_local else self.uri.rstrip("/")
+        return f"{base}/{name}.lance"
+
+    @_storage_errors
+    def append_embeddings(self, fingerprint: str, ids: list[str], vectors: np.ndarray) -> None:
+        """Append vectors of ids the version does not hold yet with lance-ray's ``write_lance``:
+        Ray tasks write the files, this process makes the one commit.
+
+        Unlike :meth:`add_embeddings` it does not look up which ids are there already (that would read the
+        whole id column for every shard): the caller holds the writer lock and passes only new ids, as
+        the index run does. Needs ``pip install 'clipfuse[ray]'`` and a connected Ray.
+        """
+        import lance_ray
+        import ray
+        import ray.data
+
+        if not ray.is_initialized():  # Ray Data would start a Ray instance of its own here
+            raise RuntimeError("append_embeddings writes through Ray: connect first (ray.init, or clipfuse's --ray).")
+        version = self.get_version(fingerprint, count_rows=False)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != version.dim or len(ids) != len(vectors):
+            raise ValueError(f"version {version.fingerprint} holds {version.dim}-d vectors; got {len(ids)} ids and an "
+                             f"array of shape {vectors.shape}.")
+        if len(set(ids)) != len(ids):
+            raise ValueError("append_embeddings was given an id twice; each id gets one vector.")
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"{int((~np.isfinite(vectors).all(axis=1)).sum())} vectors for version "
+                             f"{version.fingerprint} hold NaN or infinite values; the model that made them is "
+                             "broken (check its weights). Nothing of them was written.")
+        if not len(ids):
+            return
+        schema = _embeddings_schema(version.dim)
+        data = pa.table({"id": pa.array(ids, pa.string()),
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), version.dim)},
+                        schema=schema)
+        with self.writer():
+            self._version_table(version)  # fails clearly if the table is gone
+            lance_ray.write_lance(ray.data.from_arrow(data), self.table_uri(version.table), schema=schema,
+                                  mode="append", storage_options=self.storage_options or None,
+                                  ray_remote_args={"num_cpus": 0})  # I/O only: never waits for the embedding's CPUs
 
     def _read_vectors(self, version: EmbeddingVersion, wanted=None) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, X)`` of a version, one row per id (the first, should an id be stored twice);

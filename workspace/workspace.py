@@ -168,42 +168,81 @@ class Workspace(Tuning):
     def index(self, labeled_dir=None, *, unlabeled=None, test=None, model: str | None = None,
               pretrained: str | None = None, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
               workers: int | None = None, allow_random_weights: bool = False, commit_every: int = 512,
-              max_file_size: int = 512, progress: Progress | None = None) -> IndexResult:
+              max_file_size: int = 512, ray: str | None = None, ray_workers: int | None = None,
+              gpus_per_worker: float | None = None, progress: Progress | None = None) -> IndexResult:
         """Embed every new or changed image once into the store (see ``clipfuse index --help``).
 
         ``labeled_dir`` has one sub-folder per class; ``unlabeled`` and ``test`` are
-        folders of images (``test`` may have class sub-folders). ``max_file_size`` is in MiB.
+        folders of images (``test`` may have class sub-folders); any of them may be a folder on
+        object storage (``s3://bucket/train``). ``max_file_size`` is in MiB.
+
+        ``ray`` (``"local"``, ``"auto"`` or a cluster address) embeds on a Ray cluster: an actor pool
+        of ``ray_workers`` model replicas with ``gpus_per_worker`` GPUs each; this process lists the
+        files, skips what the store holds and commits every ``commit_every`` images.
         """
         from clipfuse.data import scan_folders
+        from clipfuse.data.remote import is_uri
 
         notices = self._start()
         if labeled_dir is None and unlabeled is None and test is None:
             raise OptionError("LABELED_DIR", "give a LABELED_DIR and/or --unlabeled DIR / --test DIR.")
         for option, folder in (("LABELED_DIR", labeled_dir), ("--unlabeled", unlabeled), ("--test", test)):
-            if folder is not None and not Path(folder).is_dir():
+            if folder is None or is_uri(str(folder)):
+                continue
+            if "://" in str(folder):
+                raise OptionError(option, f"{str(folder)!r}: only folders on this machine and on s3://, gs:// or az:// "
+                                          "are read.")
+            if not Path(folder).is_dir():
                 raise OptionError(option, f"{str(folder)!r} is not a folder of images.")
+        if commit_every < 1:
+            raise OptionError("--commit-every", f"must be at least 1, got {commit_every}.")
+        ray_config = None
+        if ray is not None:
+            ray_config = self._ray_config(ray, ray_workers, gpus_per_worker, device, precision)
+            device, precision = "cpu", "fp32"  # this process loads the model only to fingerprint it
+        elif ray_workers is not None or gpus_per_worker is not None:
+            raise OptionError("--ray-workers" if ray_workers is not None else "--gpus-per-worker",
+                              "is an option of Ray runs; add --ray local|auto|ADDRESS.")
         check_device(device, precision)
         store = self.store
 
         def scan():
             return scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
-                                known_classes=None if store.is_empty else store.classes())
+                                known_classes=None if store.is_empty else store.classes(),
+                                storage_options=store.folder_storage_options)
 
         scan()  # a layout mistake fails now, before the model loads
         config = embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision,
                                  batch_size=batch_size, workers=workers, allow_random_weights=allow_random_weights,
                                  max_file_bytes=max_file_size * MIB)
         embedder = load_embedder(config, notify=self._notify, progress=progress)
-        with store.writer("clipfuse index"):
+        with store.writer("clipfuse index" + (" --ray" if ray_config else "")):
             # listed again under the lock: a run that waited for another writer sees the files as they are now,
             # so it never removes the rows of files that appeared meanwhile
             folders = scan()
-            summary = self._run_index(embedder, folders, commit_every=commit_every, progress=progress)
+            summary = self._run_index(embedder, folders, commit_every=commit_every, progress=progress, ray=ray_config)
         return IndexResult(db=str(self.db), summary=summary, model=embedder.config.model,
                            random_weights=embedder.info.random_weights, skipped_folders=list(folders.skipped),
                            notices=notices)
 
-    def _run_index(self, embedder, folders, *, commit_every: int, progress: Progress | None):
+    def _ray_config(self, ray: str, ray_workers, gpus_per_worker, device: str, precision: str):
+        from clipfuse.store.rayindex import RayConfig
+
+        if not str(ray).strip():
+            raise OptionError("--ray", "give local, auto or a Ray cluster address (ray://head:10001 or head:6379).")
+        if self.store.uri.startswith("memory://"):
+            raise OptionError("--db", "a memory:// store lives in this process only; Ray runs need a folder or s3://.")
+        if device != "auto":
+            raise OptionError("--device", "with --ray the model runs on the Ray workers; choose their GPUs with "
+                                          "--gpus-per-worker (0 for CPU workers) instead of --device.")
+        if ray_workers is not None and ray_workers < 1:
+            raise OptionError("--ray-workers", f"must be at least 1, got {ray_workers}.")
+        if gpus_per_worker is not None and gpus_per_worker < 0:
+            raise OptionError("--gpus-per-worker", f"must be 0 or more, got {gpus_per_worker}.")
+        return RayConfig(address=str(ray).strip(), workers=ray_workers, gpus_per_worker=gpus_per_worker,
+                         precision=precision)
+
+    def _run_index(self, embedder, folders, *, commit_every: int, progress: Progress | None, ray=None):
         from clipfuse.store import IndexConfig, index_images
 
         for path, reason in folders.skipped[:10]:
@@ -212,7 +251,7 @@ class Workspace(Tuning):
             self._warn(f"... and {len(folders.skipped) - 10} more folders not entered")
         report = None if progress is None else (lambda done, total: progress("indexing", done, total))
         summary = index_images(self.store, embedder, folders.files, folders.classes, roots=folders.roots,
-                               config=IndexConfig(commit_every=commit_every), progress=report)
+                               config=IndexConfig(commit_every=commit_every), progress=report, ray=ray)
         if summary.repaired:
             self._warn("repaired the store first: removed " + ", ".join(
                 f"{n} duplicate {kind} row(s)" for kind, n in summary.repaired.items())

@@ -1,0 +1,267 @@
+"""Embed an index run's files on a Ray cluster: read bytes -> decode/preprocess (CPU tasks) -> embed
+(an actor pool, the model loaded once per actor) -> back to the driver, which commits shard by shard.
+
+Only imported for ``clipfuse index --ray``; it needs ``pip install 'clipfuse[ray]'``. The driver keeps
+everything that decides what the store holds (what to skip, duplicates, error rows, the commits), so
+a Ray run writes exactly what a local run writes, and a killed one resumes the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from clipfuse.embed.images import ImageRecord
+
+_INSTALL = "pip install 'clipfuse[ray]'"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how an index run embeds on Ray.
+
+    ``address``: ``"local"`` starts a Ray instance on this machine for the run (and stops it after);
+    ``"auto"`` joins the cluster running here (``ray start --head`` / ``RAY_ADDRESS``); anything else
+    is a cluster address (``ray://head:10001`` or ``head:6379``). A Ray that this process has already
+    started (``ray.init()`` before calling the API) is used as it is.
+    """
+
+    address: str = "auto"
+    workers: int | None = None  # embedding actors; None: one per GPU (gpus_per_worker each), or 1 without GPUs
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU actors)
+    cpus_per_worker: float = 1.0  # CPUs each actor reserves (its torch threads)
+    precision: str = "fp32"  # of the actors' forward passes: fp16 / bf16 need GPU workers
+
+
+def _import_ray():
+    try:
+        import lance_ray  # noqa: F401  (checked here: the shard commits need it)
+        import ray
+    except ImportError as e:
+        raise ImportError(f"--ray needs Ray Data and lance-ray: {_INSTALL} (missing: {e.name}).") from e
+    return ray
+
+
+def connect(address: str) -> bool:
+    """Connect to (or start) Ray; True when this call started it, so the caller shuts it down after."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DeprecationWarnings of the processes Ray forks
+            if address == "local":
+                ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        where = "running on this machine" if address == "auto" else f"at {address!r}"
+        raise ConnectionError(f"no Ray cluster {where} could be reached ({e}); start one with `ray start --head`, "
+                              "pass its address with --ray ADDRESS, or use --ray local to run Ray on this machine "
+                              "alone.") from e
+    import ray.data
+
+    for name in ("ray", "ray.data", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # clipfuse shows its own progress
+    context.print_on_execution_start = False
+    return True
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def plan_workers(config: RayConfig) -> tuple[int, float]:
+    """(actors, GPUs per actor) for the connected cluster."""
+    gpus = _cluster_gpus()
+    per = config.gpus_per_worker if config.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    if per < 0:
+        raise ValueError(f"--gpus-per-worker must be 0 or more, got {per}.")
+    if per > 0 and gpus < per:
+        raise ValueError(f"--gpus-per-worker {per:g} asked for, but the Ray cluster has {gpus:g} GPU(s); use "
+                         "--gpus-per-worker 0 for CPU workers, or add GPU nodes.")
+    if config.workers is not None:
+        if config.workers < 1:
+            raise ValueError(f"--ray-workers must be at least 1, got {config.workers}.")
+        return config.workers, per
+    return (max(1, int(gpus // per)) if per > 0 else 1), per
+
+
+# ---- the stages (run on the workers) ----------------------------------------------------------------
+_RECORD_FIELDS = ("path", "id", "bytes", "mtime", "width", "height", "error")
+
+
+def _read_stage(batch: dict, *, max_bytes, storage_options) -> dict:
+    """Read and hash each file: the bytes (empty when unreadable) and the record's fields."""
+    from clipfuse.embed.images import read_image_bytes
+
+    out = {name: [] for name in ("pos", "data", *_RECORD_FIELDS)}
+    for pos, path in zip(batch["pos"], batch["path"]):
+        try:
+            record, data = read_image_bytes(str(path), max_bytes=max_bytes, storage_options=storage_options)
+        except Exception as e:  # whatever happens to one file never fails the task
+            record, data = ImageRecord(path=str(path), error=f"could not be read: {type(e).__name__}: {e}"), None
+        out["pos"].append(int(pos))
+        out["data"].append(data or b"")
+        _put_record(out, record)
+    return {k: np.asarray(v, dtype=object) if k in ("data", "path", "id", "error") else np.asarray(v)
+            for k, v in out.items()}
+
+
+def _put_record(out: dict, record: ImageRecord) -> None:
+    for name in _RECORD_FIELDS:
+        value = getattr(record, name)
+        out[name].append(("" if value is None else value) if name in ("id", "error") else value)
+
+
+def _decode_stage(batch: dict, *, preprocess, max_pixels, shape) -> dict:
+    """Decode and preprocess the readable files into a (n, 3, H, W) float32 block."""
+    from clipfuse.embed.images import decode_record
+    from clipfuse.embed.pipeline import preprocess_image
+
+    n = len(batch["pos"])
+    pixels = np.zeros((n, *shape), dtype=np.float32)
+    errors = list(batch["error"])
+    widths, heights = list(batch["width"]), list(batch["height"])
+    for i in range(n):
+        if errors[i]:
+            continue
+        record = _record(batch, i)
+        try:
+            px = preprocess_image(record, decode_record(record, batch["data"][i]), preprocess)
+        except Exception as e:  # never fail the task
+            record.error, px = f"could not be decoded: {type(e).__name__}: {e}", None
+        if px is None:
+            errors[i] = record.error or "could not be decoded"
+            continue
+        pixels[i] = px.numpy()
+        widths[i], heights[i] = record.width, record.height
+    out = {k: v for k, v in batch.items() if k != "data"}
+    out.update(pixels=pixels, error=np.asarray(errors, dtype=object), width=np.asarray(widths),
+               height=np.asarray(heights))
+    return out
+
+
+def _record(batch: dict, i: int) -> ImageRecord:
+    return ImageRecord(path=str(batch["path"][i]), id=str(batch["id"][i]) or None, bytes=int(batch["bytes"][i]),
+                       mtime=float(batch["mtime"][i]), width=int(batch["width"][i]), height=int(batch["height"][i]),
+                       error=str(batch["error"][i]) or None)
+
+
+class EmbedActor:
+    """One embedding worker: loads the model once, checks it is the driver's, embeds batch after batch."""
+
+    def __init__(self, config, fingerprint: str, skip):
+        import ray
+        import torch
+
+        from clipfuse.embed import create_embedder
+
+        self.skip = ray.get(skip[0])  # a reference in a list: the set is fetched here, once per actor
+        if config.device == "cpu":
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.embedder = create_embedder(config)
+        if self.embedder.fingerprint != fingerprint:
+            raise RuntimeError(
+                f"the model {config.model!r} loaded on a Ray worker has fingerprint {self.embedder.fingerprint}, not "
+                f"the driver's {fingerprint}: the workers see other weights (a different file at the same path, or "
+                "another version of the model's package). Give every machine the same weights.")
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+        import torch
+
+        errors, ids = batch["error"], batch["id"]
+        embed = np.array([not errors[i] and ids[i] not in self.skip for i in range(len(ids))], dtype=bool)
+        dim = self.embedder.dim
+        vectors = np.zeros((len(ids), dim), dtype=np.float32)
+        if embed.any():
+            vectors[embed] = self.embedder.encode_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][embed])))
+        columns = {"pos": pa.array(batch["pos"], pa.int64())}
+        for name in _RECORD_FIELDS:
+            values = batch[name]
+            columns[name] = pa.array([str(v) for v in values] if values.dtype == object else values)
+        columns["embedded"] = pa.array(embed)
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+        return pa.table(columns)
+
+
+# ---- the driver --------------------------------------------------------------------------------------
+class ray_batches:
+    """Iterate ``(records, {position: vector})`` for ``paths``, embedded on Ray, as batches finish.
+
+    ``skip``: content ids the version holds already (their rows come back without a vector).
+    Closing (``close()``, also after an error) shuts down a Ray instance this run started.
+    """
+
+    def __init__(self, embedder, paths: list[str], *, skip: set[str], config: RayConfig,
+                 storage_options: dict | None = None):
+        self._started = connect(config.address)
+        try:
+            self._iter = self._run(embedder, paths, skip, config, storage_options) if paths else iter(())
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._iter)
+
+    def close(self) -> None:
+        close = getattr(self._iter, "close", None) if hasattr(self, "_iter") else None
+        if close is not None:
+            close()
+        if self._started:
+            import ray
+
+            self._started = False
+            ray.shutdown()
+
+    @staticmethod
+    def _run(embedder, paths, skip, config, storage_options):
+        import ray
+        import ray.data
+
+        workers, gpus = plan_workers(config)
+        if config.precision != "fp32" and gpus == 0:
+            raise ValueError(f"--precision {config.precision} needs GPU workers, and this run has none (the cluster "
+                             "has no GPUs, or --gpus-per-worker 0); use --precision fp32.")
+        base = embedder.config
+        actor_config = replace(base, device="cuda" if gpus > 0 else "cpu", precision=config.precision, workers=0)
+        batch_size = base.batch_size
+        shape = (3, *embedder.image_size)
+        items = [{"pos": i, "path": p} for i, p in enumerate(paths)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 10_000)))
+        ds = ds.map_batches(_read_stage, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"max_bytes": base.max_file_bytes, "storage_options": storage_options})
+        ds = ds.map_batches(_decode_stage, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"preprocess": embedder.preprocess, "max_pixels": base.max_image_pixels,
+                                       "shape": shape})
+        ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus,
+                            num_cpus=config.cpus_per_worker,
+                            fn_constructor_kwargs={"config": actor_config, "fingerprint": embedder.fingerprint,
+                                                   "skip": [ray.put(set(skip))]})
+        dim = embedder.dim
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            cols = {name: table.column(name).to_pylist() for name in (*_RECORD_FIELDS, "embedded")}
+            vectors = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            records, found = [], {}
+            for i in range(table.num_rows):
+                records.append(ImageRecord(path=cols["path"][i], id=cols["id"][i] or None, bytes=cols["bytes"][i],
+                                           mtime=cols["mtime"][i], width=cols["width"][i], height=cols["height"][i],
+                                           error=cols["error"][i] or None))
+                if cols["embedded"][i]:
+                    found[i] = vectors[i]
+            yield records, found
