@@ -219,12 +219,13 @@ def _print_index_summary(result, *, show_errors: int = 20, activation_notice: bo
 @app.command()
 @_runtime_errors
 def index(
-    labeled_dir: Annotated[Optional[Path], typer.Argument(
-        exists=True, file_okay=False, help="Labeled images, one sub-folder per class: LABELED_DIR/<class>/<image>.")] = None,
-    unlabeled: Annotated[Optional[Path], typer.Option(
-        exists=True, file_okay=False, help="Folder of unlabeled images (searched recursively).")] = None,
-    test: Annotated[Optional[Path], typer.Option(
-        exists=True, file_okay=False, help="Test images: class sub-folders or a plain folder.")] = None,
+    labeled_dir: Annotated[Optional[str], typer.Argument(
+        help="Labeled images, one sub-folder per class: LABELED_DIR/CLASS/IMAGE (a folder, or s3://bucket/prefix).",
+        show_default=False)] = None,
+    unlabeled: Annotated[Optional[str], typer.Option(
+        help="Folder of unlabeled images (searched recursively; a folder or s3://...).", show_default=False)] = None,
+    test: Annotated[Optional[str], typer.Option(
+        help="Test images: class sub-folders or a plain folder (a folder or s3://...).", show_default=False)] = None,
     db: DbOpt = Path("clipfuse.lance"),
     storage_option: StorageOpt = None,
     model: ModelOpt = None,
@@ -236,6 +237,17 @@ def index(
     allow_random_weights: RandomOpt = False,
     commit_every: CommitOpt = 512,
     max_file_size: MaxFileOpt = 512,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="auto|local|ADDRESS",
+        help="Embed on a Ray cluster (pip install 'clipfuse[ray]'): 'auto' joins the cluster running here "
+             "(ray start / RAY_ADDRESS), 'local' starts Ray on this machine for the run, or a cluster address "
+             "(ray://head:10001). Each --commit-every images are one commit.", show_default=False)] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(
+        "--ray-workers", min=1, help="With --ray: model replicas in the actor pool (default: one per GPU, or 1).",
+        show_default=False)] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(
+        "--gpus-per-worker", min=0, help="With --ray: GPUs per model replica (default: 1 when the cluster has GPUs, "
+                                         "else 0 = CPU workers).", show_default=False)] = None,
 ):
     """Embed every new or changed image once into the store.
 
@@ -249,13 +261,15 @@ def index(
         clipfuse index data/train --model ViT-B-16 --pretrained ~/weights/vitb16.safetensors
 
         clipfuse index data/train --model local-dir:./my-model --db runs/store.lance
+
+        clipfuse index s3://bucket/train --unlabeled s3://bucket/unlabeled --db s3://bucket/store --ray auto
     """
     with _Bars(rate=True) as bars:
         result = _workspace(db, storage_option).index(
             labeled_dir, unlabeled=unlabeled, test=test, model=model, pretrained=pretrained, device=device,
             precision=precision.value, batch_size=batch_size, workers=workers,
             allow_random_weights=allow_random_weights, commit_every=commit_every, max_file_size=max_file_size,
-            progress=bars)
+            ray=ray, ray_workers=ray_workers, gpus_per_worker=gpus_per_worker, progress=bars)
     _print_index_summary(result)
     s = result.summary
     console.print(f"indexed {s.embedded} new, {s.unchanged} unchanged, {s.duplicates} duplicates, "

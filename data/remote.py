@@ -84,12 +84,13 @@ def _describe(uri: str, e: Exception) -> OSError:
     """A clear error for a refused or failed listing/read of ``uri``."""
     text = str(e)
     bucket = uri.split("://", 1)[1].split("/", 1)[0]
-    if "NoSuchBucket" in text or "NO_SUCH_BUCKET" in text or "bucket does not exist" in text.lower():
+    squashed = text.upper().replace("_", "")
+    if "NOSUCHBUCKET" in squashed or "bucket does not exist" in text.lower():
         return FileNotFoundError(f"the bucket {bucket!r} of {uri!r} does not exist; check the URI.")
-    if any(code in text for code in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                     "INVALID_ACCESS_KEY", "403")):
-        return PermissionError(f"{uri!r}: the object store refused the credentials; check AWS_ACCESS_KEY_ID / "
-                               "AWS_SECRET_ACCESS_KEY or the --storage-option keys.")
+    for code in ("ACCESSDENIED", "INVALIDACCESSKEYID", "SIGNATUREDOESNOTMATCH", "EXPIREDTOKEN", "INVALIDTOKEN"):
+        if code in squashed:
+            return PermissionError(f"{uri!r}: the object store refused the credentials ({code.lower()}); check "
+                                   "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the --storage-option keys.")
     if "Connection refused" in text or "connect" in text.lower() and "fail" in text.lower():
         return ConnectionError(f"{uri!r}: the object store can't be reached ({text[:200]}); check the endpoint "
                                "(AWS_ENDPOINT_URL or --storage-option endpoint=...).")
@@ -115,6 +116,13 @@ def list_files(uri: str, storage_options: dict | None = None) -> list[RemoteFile
                         info.mtime.timestamp() if info.mtime is not None else 0.0)
              for info in infos if info.type == pafs.FileType.File]
     if not files:
+        bucket = path.split("/", 1)[0]
+        try:
+            missing = fsys.get_file_info(bucket).type == pafs.FileType.NotFound
+        except Exception as e:
+            raise _describe(uri, e) from e
+        if missing:
+            raise FileNotFoundError(f"the bucket {bucket!r} of {uri!r} does not exist; check the URI.")
         raise FileNotFoundError(f"no objects under {uri!r}; check the URI (a folder on object storage is the prefix "
                                 "of its objects).")
     return sorted(files, key=lambda f: f.uri)

@@ -41,6 +41,43 @@ def s3_client(storage_options: dict | None = None):
     )
 
 
+def _machine() -> dict:
+    """What tells this machine (and pid namespace) apart: a holder recorded with the same values and a pid that is
+    not running is certainly gone, so its lease needs no waiting out."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = None
+    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def holder_is_gone(record: dict) -> bool:
+    """Whether the lease's holder ran on this machine, in this pid namespace, and its process has exited."""
+    here = _machine()
+    if here["boot"] is None or here["pidns"] is None or not isinstance(record.get("pid"), int):
+        return False
+    if any(record.get(k) != here[k] for k in ("host", "boot", "pidns")):
+        return False
+    return not _pid_alive(record["pid"])
+
+
 def _code(error) -> str:
     return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
 
@@ -76,7 +113,7 @@ class S3Lease:
 
     # ---- the object -----------------------------------------------------------------------
     def _body(self, what: str, token: str) -> bytes:
-        self._record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "token": token,
+        self._record = {"pid": os.getpid(), **_machine(), "what": what, "token": token,
                         "since": self._record.get("since", time.time()), "expires": time.time() + self.lease_seconds}
         return json.dumps(self._record).encode()
 
@@ -123,9 +160,9 @@ class S3Lease:
         record, etag = self.holder()
         if etag is None:
             return self.try_acquire(what)  # released in between
-        if record.get("expires", 0) > time.time():
+        if record.get("expires", 0) > time.time() and not holder_is_gone(record):
             return record
-        try:  # expired: its holder stopped renewing; only one writer can replace that exact object
+        try:  # expired (its holder stopped renewing) or its holder here has exited: only one writer can replace it
             self._record = {}
             put = self._client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(what, token), IfMatch=etag)
             self._etag = put["ETag"]

@@ -74,6 +74,13 @@ def connect(address: str) -> bool:
     return True
 
 
+def disconnect() -> None:
+    """Shut down the Ray instance :func:`connect` started."""
+    import ray
+
+    ray.shutdown()
+
+
 def _cluster_gpus() -> float:
     import ray
 
@@ -223,15 +230,15 @@ class ray_batches:
         if close is not None:
             close()
         if self._started:
-            import ray
-
             self._started = False
-            ray.shutdown()
+            disconnect()
 
     @staticmethod
     def _run(embedder, paths, skip, config, storage_options):
         import ray
         import ray.data
+
+        from .store import with_env_credentials
 
         workers, gpus = plan_workers(config)
         if config.precision != "fp32" and gpus == 0:
@@ -244,7 +251,8 @@ class ray_batches:
         items = [{"pos": i, "path": p} for i, p in enumerate(paths)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 10_000)))
         ds = ds.map_batches(_read_stage, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                            fn_kwargs={"max_bytes": base.max_file_bytes, "storage_options": storage_options})
+                            fn_kwargs={"max_bytes": base.max_file_bytes,
+                                       "storage_options": with_env_credentials(storage_options)})
         ds = ds.map_batches(_decode_stage, batch_size=batch_size, batch_format="numpy", num_cpus=1,
                             fn_kwargs={"preprocess": embedder.preprocess, "max_pixels": base.max_image_pixels,
                                        "shape": shape})

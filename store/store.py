@@ -122,13 +122,32 @@ def resolve_storage_options(uri: str, given: dict[str, str] | None) -> dict[str,
     opts = {str(k).lower(): str(v) for k, v in (given or {}).items()}
     if uri.startswith("s3://"):
         endpoint = opts.get("endpoint") or opts.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint and "endpoint" not in opts and "aws_endpoint" not in opts:
-            opts["endpoint"] = endpoint
+        if endpoint:
+            # under both names: LanceDB takes AWS_ENDPOINT_URL over a given "endpoint", but not over "aws_endpoint"
+            opts["endpoint"] = opts["aws_endpoint"] = endpoint
         if endpoint and endpoint.startswith("http://"):
             opts.setdefault("allow_http", "true")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region and "region" not in opts and "aws_region" not in opts:
             opts["region"] = region
+    return opts
+
+
+def with_env_credentials(options: dict[str, str] | None) -> dict[str, str]:
+    """``options`` plus this process's AWS keys (when set and not given): for writes and reads that Ray
+    workers make on the driver's behalf, which may not have the driver's environment."""
+    opts = dict(options or {})
+    for key, env in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"), ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                     ("aws_session_token", "AWS_SESSION_TOKEN")):
+        if os.environ.get(env) and not opts.get(key) and not opts.get(key.removeprefix("aws_")):
+            opts[key] = os.environ[env]
+    if os.environ.get("AWS_ENDPOINT_URL") and not any(opts.get(k) for k in ("endpoint", "aws_endpoint")):
+        opts["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
+        if opts["endpoint"].startswith("http://"):
+            opts.setdefault("allow_http", "true")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region and not any(opts.get(k) for k in ("region", "aws_region")):
+        opts["region"] = region
     return opts
 
 
@@ -311,7 +330,13 @@ class Store:
             return set()
         names, token = set(), None
         while True:
-            page = self.db.list_tables(page_token=token)
+            try:
+                page = self.db.list_tables(page_token=token)
+            except ValueError as e:  # an object store's refusal (no bucket, wrong keys), said clearly
+                remote = _remote_message(self.uri, e)
+                if remote is None:
+                    raise
+                raise remote from e
             names.update(page.tables)
             token = page.page_token
             if not token:
@@ -625,7 +650,9 @@ class Store:
         with self.writer():
             self._version_table(version)  # fails clearly if the table is gone
             lance_ray.write_lance(ray.data.from_arrow(data), self.table_uri(version.table), schema=schema,
-                                  mode="append", storage_options=self.storage_options or None,
+                                  mode="append",
+                                  storage_options=with_env_credentials(self.storage_options) if not self.is_local
+                                  else None,
                                   ray_remote_args={"num_cpus": 0})  # I/O only: never waits for the embedding's CPUs
 
     def _read_vectors(self, version: EmbeddingVersion, wanted=None) -> tuple[np.ndarray, np.ndarray]:

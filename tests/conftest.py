@@ -142,18 +142,14 @@ def tiny_timm(tmp_path_factory) -> tuple[str, Path]:
     return "timm:test_efficientnet", write_timm_weights(tmp_path_factory.mktemp("tiny-timm") / "w.safetensors")
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """A real S3 API (moto's server) on 127.0.0.1 and a free port, stopped after the module's tests.
-
-    Yields the endpoint URL; the AWS_* variables point at it while the tests run, and the
-    local cache of files read from object storage (XDG_CACHE_HOME) is a temporary folder.
-    """
+def start_moto_server(env: dict | None = None):
+    """Start moto's S3 server on 127.0.0.1 and a free port; ``(process, endpoint URL)`` once it answers."""
     import shutil
     import socket
     import subprocess
     import sys
     import time
+    import urllib.request
 
     server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     if not Path(server).exists():
@@ -162,24 +158,33 @@ def s3_endpoint(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)  # moto's own page: no S3 action counted
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("moto_server exited at start")
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail("moto_server did not answer within 20 s")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 API (moto's server) on 127.0.0.1 and a free port, stopped after the module's tests.
+
+    Yields the endpoint URL; the AWS_* variables point at it while the tests run, and the
+    local cache of files read from object storage (XDG_CACHE_HOME) is a temporary folder.
+    """
+    proc, endpoint = start_moto_server()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
                                              "AWS_ENDPOINT_URL", "XDG_CACHE_HOME")}
     os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1",
                       AWS_ENDPOINT_URL=endpoint, XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
     try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint)
-        for _ in range(200):
-            try:
-                client.list_buckets()
-                break
-            except Exception:
-                if proc.poll() is not None:
-                    pytest.fail("moto_server exited at start")
-                time.sleep(0.05)
         yield endpoint
     finally:
         proc.terminate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import math
@@ -215,12 +217,19 @@ class Workspace(Tuning):
         config = embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision,
                                  batch_size=batch_size, workers=workers, allow_random_weights=allow_random_weights,
                                  max_file_bytes=max_file_size * MIB)
-        embedder = load_embedder(config, notify=self._notify, progress=progress)
-        with store.writer("clipfuse index" + (" --ray" if ray_config else "")):
-            # listed again under the lock: a run that waited for another writer sees the files as they are now,
-            # so it never removes the rows of files that appeared meanwhile
-            folders = scan()
-            summary = self._run_index(embedder, folders, commit_every=commit_every, progress=progress, ray=ray_config)
+        with contextlib.ExitStack() as stack:
+            if ray_config is not None:  # connected first: a cluster that can't be reached fails before the model loads
+                from clipfuse.store.rayindex import connect, disconnect
+
+                if connect(ray_config.address):
+                    stack.callback(disconnect)
+            embedder = load_embedder(config, notify=self._notify, progress=progress)
+            with store.writer("clipfuse index" + (" --ray" if ray_config else "")):
+                # listed again under the lock: a run that waited for another writer sees the files as they are now,
+                # so it never removes the rows of files that appeared meanwhile
+                folders = scan()
+                summary = self._run_index(embedder, folders, commit_every=commit_every, progress=progress,
+                                          ray=ray_config)
         return IndexResult(db=str(self.db), summary=summary, model=embedder.config.model,
                            random_weights=embedder.info.random_weights, skipped_folders=list(folders.skipped),
                            notices=notices)
