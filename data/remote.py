@@ -151,3 +151,29 @@ def read_object(uri: str, *, max_bytes: int | None, storage_options: dict | None
     if max_bytes is not None and len(data) > max_bytes:
         raise FileTooLargeError(_too_large(len(data), max_bytes))
     return data, len(data), info.mtime.timestamp() if info.mtime is not None else 0.0
+
+
+def listed_objects(paths, storage_options: dict | None = None) -> dict[str, tuple[int, float]]:
+    """``{uri: (size, mtime)}`` of the objects among ``paths`` (local paths are ignored) that exist: one
+    listing per folder that holds them, rather than a request per object."""
+    import posixpath
+
+    from pyarrow import fs as pafs
+
+    wanted: dict[str, set[str]] = {}
+    for p in paths:
+        if is_uri(p):
+            wanted.setdefault(posixpath.dirname(p), set()).add(p)
+    found = {}
+    for folder, uris in wanted.items():
+        fsys, path = filesystem(folder, storage_options)
+        scheme = folder.split("://", 1)[0]
+        try:
+            infos = fsys.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        except Exception as e:
+            raise _describe(folder, e) from e
+        for info in infos:
+            uri = f"{scheme}://{info.path}"
+            if uri in uris and info.type == pafs.FileType.File:
+                found[uri] = (int(info.size or 0), info.mtime.timestamp() if info.mtime is not None else 0.0)
+    return found

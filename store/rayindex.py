@@ -167,7 +167,7 @@ def _record(batch: dict, i: int) -> ImageRecord:
 class EmbedActor:
     """One embedding worker: loads the model once, checks it is the driver's, embeds batch after batch."""
 
-    def __init__(self, config, fingerprint: str, skip):
+    def __init__(self, config, fingerprint: str, skip, named: str | None = None):
         import ray
         import torch
 
@@ -177,6 +177,8 @@ class EmbedActor:
         if config.device == "cpu":
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.embedder = create_embedder(config)
+        if named is not None and named != self.embedder.info.model:  # loaded from a store's copy of a model folder
+            self.embedder.info = replace(self.embedder.info, model=named)
         if self.embedder.fingerprint != fingerprint:
             raise RuntimeError(
                 f"the model {config.model!r} loaded on a Ray worker has fingerprint {self.embedder.fingerprint}, not "
@@ -260,6 +262,7 @@ class ray_batches:
                             compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus,
                             num_cpus=config.cpus_per_worker,
                             fn_constructor_kwargs={"config": actor_config, "fingerprint": embedder.fingerprint,
+                                                   "named": embedder.info.model,
                                                    "skip": [ray.put(set(skip))]})
         dim = embedder.dim
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

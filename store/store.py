@@ -500,8 +500,9 @@ class Store:
             self._ann.pop(fp, None)
             if self.is_local:
                 self._remove_version_files(fp)
-            elif self.uri.startswith("s3://"):  # its heads objects, and this machine's cached index
+            elif self.uri.startswith("s3://"):  # its heads objects and model copy, and this machine's cached index
                 self.object_folder(f"_heads/{fp}").remove()
+                self.object_folder(f"_models/{fp}").remove()
                 folder = self._ann_folder()
                 for path in folder.glob(f"{fp}.*") if folder is not None and folder.is_dir() else ():
                     _remove_path(path)

@@ -221,3 +221,39 @@ def test_the_neighbour_index_of_an_s3_store_is_kept_in_this_machine_s_cache(s3_b
     monkeypatch.setattr(Store, "_read_vectors", lambda *a, **k: pytest.fail("the cached index was rebuilt"))
     again, _ = fresh.search(X[:3], k=5)
     assert (again == ids).all()
+
+
+def test_a_reembedded_version_s_model_folder_is_kept_beside_an_s3_store_for_other_machines(
+        s3_bucket, tmp_path, monkeypatch, tiny_model):
+    from conftest import write_shapes_folder
+
+    uri = f"s3://{s3_bucket}/store"
+    images = tmp_path / "train"
+    write_shapes_folder(images, n_per_class=6)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-a"))
+    notices = []
+    ws = clipfuse.open(uri, on_notice=notices.append)
+    ws.index(images, model=tiny_model)
+    ws.finetune(out=tmp_path / "ft", epochs=1, batch_size=8)
+    made = ws.reembed(tmp_path / "ft")
+    new = made.summary.fingerprint
+    assert any(n.kind == "model-copy" and new in n.message for n in notices)
+    trained = ws.train_heads(heads="finetuned,probe", folds=2)
+    assert "finetuned" in trained.heads
+
+    (tmp_path / "ft").rename(tmp_path / "ft-elsewhere")  # "another machine": no model folder, an empty cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-b"))
+    other = clipfuse.open(uri)
+    again = other.train_heads(heads="finetuned,probe", folds=2)  # the finetuned head, from the store's copy
+    assert "finetuned" in again.heads and again.version == new
+    hits = other.neighbors(text="a red circle", k=2)  # the version's own text tower, loaded from the copy
+    assert hits.version == new and len(hits.neighbors) == 2
+    write_shapes_folder(tmp_path / "more", n_per_class=1, seed=9)
+    grown = other.index(tmp_path / "more").summary  # the active version's model, same fingerprint: no new version
+    assert grown.fingerprint == new and grown.embedded == 3 and len(other.versions()) == 2
+    assert (tmp_path / "cache-b").is_dir()
+    import boto3
+
+    other.remove_version(new)
+    left = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix=f"store/_models/{new}/")
+    assert left.get("KeyCount", 0) == 0

@@ -191,10 +191,13 @@ def require_labels(store: Store, version: EmbeddingVersion, es: EmbeddingSet, *,
                          "classes.")
 
 
-def finetuned_head(version: EmbeddingVersion, classes: list[str]):
+def finetuned_head(version: EmbeddingVersion, classes: list[str], model: str | None = None):
     """The classifier saved with the version's model by finetune/wise-ft: ((weight, bias or None), None),
-    or (None, reason)."""
-    folder = version.model_name.folder
+    or (None, reason). ``model``: the name that loads the version's model here (its folder, or the store's
+    copy of it; default: the version's own)."""
+    from clipfuse.embed import parse_model_name
+
+    folder = parse_model_name(model or version.model).folder
     not_ours = f"version {version.short} was not made by a model finetuned with clipfuse"
     if folder is None:
         return None, not_ours

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from typing import Callable
@@ -58,7 +59,7 @@ def embedder_config(store: Store | None, *, model=None, pretrained=None, device=
         except LookupError:
             active = (store.versions() or [None])[-1]  # none complete yet: resume the newest
         if active is not None and not active.imported:
-            model = active.model
+            model = version_model(store, active)
             pretrained = pretrained or active.pretrained
             random_weights = active.random_weights and pretrained is None  # the same random model again
     extra = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}
@@ -87,13 +88,67 @@ def load_embedder(config, *, notify: Callable[[Notice], None], progress=None):
     return embedder
 
 
-def version_embedder(version: EmbeddingVersion, config, device: str, *, notify, progress=None):
+def _models_name(fingerprint: str) -> str:
+    return f"_models/{fingerprint}"
+
+
+def publish_model_folder(store: Store, fingerprint: str, folder) -> bool:
+    """Keep a copy of the model folder that makes version ``fingerprint`` beside a store on S3, once, so that
+    every machine can load the version's model (``reembed`` calls this before it embeds anything)."""
+    import shutil
+    from pathlib import Path
+
+    if not store.uri.startswith("s3://"):
+        return False
+    copy = store.object_folder(_models_name(fingerprint))
+    if copy.current() is not None:
+        return False
+    files = [p for p in Path(folder).iterdir() if p.is_file()]
+    copy.replace(lambda staging: [shutil.copy2(p, staging / p.name) for p in files])
+    return True
+
+
+def version_model(store: Store | None, version: EmbeddingVersion) -> str:
+    """The ``--model`` name that loads ``version``'s model here: its own, or, when it names a model folder this
+    machine doesn't have, the store's copy of that folder (downloaded once into the cache)."""
+    folder = version.model_name.folder
+    if folder is None or folder.is_dir() or store is None or not store.uri.startswith("s3://"):
+        return version.model
+    copy = store.object_folder(_models_name(version.fingerprint)).current()
+    if copy is None:
+        return version.model
+    return version.model.replace(str(folder), str(copy), 1)
+
+
+def named_as_store_version(store: Store, embedder):
+    """After loading the store's own model (``embedder_config`` without --model): when it came from the store's
+    copy of a model folder, give it the name of the version it makes (see :func:`as_version_model`)."""
+    if store.is_empty or not store.uri.startswith("s3://"):
+        return embedder
+    for version in store.versions():
+        if version.model != embedder.config.model and version_model(store, version) == embedder.config.model:
+            return as_version_model(embedder, version)
+    return embedder
+
+
+def as_version_model(embedder, version: EmbeddingVersion):
+    """An embedder loaded from the store's copy of a model folder, named as the version records it: the same
+    weights and preprocessing under the original name give the version's own fingerprint."""
+    if embedder.config.model != version.model:
+        embedder.info = dataclasses.replace(embedder.info, model=version.model)
+    return embedder
+
+
+def version_embedder(version: EmbeddingVersion, config, device: str, *, notify, progress=None, store=None):
     """The model that made ``version`` (or the one ``config`` names); fails if it has another fingerprint."""
     from clipfuse.embed import EmbedderConfig
 
-    config = config or EmbedderConfig(model=version.model, pretrained=version.pretrained, device=device,
-                                      random_weights=version.random_weights)
+    own = config is None
+    config = config or EmbedderConfig(model=version_model(store, version), pretrained=version.pretrained,
+                                      device=device, random_weights=version.random_weights)
     embedder = load_embedder(config, notify=notify, progress=progress)
+    if own:
+        embedder = as_version_model(embedder, version)
     if embedder.fingerprint != version.fingerprint:
         raise ValueError(
             f"model {config.model!r} (fingerprint {embedder.fingerprint}, {embedder.dim}-d) did not make embedding "

@@ -32,8 +32,29 @@ def resolve_query(store: Store, version: EmbeddingVersion, query: str | None, te
         if is_image_only(model_config.model if model_config else version.model):
             raise ValueError(f"version {version.short} was made by {version.model}, an image-only "
                              "backbone with no text tower; query by image, or pick a CLIP version with --version.")
-        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress)
+        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress, store=store)
         return embedder.encode_texts([text]), f"text {text!r}"
+    from clipfuse.data.remote import is_uri
+
+    if is_uri(query):  # an image on object storage: its stored vector, or embedded now
+        from clipfuse.embed.images import decode_record, read_image_bytes
+
+        record, data = read_image_bytes(query, storage_options=store.folder_storage_options)
+        if data is None:
+            raise OptionError(QUERY_OPTION, f"can't read query image {query!r}: {record.error}.")
+        if model_config is None:
+            try:
+                return store.vectors_for([record.id], version.fingerprint), f"{query} (id {record.id}, stored vector)"
+            except KeyError:
+                pass
+        if version.imported:
+            raise ValueError(f"{query} is not in imported version {version.fingerprint} and the version has no "
+                             "model to embed it with; re-import with --model.")
+        img = decode_record(record, data)
+        if img is None:
+            raise OptionError(QUERY_OPTION, f"can't read query image {query!r}: {record.error}.")
+        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress, store=store)
+        return embedder.encode_images([img]), f"{query} (embedded now)"
     path = Path(query)
     if path.exists() and not path.is_dir():
         try:
@@ -54,7 +75,7 @@ def resolve_query(store: Store, version: EmbeddingVersion, query: str | None, te
         record, img = read_image(str(path))
         if img is None:
             raise OptionError(QUERY_OPTION, f"can't read query image {str(path)!r}: {record.error}.")
-        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress)
+        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress, store=store)
         return embedder.encode_images([img]), f"{path} (embedded now)"
     try:  # an id, which may look like a path ("train/0001")
         return store.vectors_for([query], version.fingerprint), f"id {query}"

@@ -6,8 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .models import check_device, load_embedder, version_embedder
-from .results import FinetuneResult, IndexResult, OptionError, Progress, WiseFtResult
+from .models import check_device, load_embedder, publish_model_folder, version_embedder
+from .results import FinetuneResult, IndexResult, Notice, OptionError, Progress, WiseFtResult
 
 MIB = 2**20
 
@@ -104,7 +104,7 @@ class Tuning:
                        f"confidence >= {pseudo_min_confidence})")
             train, n_pseudo = train + pseudo, len(pseudo)
         words = _heads.class_words(class_words, es.classes, notify=self._notify)
-        embedder = version_embedder(v, None, device, notify=self._notify, progress=progress)
+        embedder = version_embedder(v, None, device, notify=self._notify, progress=progress, store=self.store)
         folder_config = model_config(v.model, embedder.model)  # fails now rather than after training
         text = class_text_embeddings(embedder, es.classes, words) if embedder.has_text else None
         unlabeled = [r["path"] for r in images if r["split"] == "unlabeled"]
@@ -220,6 +220,7 @@ class Tuning:
         The previous version stays active until the new one is complete; a killed run resumes.
         """
         from clipfuse.data import ImageFile, ImageFolders
+        from clipfuse.data.remote import is_uri, listed_objects
         from clipfuse.embed import EmbedderConfig
         from clipfuse.train import model_name_of, read_model_folder
 
@@ -235,13 +236,20 @@ class Tuning:
                                                 batch_size=batch_size, workers=workers,
                                                 max_file_bytes=max_file_size * MIB),
                                  notify=self._notify, progress=progress)
+        if publish_model_folder(self.store, embedder.fingerprint, model_checkpoint):
+            self._notify(Notice(f"kept a copy of the model folder beside the store ({self.store.uri}/_models/"
+                                f"{embedder.fingerprint}): other machines load this version's model from it",
+                                kind="model-copy"))
         # the version this one replaces: the active one, or (re-running a finished reembed) the one it came from
         previous = active if active != embedder.fingerprint else meta.get("base_fingerprint")
         with self.store.writer("clipfuse reembed"):  # the rows read are the rows re-embedded, whoever wrote before
             rows = self.store.images().select(["path", "split", "label"]).to_pylist()
             # only files that exist: rows of imported vectors ("id:..." paths) or of files gone since indexing
             # have nothing to embed, and must not be dropped from the image table the old version still uses
-            files = [ImageFile(r["path"], r["split"], r["label"]) for r in rows if os.path.isfile(r["path"])]
+            listed = listed_objects([r["path"] for r in rows], self.store.folder_storage_options)
+            files = [ImageFile(r["path"], r["split"], r["label"], *listed[r["path"]]) if r["path"] in listed
+                     else ImageFile(r["path"], r["split"], r["label"]) for r in rows
+                     if r["path"] in listed or not is_uri(r["path"]) and os.path.isfile(r["path"])]
             if len(files) < len(rows):
                 self._warn(f"{len(rows) - len(files)} image row(s) have no file on disk and are not re-embedded "
                            "(imported vectors or moved files).")

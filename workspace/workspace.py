@@ -15,7 +15,7 @@ from clipfuse.store import EmbeddingVersion, Store
 
 from . import crossversion
 from . import heads as _heads
-from .models import check_device, embedder_config, load_embedder, version_embedder
+from .models import check_device, embedder_config, load_embedder, named_as_store_version, version_embedder, version_model
 from .queries import describe_neighbors, resolve_query
 from .tuning import Tuning
 from .results import (
@@ -224,6 +224,8 @@ class Workspace(Tuning):
                 if connect(ray_config.address):
                     stack.callback(disconnect)
             embedder = load_embedder(config, notify=self._notify, progress=progress)
+            if model is None:
+                embedder = named_as_store_version(store, embedder)
             with store.writer("clipfuse index" + (" --ray" if ray_config else "")):
                 # listed again under the lock: a run that waited for another writer sees the files as they are now,
                 # so it never removes the rows of files that appeared meanwhile
@@ -513,7 +515,7 @@ class Workspace(Tuning):
                                                      f"{text.shape}.")
         elif any(h in config.heads for h in ("zero-shot", "knn", "probe")):
             text, reasons["zero-shot"] = self._text_embeddings(version, classes, config.word_lists, device, embedder)
-        finetuned, reasons["finetuned"] = _heads.finetuned_head(version, classes) \
+        finetuned, reasons["finetuned"] = _heads.finetuned_head(version, classes, version_model(self.store, version)) \
             if "finetuned" in config.heads else (None, None)
         if finetuned is not None:
             self._warn(f"note: the model of version {version.short} was finetuned and WiSE-FT-selected on the same "
@@ -560,7 +562,7 @@ class Workspace(Tuning):
             return None, f"{version.model} is an image-only backbone: it has no text tower"
         try:
             if embedder is None or embedder.fingerprint != version.fingerprint:
-                embedder = version_embedder(version, None, device, notify=self._notify)
+                embedder = version_embedder(version, None, device, notify=self._notify, store=self.store)
             embedded = {Path(p).stem if p else "folder-names": class_text_embeddings(embedder, classes, words[p])
                         for p in lists}
         except (PretrainedWeightsError, ValueError, OSError) as e:
