@@ -115,8 +115,21 @@ class ObjectFolder:
         return local
 
     def _generations(self) -> list[str]:
-        page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/")
-        return [p["Prefix"][len(self.prefix) + 1:].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return self.children()
+
+    def children(self) -> list[str]:
+        """Names of the sub-folders (prefixes) directly under this folder: its generations, or, for ``_heads``,
+        the saved heads folders."""
+        names, token = [], None
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": f"{self.prefix}/", "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._client.list_objects_v2(**kwargs)
+            names += [p["Prefix"][len(self.prefix) + 1:].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return names
+            token = page["NextContinuationToken"]
 
     def remove(self) -> None:
         """Delete every generation and the CURRENT pointer (pointer first: readers then see no folder)."""

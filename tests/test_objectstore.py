@@ -195,6 +195,9 @@ def test_heads_on_s3_are_trained_reloaded_on_another_machine_and_exported(s3_buc
     fps = [v.fingerprint for v in ws.versions()]
     ens = ws.train_heads(versions=fps, heads="probe", folds=2)
     assert len(ens.heads) == 2 and other.predict(versions=fps).images == 200
+    listed = other.info().ensembles  # saved ensembles are listed on S3 as on disk
+    assert [sorted(e["fingerprints"]) for e in listed] == [sorted(fps)]
+    assert listed[0]["stale"] is None and listed[0]["folder"].startswith(f"{uri}/_heads/ensemble-")
     first = trained.version
     retrained = ws.train_heads(version=first, heads="probe", folds=2)  # a new generation replaces the old whole
     assert clipfuse.open(uri).predict(version=first).heads == ["probe"] and retrained.folder != trained.folder

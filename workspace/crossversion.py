@@ -135,13 +135,18 @@ def save_cross_heads(store: Store, versions: list[EmbeddingVersion], ensemble, u
 def list_ensembles(store: Store) -> list[dict]:
     """The saved cross-version ensembles of a store: their versions (``names``: comma-separated
     shorts, as ``--versions`` takes them; ``fingerprints``), heads and fused validation accuracy."""
-    if not store.is_local:
+    if store.is_local:
+        names = sorted(link.name for link in (Path(store.uri) / "_heads").glob("ensemble-*")
+                       if "." not in link.name)  # not the generations and staging folders beside the link
+        where = str(Path(store.uri) / "_heads")
+    elif store.uri.startswith("s3://"):
+        names = sorted(n for n in store.object_folder("_heads").children() if n.startswith("ensemble-"))
+        where = f"{store.uri.rstrip('/')}/_heads"
+    else:
         return []
     found = []
-    for link in sorted((Path(store.uri) / "_heads").glob("ensemble-*")):
-        if "." in link.name:  # generations and staging folders beside the link
-            continue
-        _, meta = _saved(store_folder(store, f"_heads/{link.name}"))
+    for name in names:
+        _, meta = _saved(store_folder(store, f"_heads/{name}"))
         if meta is None:
             continue
         records = meta.get("versions") or []
@@ -153,7 +158,7 @@ def list_ensembles(store: Store) -> list[dict]:
         found.append({"names": ",".join(r["short"] for r in records), "stale": stale,
                       "fingerprints": [r["fingerprint"] for r in records], "heads": len(meta.get("heads", {})),
                       "fused_accuracy": (meta.get("val_scores", {}).get("fused") or {}).get("accuracy"),
-                      "folder": str(link)})
+                      "folder": f"{where}/{name}"})
     return found
 
 
