@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from clipfuse.data import is_printable
 from clipfuse.embed.images import ImageRecord
 
 _INSTALL = "pip install 'clipfuse[ray]'"
@@ -51,6 +52,8 @@ def connect(address: str) -> bool:
     ray = _import_ray()
     if ray.is_initialized():
         return False
+    if address not in ("local", "auto"):
+        _check_reachable(address)
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
     try:
         with warnings.catch_warnings():
@@ -72,6 +75,24 @@ def connect(address: str) -> bool:
     context.enable_progress_bars = False  # clipfuse shows its own progress
     context.print_on_execution_start = False
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the address, when nothing listens there (Ray itself retries for minutes)."""
+    import socket
+
+    host_port = address.removeprefix("ray://").rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray {address!r} is not a cluster address; give HOST:PORT (the head's GCS port, 6379 by "
+                         "default), ray://HOST:PORT (Ray Client, 10001 by default), auto or local.")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address!r} ({e.strerror or e}); check the head's address "
+                              "and port (`ray status` on the head), or use --ray local to run Ray on this machine "
+                              "alone.") from e
 
 
 def disconnect() -> None:
@@ -96,6 +117,9 @@ def plan_workers(config: RayConfig) -> tuple[int, float]:
     if per > 0 and gpus < per:
         raise ValueError(f"--gpus-per-worker {per:g} asked for, but the Ray cluster has {gpus:g} GPU(s); use "
                          "--gpus-per-worker 0 for CPU workers, or add GPU nodes.")
+    if config.precision != "fp32" and per == 0:
+        raise ValueError(f"--precision {config.precision} needs GPU workers, and this run has none (the cluster has "
+                         f"{gpus:g} GPUs{', and --gpus-per-worker is 0' if gpus else ''}); use --precision fp32.")
     if config.workers is not None:
         if config.workers < 1:
             raise ValueError(f"--ray-workers must be at least 1, got {config.workers}.")
@@ -144,7 +168,7 @@ def _decode_stage(batch: dict, *, preprocess, max_pixels, shape) -> dict:
             continue
         record = _record(batch, i)
         try:
-            px = preprocess_image(record, decode_record(record, batch["data"][i]), preprocess)
+            px = preprocess_image(record, decode_record(record, batch["data"][i], max_pixels=max_pixels), preprocess)
         except Exception as e:  # never fail the task
             record.error, px = f"could not be decoded: {type(e).__name__}: {e}", None
         if px is None:
@@ -243,9 +267,12 @@ class ray_batches:
         from .store import with_env_credentials
 
         workers, gpus = plan_workers(config)
-        if config.precision != "fp32" and gpus == 0:
-            raise ValueError(f"--precision {config.precision} needs GPU workers, and this run has none (the cluster "
-                             "has no GPUs, or --gpus-per-worker 0); use --precision fp32.")
+        unnamed = [p for p in paths if not is_printable(p)]
+        if unnamed:  # Arrow can't carry such names to the workers; the reason is the one a local run records
+            yield [ImageRecord(path=p, error="file name is not valid UTF-8; rename the file") for p in unnamed], {}
+            paths = [p for p in paths if is_printable(p)]
+            if not paths:
+                return
         base = embedder.config
         actor_config = replace(base, device="cuda" if gpus > 0 else "cpu", precision=config.precision, workers=0)
         batch_size = base.batch_size

@@ -88,19 +88,34 @@ try:
     ws.index({str(images)!r}, ray="auto")
 except ConnectionError as e:
     print("refused:", e)
+try:
+    ws.index({str(images)!r}, ray="127.0.0.1:1")  # nothing listens there: said at once, not after Ray's retries
+except ConnectionError as e:
+    print("unreachable:", e)
+try:
+    ws.index({str(images)!r}, ray="no-port-here")
+except OptionError as e:
+    assert e.option == "--ray" and "HOST:PORT" in str(e)
 """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused: no Ray cluster running on this machine could be reached" in out.stdout
     assert "--ray local" in out.stdout
+    assert "unreachable: no Ray cluster answers at '127.0.0.1:1'" in out.stdout
 
 
 def test_ray_index_into_s3_writes_what_a_local_run_writes_and_the_store_serves_every_command(
         ray_local, s3_bucket, tmp_path, tiny_model):
+    from clipfuse.workspace import OptionError
+
     images, mixed = _images(tmp_path / "train")
+    (images / os.fsdecode(b"red/bad\xff.png")).write_bytes((images / "red" / "001.png").read_bytes())
     uri = f"s3://{s3_bucket}/store"
     ws = clipfuse.open(uri)
+    with pytest.raises(OptionError, match="--precision fp16 needs GPU workers") as refused:
+        ws.index(images, model=tiny_model, ray="local", precision="fp16")
+    assert refused.value.option == "--precision" and ws.store.is_empty  # refused before anything is written
     done = []
     result = ws.index(images, model=tiny_model, ray="local", commit_every=4,
                       progress=lambda stage, n, total: done.append((n, total)))
@@ -108,9 +123,10 @@ def test_ray_index_into_s3_writes_what_a_local_run_writes_and_the_store_serves_e
     expected = local.index(images, model=tiny_model, commit_every=4)
     s, e = result.summary, expected.summary
     assert s.fingerprint == e.fingerprint  # the same version as a local run of the model
-    assert (s.found, s.embedded, s.duplicates) == (e.found, e.embedded, e.duplicates) == (25, 21, 1)
-    assert sorted(s.errors) == sorted(e.errors) and len(s.errors) == len(mixed["bad"]) == 3
-    assert done[-1] == (25, 25)
+    assert (s.found, s.embedded, s.duplicates) == (e.found, e.embedded, e.duplicates) == (26, 21, 1)
+    assert sorted(s.errors) == sorted(e.errors) and len(s.errors) == len(mixed["bad"]) + 1 == 4
+    assert (f"{images}/red/bad\\xff.png", "file name is not valid UTF-8; rename the file") in s.errors
+    assert done[-1] == (26, 26)
 
     es, stored_ids = _store_rows(clipfuse.open(uri).store)
     local_es, _ = _store_rows(local.store)
@@ -268,3 +284,19 @@ def test_a_refused_login_and_a_missing_bucket_are_named(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_ray_stages_apply_the_local_run_s_limits(tmp_path):
+    from clipfuse.embed.images import read_image
+    from clipfuse.store.rayindex import _decode_stage, _read_stage
+
+    write_shapes_folder(tmp_path, n_per_class=1)
+    path = str(tmp_path / "red" / "000.png")  # 48 x 48
+    batch = _read_stage({"pos": np.array([0]), "path": np.array([path], dtype=object)}, max_bytes=None,
+                        storage_options=None)
+    out = _decode_stage(batch, preprocess=lambda img: None, max_pixels=100, shape=(3, 4, 4))
+    assert out["error"][0] == read_image(path, max_pixels=100)[0].error
+    assert out["error"][0].startswith("image too large (decompression-bomb limit of 100 pixels)")
+    small = _read_stage({"pos": np.array([0]), "path": np.array([path], dtype=object)}, max_bytes=10,
+                        storage_options=None)
+    assert small["error"][0] == read_image(path, max_bytes=10)[0].error and "larger than" in small["error"][0]

@@ -219,10 +219,19 @@ class Workspace(Tuning):
                                  max_file_bytes=max_file_size * MIB)
         with contextlib.ExitStack() as stack:
             if ray_config is not None:  # connected first: a cluster that can't be reached fails before the model loads
-                from clipfuse.store.rayindex import connect, disconnect
+                from clipfuse.store.rayindex import connect, disconnect, plan_workers
 
-                if connect(ray_config.address):
-                    stack.callback(disconnect)
+                try:
+                    if connect(ray_config.address):
+                        stack.callback(disconnect)
+                except ValueError as e:
+                    raise OptionError("--ray", str(e)) from e
+                try:
+                    plan_workers(ray_config)  # the cluster can run what was asked, before anything is written
+                except ValueError as e:
+                    option = next((o for o in ("--precision", "--gpus-per-worker", "--ray-workers") if o in str(e)),
+                                  "--ray")
+                    raise OptionError(option, str(e)) from e
             embedder = load_embedder(config, notify=self._notify, progress=progress)
             if model is None:
                 embedder = named_as_store_version(store, embedder)
