@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -252,11 +253,11 @@ def _index_locked(store: Store, embedder, files, classes, *, roots, config, prog
     if ray is None:
         batches, add_vectors = _local_batches(embedder, run, paths, store.folder_storage_options), None
     else:
-        from .rayindex import ray_batches
+        from .rayindex import ray_batches, write_args
 
         batches = ray_batches(embedder, paths, skip=run.embedded, config=ray,
                               storage_options=store.folder_storage_options)
-        add_vectors = store.append_embeddings
+        add_vectors = functools.partial(store.append_embeddings, ray_remote_args=write_args(store))
 
     writer = _Writer(store, fp, info.dim, add_vectors=add_vectors)
     pending = _Pending()

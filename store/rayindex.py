@@ -95,6 +95,35 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                               "alone.") from e
 
 
+def write_args(store) -> dict:
+    """Ray options of the tasks that write a shard's files: I/O only, so they never wait for the embedding's CPUs;
+    for a store on this machine's disk they run on this machine's node (another node's disk is another disk)."""
+    args = {"num_cpus": 0}
+    if store.is_local:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                     soft=False)
+    return args
+
+
+def check_cluster(address: str, store, local_folders: bool) -> list[str]:
+    """Refuse what can't work on the connected cluster; return what the user should know."""
+    import ray
+
+    if address.startswith("ray://") and store.is_local:
+        raise ValueError(f"--ray {address} runs the job on the cluster through Ray Client, which can't write the store "
+                         f"{store.uri!r} on this machine's disk; put the store on s3:// (or run on the head node "
+                         "with --ray auto and a store on a shared filesystem).")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and local_folders:
+        return [f"the Ray cluster has {len(nodes)} nodes and the images are local paths: every node reads them at "
+                "the same path, so they must be on a shared filesystem (or on s3://); files a node can't see become "
+                "error rows."]
+    return []
+
+
 def disconnect() -> None:
     """Shut down the Ray instance :func:`connect` started."""
     import ray
@@ -191,7 +220,7 @@ def _record(batch: dict, i: int) -> ImageRecord:
 class EmbedActor:
     """One embedding worker: loads the model once, checks it is the driver's, embeds batch after batch."""
 
-    def __init__(self, config, fingerprint: str, skip, named: str | None = None):
+    def __init__(self, config, fingerprint: str, skip, named: str | None = None, per_node: int = 1):
         import ray
         import torch
 
@@ -199,7 +228,9 @@ class EmbedActor:
 
         self.skip = ray.get(skip[0])  # a reference in a list: the set is fetched here, once per actor
         if config.device == "cpu":
-            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+            # Ray gives an actor of num_cpus=1 one thread; the model may use this node's share of its cores, as a
+            # local run does (the decode tasks are mostly waiting on the model, like a local run's worker)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_node)))
         self.embedder = create_embedder(config)
         if named is not None and named != self.embedder.info.model:  # loaded from a store's copy of a model folder
             self.embedder.info = replace(self.embedder.info, model=named)
@@ -290,6 +321,8 @@ class ray_batches:
                             num_cpus=config.cpus_per_worker,
                             fn_constructor_kwargs={"config": actor_config, "fingerprint": embedder.fingerprint,
                                                    "named": embedder.info.model,
+                                                   "per_node": -(-workers // max(1, len(
+                                                       [n for n in ray.nodes() if n.get("Alive")]))),
                                                    "skip": [ray.put(set(skip))]})
         dim = embedder.dim
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -617,7 +617,8 @@ class Store:
         return f"{base}/{name}.lance"
 
     @_storage_errors
-    def append_embeddings(self, fingerprint: str, ids: list[str], vectors: np.ndarray) -> None:
+    def append_embeddings(self, fingerprint: str, ids: list[str], vectors: np.ndarray, *,
+                          ray_remote_args: dict | None = None) -> None:
         """Append vectors of ids the version does not hold yet with lance-ray's ``write_lance``:
         Ray tasks write the files, this process makes the one commit.
 
@@ -654,7 +655,7 @@ class Store:
                                   mode="append",
                                   storage_options=with_env_credentials(self.storage_options) if not self.is_local
                                   else None,
-                                  ray_remote_args={"num_cpus": 0})  # I/O only: never waits for the embedding's CPUs
+                                  ray_remote_args=ray_remote_args or {"num_cpus": 0})  # I/O: no embedding CPU
 
     def _read_vectors(self, version: EmbeddingVersion, wanted=None) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, X)`` of a version, one row per id (the first, should an id be stored twice);

@@ -219,7 +219,7 @@ class Workspace(Tuning):
                                  max_file_bytes=max_file_size * MIB)
         with contextlib.ExitStack() as stack:
             if ray_config is not None:  # connected first: a cluster that can't be reached fails before the model loads
-                from clipfuse.store.rayindex import connect, disconnect, plan_workers
+                from clipfuse.store.rayindex import check_cluster, connect, disconnect, plan_workers
 
                 try:
                     if connect(ray_config.address):
@@ -228,6 +228,9 @@ class Workspace(Tuning):
                     raise OptionError("--ray", str(e)) from e
                 try:
                     plan_workers(ray_config)  # the cluster can run what was asked, before anything is written
+                    local = any(not is_uri(str(f)) for f in (labeled_dir, unlabeled, test) if f is not None)
+                    for note in check_cluster(ray_config.address, store, local):
+                        self._warn(note)
                 except ValueError as e:
                     option = next((o for o in ("--precision", "--gpus-per-worker", "--ray-workers") if o in str(e)),
                                   "--ray")
