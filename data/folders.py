@@ -166,6 +166,16 @@ def scan_labeled(root: str | os.PathLike, skipped: list | None = None) -> tuple[
     return files, classes
 
 
+def _one_per_path(files: list[ImageFile]) -> list[ImageFile]:
+    """One entry per path, sorted. A file reached through two of the folders (e.g. --unlabeled pointing at a
+    parent of the labeled folder) keeps the most informative entry: labeled, then test, then unlabeled."""
+    unique: dict[str, ImageFile] = {}
+    for f in files:
+        if f.path not in unique or SPLIT_PRIORITY[f.split] < SPLIT_PRIORITY[unique[f.path].split]:
+            unique[f.path] = f
+    return sorted(unique.values(), key=lambda f: f.path)
+
+
 def scan_folders(
     labeled: str | os.PathLike | None = None,
     *,
@@ -231,14 +241,8 @@ def scan_folders(
             files += [ImageFile(p, "test", None) for p in paths]
     if not files:
         raise ValueError("the given folders hold no image files; check the paths and extensions.")
-    # A file reached through two of the folders (e.g. --unlabeled pointing at a parent of the
-    # labeled folder) keeps one entry, the most informative: labeled, then test, then unlabeled.
-    unique: dict[str, ImageFile] = {}
-    for f in files:
-        if f.path not in unique or SPLIT_PRIORITY[f.split] < SPLIT_PRIORITY[unique[f.path].split]:
-            unique[f.path] = f
     roots = [str(Path(r).absolute()) for r in (labeled, unlabeled, test) if r is not None]
-    return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes, roots=roots,
+    return ImageFolders(files=_one_per_path(files), classes=classes, roots=roots,
                         skipped=sorted(set(skipped)))
 
 
@@ -301,9 +305,5 @@ def _scan_remote(labeled, unlabeled, test, known_classes, storage_options) -> Im
             files += [image(obj, "test", None) for _, _, obj in found]
     if not files:
         raise ValueError("the given folders hold no image files; check the URIs and extensions.")
-    unique: dict[str, ImageFile] = {}
-    for f in files:
-        if f.path not in unique or SPLIT_PRIORITY[f.split] < SPLIT_PRIORITY[unique[f.path].split]:
-            unique[f.path] = f
-    return ImageFolders(files=sorted(unique.values(), key=lambda f: f.path), classes=classes,
+    return ImageFolders(files=_one_per_path(files), classes=classes,
                         roots=[f.rstrip("/") for _, f in given])

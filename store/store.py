@@ -206,6 +206,21 @@ def _storage_errors(method):
     return wrapper
 
 
+def _checked_vectors(version, ids: list[str], vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` as contiguous float32, refused unless they fit the version and ``ids`` and are finite."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != version.dim:
+        raise ValueError(f"version {version.fingerprint} holds {version.dim}-d vectors, "
+                         f"got an array of shape {vectors.shape}.")
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors.")
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{int((~np.isfinite(vectors).all(axis=1)).sum())} vectors for version "
+                         f"{version.fingerprint} hold NaN or infinite values; the model that made them is "
+                         "broken (check its weights). Nothing of them was written.")
+    return vectors
+
+
 @dataclass
 class EmbeddingSet:
     """The interchange format of the later stages: one row per unique image id.
@@ -588,16 +603,7 @@ class Store:
         One LanceDB commit: after a crash the rows are either all there or none.
         """
         version = self.get_version(fingerprint, count_rows=False)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != version.dim:
-            raise ValueError(f"version {version.fingerprint} holds {version.dim}-d vectors, "
-                             f"got an array of shape {vectors.shape}.")
-        if len(ids) != len(vectors):
-            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors.")
-        if not np.isfinite(vectors).all():
-            raise ValueError(f"{int((~np.isfinite(vectors).all(axis=1)).sum())} vectors for version "
-                             f"{version.fingerprint} hold NaN or infinite values; the model that made them is "
-                             "broken (check its weights). Nothing of them was written.")
+        vectors = _checked_vectors(version, ids, vectors)
         if not len(ids):
             return
         first = {}
@@ -633,16 +639,9 @@ class Store:
         if not ray.is_initialized():  # Ray Data would start a Ray instance of its own here
             raise RuntimeError("append_embeddings writes through Ray: connect first (ray.init, or clipfuse's --ray).")
         version = self.get_version(fingerprint, count_rows=False)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != version.dim or len(ids) != len(vectors):
-            raise ValueError(f"version {version.fingerprint} holds {version.dim}-d vectors; got {len(ids)} ids and an "
-                             f"array of shape {vectors.shape}.")
+        vectors = _checked_vectors(version, ids, vectors)
         if len(set(ids)) != len(ids):
             raise ValueError("append_embeddings was given an id twice; each id gets one vector.")
-        if not np.isfinite(vectors).all():
-            raise ValueError(f"{int((~np.isfinite(vectors).all(axis=1)).sum())} vectors for version "
-                             f"{version.fingerprint} hold NaN or infinite values; the model that made them is "
-                             "broken (check its weights). Nothing of them was written.")
         if not len(ids):
             return
         schema = _embeddings_schema(version.dim)
