@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from datetime import datetime
 import math
 import os
 import re
@@ -346,6 +347,8 @@ def info(
     console.print(f"[bold]store[/] {result.uri}  tables: {', '.join(result.tables)}")
     console.print(f"{result.images} image rows, {result.unique_images} unique contents; "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(result.per_split.items())))
+    if result.labels_by_source:
+        console.print("labels: " + ", ".join(f"{k} {v}" for k, v in result.labels_by_source.items()))
     if result.per_class:
         classes = Table(title=f"labeled images per class ({len(result.per_class)} classes)")
         classes.add_column("class")
@@ -369,6 +372,64 @@ def info(
     console.print(f"index errors: {result.errors}" + ("" if errors or not result.errors else "  (list them with --errors)"))
     for e in result.error_list or []:
         console.print(f"  {escape(e['path'])}: {escape(e['reason'])}", highlight=False)
+
+
+@app.command("label")
+@_runtime_errors
+def label(
+    image: Annotated[Optional[str], typer.Argument(
+        metavar="ID_OR_PATH", help="The image: its id, or a path the store holds.", show_default=False)] = None,
+    class_name: Annotated[Optional[str], typer.Argument(
+        metavar="CLASS", help="Its class (a new name adds a class).", show_default=False)] = None,
+    from_csv: Annotated[Optional[Path], typer.Option(
+        "--from-csv", help="CSV with columns id (or path) and label; an empty label removes it. All rows or none.",
+        show_default=False)] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Take the image's label away: it is not trained on.")] = False,
+    history: Annotated[bool, typer.Option("--history", help="Show every label change (of ID_OR_PATH, if given).")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --history: print JSON.")] = False,
+    db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
+):
+    """Set an image's label by hand; it wins over its folder's for training (the folder stays).
+
+    Every change is kept (--history). Run train-heads afterwards to train on the new labels.
+
+    Examples:
+
+        clipfuse label data/pool/0042.jpg cat
+
+        clipfuse label 3f2a9c0d1e5b47a8b6c4d2e0f1a3b5c7 dog
+
+        clipfuse label --from-csv fixes.csv
+
+        clipfuse label data/train/cat/007.jpg --remove
+    """
+    ws = _workspace(db, storage_option, quiet=as_json)
+    if history:
+        rows = ws.label_history(image)
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2, default=str))
+            return
+        table = Table(title=f"label history ({len(rows)} changes)")
+        for col in ("when", "image", "label", "source"):
+            table.add_column(col)
+        for h in rows:
+            when = datetime.fromtimestamp(h["at"]).strftime("%Y-%m-%d %H:%M:%S")
+            table.add_row(when, escape(h["path"] or h["id"]), escape(h["label"]) if h["label"] else "(no label)",
+                          h["source"])
+        console.print(table)
+        return
+    result = ws.label(image, class_name, from_csv=from_csv, remove=remove)
+    for c in result.changes[:20]:
+        before = c.before if c.before is not None else "(no label)"
+        after = c.after if c.after is not None else "(no label)"
+        console.print(f"{escape(c.path)}: {escape(before)} -> {escape(after)}", highlight=False)
+    if len(result.changes) > 20:
+        console.print(f"... and {len(result.changes) - 20} more")
+    if result.new_classes:
+        console.print(f"new classes: {', '.join(result.new_classes)}")
+    console.print(f"labeled {len(result.changes)} image(s); run `clipfuse train-heads` to train on them")
 
 
 @app.command("remove-version")

@@ -26,6 +26,8 @@ from .versions import EmbeddingVersion
 
 DEFAULT_DB = "clipfuse.lance"
 IMAGES, ERRORS, VERSIONS, CLASSES = "images", "index_errors", "embedding_versions", "classes"
+LABELS = "labels"
+LABEL_SOURCES = ("human", "import")  # of rows of the labels table; folder labels live in the images table
 
 IMAGES_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),  # content hash of the file
@@ -57,6 +59,14 @@ VERSIONS_SCHEMA = pa.schema([
     pa.field("source", pa.string()),  # 'index' or 'import:<what>'
     pa.field("created_at", pa.float64()),
     pa.field("activated_at", pa.float64()),  # set when a complete run makes it the active version
+])
+LABELS_SCHEMA = pa.schema([  # every label change, kept: the last row of an id is its label
+    pa.field("id", pa.string(), nullable=False),  # image content id
+    pa.field("label", pa.string()),  # class name; null: "no label" (the image is not trained on)
+    pa.field("source", pa.string(), nullable=False),  # one of LABEL_SOURCES
+    pa.field("given", pa.string()),  # what the user named the image by (its path or id)
+    pa.field("at", pa.float64(), nullable=False),
+    pa.field("seq", pa.int64(), nullable=False),  # order of the rows of one commit
 ])
 CLASSES_SCHEMA = pa.schema([
     pa.field("index", pa.int32(), nullable=False),
@@ -751,6 +761,39 @@ class Store:
         return _last_by(t, "path", "at") if t is not None else ERRORS_SCHEMA.empty_table()
 
     # ---- duplicates written before the writer lock ------------------------------------------------
+    # ---- labels set by people (or imported), over the folders' ------------------------------------
+    @_storage_errors
+    def add_labels(self, rows: list[tuple[str, str | None, str]], *, source: str = "human") -> None:
+        """Record label changes ``(id, class or None, given)`` in one commit (None: the image has no label).
+
+        Nothing is ever overwritten: the labels table keeps every change, and an id's last row is its
+        label. The caller checks ids and class names (and adds new classes) first.
+        """
+        if source not in LABEL_SOURCES:
+            raise ValueError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {source!r}.")
+        if not rows:
+            return
+        now = time.time()
+        data = pa.table({"id": [r[0] for r in rows], "label": [r[1] for r in rows], "source": [source] * len(rows),
+                         "given": [r[2] for r in rows], "at": [now] * len(rows), "seq": list(range(len(rows)))},
+                        schema=LABELS_SCHEMA)
+        with self.writer():
+            self._table(LABELS, LABELS_SCHEMA).add(data)
+
+    @_storage_errors
+    def label_history(self) -> pa.Table:
+        """Every label change, oldest first."""
+        t = self._read(LABELS)
+        if t is None or not t.num_rows:
+            return LABELS_SCHEMA.empty_table()
+        return t.sort_by([("at", "ascending"), ("seq", "ascending")])
+
+    def labels(self) -> dict[str, tuple[str | None, str]]:
+        """``{id: (class or None, source)}``: the current label of every id that has a labels-table row."""
+        history = self.label_history()
+        return {id_: (label, source) for id_, label, source in zip(
+            history["id"].to_pylist(), history["label"].to_pylist(), history["source"].to_pylist())}
+
     @_storage_errors
     def duplicates(self) -> dict[str, int]:
         """Rows stored twice (by writers that ran at once before the store had a writer lock).
@@ -837,6 +880,14 @@ class Store:
                 test_meta.setdefault(id_, set()).add(label)
             meta[id_] = (split, labels)
         del images
+        for id_, (label, _) in self.labels().items():  # a label set by a person wins over the folder's
+            if id_ not in meta:
+                continue
+            split, _ = meta[id_]
+            if split == "test":
+                test_meta[id_] = set() if label is None else {label}
+            else:
+                meta[id_] = (split, set() if label is None else {label})
         ids, X = self._read_vectors(version, wanted=meta.keys())  # vectors of images no longer indexed are skipped
         labels = np.full(len(ids), -1, dtype=np.int64)
         test_labels = np.full(len(ids), -1, dtype=np.int64)
@@ -1061,13 +1112,32 @@ class Store:
 
         df = pl.from_arrow(images) if images.num_rows else pl.DataFrame(schema={"split": pl.Utf8, "label": pl.Utf8, "id": pl.Utf8})
         per_split = {r["split"]: r["len"] for r in df.group_by("split").len().to_dicts()}
-        per_class = {r["label"]: r["len"] for r in df.filter(pl.col("split") == "labeled").group_by("label").len().to_dicts()}
+
         try:
             active = self.get_version().fingerprint
         except LookupError:
             active = None
+        set_labels = self.labels()
+        folder = df.filter((pl.col("split") == "labeled") & pl.col("label").is_not_null())
+        current = dict(zip(folder["id"].to_list(), folder["label"].to_list())) if folder.height else {}
+        by_source = {"folder": len(set(current) - set(set_labels))}
+        test_only = set(df.filter(pl.col("split") == "test")["id"].to_list()) - set(
+            df.filter(pl.col("split") != "test")["id"].to_list()) if images.num_rows else set()
+        for id_, (label, source) in set_labels.items():
+            key = source if label is not None else f"{source}: no label"
+            by_source[key] = by_source.get(key, 0) + 1
+            if id_ in test_only:
+                continue  # a test image's label scores, it is not trained on
+            if label is None:
+                current.pop(id_, None)
+            else:
+                current[id_] = label
+        per_class = {}
+        for label in current.values():
+            per_class[label] = per_class.get(label, 0) + 1
         return {
             "uri": self.uri,
+            "labels_by_source": by_source,
             "tables": sorted(self._table_names()),
             "images": images.num_rows,
             "unique_images": df["id"].n_unique() if images.num_rows else 0,

@@ -15,6 +15,8 @@ from .results import (
     ImportResult,
     IndexResult,
     InfoResult,
+    LabelChange,
+    LabelResult,
     Neighbor,
     NeighborsResult,
     Notice,
@@ -29,7 +31,7 @@ from .workspace import EXPORT_FORMATS, EXPORT_SPLITS, Workspace, open
 
 __all__ = [
     "DemoResult", "EXPORT_FORMATS", "EXPORT_SPLITS", "EvaluateResult", "ExportResult", "FinetuneResult",
-    "ImportResult", "IndexResult", "InfoResult", "Neighbor", "NeighborsResult", "Notice", "OptionError",
+    "ImportResult", "IndexResult", "InfoResult", "LabelChange", "LabelResult", "Neighbor", "NeighborsResult", "Notice", "OptionError",
     "PredictResult", "Progress", "RemoveVersionResult", "TrainResult", "Trained", "WiseFtResult", "Workspace", "load_cross_trained", "load_trained", "open",
     "predictions_table", "run_demo",
 ]

@@ -41,6 +41,23 @@ class _Result:
 
 
 @dataclass
+class LabelChange:
+    """One image's label before and after ``clipfuse label`` (None: no label)."""
+
+    id: str
+    path: str
+    before: Optional[str]
+    after: Optional[str]
+    given: str  # how the image was named (its id or path)
+
+
+@dataclass
+class LabelResult(_Result):
+    changes: list[LabelChange]
+    new_classes: list[str]  # class names the labels added to the class list
+
+
+@dataclass
 class IndexResult(_Result):
     """What ``index`` and ``reembed`` did."""
 
@@ -93,6 +110,7 @@ class InfoResult(_Result):
     duplicates: dict[str, int]  # duplicate rows per table (left by writers before the lock)
     error_list: Optional[list[dict]] = None  # path and reason of each, when asked for
     ensembles: list[dict] = field(default_factory=list)  # saved --versions ensembles: versions, fused accuracy
+    labels_by_source: dict[str, int] = field(default_factory=dict)  # labeled images: folder, human, import
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -17,6 +17,7 @@ from . import crossversion
 from . import heads as _heads
 from .models import check_device, embedder_config, load_embedder, named_as_store_version, version_embedder, version_model
 from .queries import describe_neighbors, resolve_query
+from .labeling import Labeling
 from .tuning import Tuning
 from .results import (
     EvaluateResult,
@@ -58,7 +59,7 @@ def _head_list(heads) -> list[str] | None:
     return [h.strip() for h in items if h.strip()]
 
 
-class Workspace(Tuning):
+class Workspace(Labeling, Tuning):
     """One clipfuse store and the workflows on it.
 
     Parameters
@@ -325,7 +326,8 @@ class Workspace(Tuning):
                           unique_images=summary["unique_images"], per_split=summary["per_split"],
                           per_class=summary["per_class"], versions=versions, active=summary["active"],
                           errors=summary["errors"], duplicates=summary["duplicates"], error_list=error_list,
-                          ensembles=crossversion.list_ensembles(self.store), notices=notices)
+                          ensembles=crossversion.list_ensembles(self.store),
+                          labels_by_source=summary["labels_by_source"], notices=notices)
 
     def import_embeddings(self, source, *, metadata=None, image_root=None, split: str = "unlabeled",
                           model: str | None = None, pretrained: str | None = None,

@@ -1,0 +1,170 @@
+"""Labels set by people: ``clipfuse label``, over the labels the folders give.
+
+A label set here wins over the image's folder for training (the folder stays as it is); every change
+is kept in the store's labels table, so the history can be shown and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from pathlib import Path
+
+from .results import LabelChange, LabelResult, OptionError
+
+MAX_CLASS_NAME = 200
+
+
+def check_class_name(name: str, where: str = "") -> str:
+    """A class name as stored: the given text stripped of surrounding spaces; refused when unusable."""
+    if not isinstance(name, str):
+        raise ValueError(f"class name {name!r}{where} is not text.")
+    cleaned = name.strip()
+    if not cleaned:
+        raise ValueError(f"empty class name{where}; give the class's name.")
+    if len(cleaned) > MAX_CLASS_NAME:
+        raise ValueError(f"class name {cleaned[:40]!r}...{where} is longer than {MAX_CLASS_NAME} characters.")
+    bad = [c for c in cleaned if unicodedata.category(c).startswith("C")]
+    if bad:
+        raise ValueError(f"class name {cleaned!r}{where} holds control characters ({bad[0]!r}); use plain text.")
+    if "/" in cleaned or "\\" in cleaned or cleaned in (".", ".."):
+        raise ValueError(f"class name {cleaned!r}{where} can't be a folder name (it has a slash, or is . or ..); "
+                         "class names double as folder names, so pick another.")
+    return cleaned
+
+
+class Labeling:
+    """The labeling methods of :class:`~clipfuse.workspace.Workspace`."""
+
+    def _image_lookup(self):
+        """``resolve(given) -> (id, path)`` over the store's images: an id, a stored path, or a path on disk."""
+        images = self.store.images().select(["id", "path", "split"]).to_pylist()
+        by_id = {}
+        for r in images:
+            by_id.setdefault(r["id"], r["path"])
+        by_path = {r["path"]: r["id"] for r in images}
+
+        def resolve(given: str) -> tuple[str, str] | None:
+            given = str(given).strip()
+            if given in by_id:
+                return given, by_id[given]
+            if given in by_path:
+                return by_path[given], given
+            if "://" not in given:
+                absolute = str(Path(given).expanduser().absolute())
+                if absolute in by_path:
+                    return by_path[absolute], absolute
+                real = os.path.realpath(given)
+                if real in by_path:
+                    return by_path[real], real
+            return None
+
+        return resolve
+
+    def label(self, image=None, label: str | None = None, *, from_csv=None, remove: bool = False) -> LabelResult:
+        """Set (or with ``remove=True``, take away) the label of an image, or of every row of a CSV.
+
+        ``image`` is an image id or a path the store holds; ``from_csv`` is a CSV with a column ``id``
+        or ``path`` and a column ``label`` (an empty label takes the image's label away). A new class
+        name grows the class list. Everything is checked first: one bad row and nothing is written.
+        """
+        notices = self._start()
+        self._require_store()
+        if (image is None) == (from_csv is None):
+            raise OptionError("ID_OR_PATH", "give either an ID_OR_PATH (with a CLASS, or --remove) or --from-csv FILE.")
+        if from_csv is not None and remove:
+            raise OptionError("--remove", "takes an ID_OR_PATH; in a CSV, leave the label empty to remove it.")
+        if image is not None:
+            if remove and label is not None:
+                raise OptionError("CLASS", "--remove takes no CLASS: it takes the image's label away.")
+            if not remove and label is None:
+                raise OptionError("CLASS", "give the CLASS to label the image with (or --remove).")
+            wanted = [(str(image), None if remove else label, "argument")]
+        else:
+            wanted = self._read_label_csv(from_csv)
+        resolve = self._image_lookup()
+        current = self._current_labels()
+        problems, changes, seen = [], [], {}
+        for given, name, where in wanted:
+            found = resolve(given)
+            if found is None:
+                problems.append(f"{where}: no image {given!r} in the store (give an image id or a path it holds; "
+                                "`clipfuse neighbors` and the export show both)")
+                continue
+            id_, path = found
+            if name is not None:
+                try:
+                    name = check_class_name(name, f" ({where})")
+                except ValueError as e:
+                    problems.append(str(e))
+                    continue
+            if id_ in seen and seen[id_] != name:
+                problems.append(f"{where}: image {given!r} (id {id_}) is labeled twice, {seen[id_]!r} and {name!r}; "
+                                "keep one row per image.")
+                continue
+            seen[id_] = name
+            changes.append(LabelChange(id=id_, path=path, before=current.get(id_), after=name, given=given))
+        if problems:
+            more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise ValueError(f"nothing was labeled: {len(problems)} problem(s): " + "; ".join(problems[:10]) + more)
+        unique = list({c.id: c for c in changes}.values())
+        with self.store.writer("clipfuse label"):
+            classes = self.store.classes()
+            new = sorted({c.after for c in unique if c.after is not None and c.after not in classes})
+            if new:
+                self.store.add_classes(new)
+            self.store.add_labels([(c.id, c.after, c.given) for c in unique], source="human")
+        return LabelResult(changes=unique, new_classes=new, notices=notices)
+
+    def _current_labels(self) -> dict[str, str | None]:
+        """Each image's label now: set by a person, else its folder's."""
+        out = {}
+        for r in self.store.images().select(["id", "split", "label"]).to_pylist():
+            if r["split"] in ("labeled", "test") and r["label"] is not None:
+                out.setdefault(r["id"], r["label"])
+        for id_, (label, _) in self.store.labels().items():
+            out[id_] = label
+        return out
+
+    @staticmethod
+    def _read_label_csv(path) -> list[tuple[str, str | None, str]]:
+        import polars as pl
+
+        path = Path(path)
+        if not path.is_file():
+            raise OptionError("--from-csv", f"{str(path)!r} is not a file; give a CSV with columns id (or path) and "
+                                            "label.")
+        try:
+            df = pl.read_csv(path, infer_schema=False)  # every column as text: ids like 0012 stay as they are
+        except Exception as e:
+            raise OptionError("--from-csv", f"{str(path)!r} is not a readable CSV: {e}") from e
+        columns = {c.strip().lower(): c for c in df.columns}
+        key = columns.get("id") or columns.get("path")
+        if key is None or "label" not in columns:
+            raise OptionError("--from-csv", f"{str(path)!r} has columns {df.columns}; it needs an id (or path) column "
+                                            "and a label column.")
+        if df.height == 0:
+            raise OptionError("--from-csv", f"{str(path)!r} has no rows.")
+        out = []
+        for i, (given, label) in enumerate(zip(df[key].to_list(), df[columns["label"]].to_list()), start=2):
+            if given is None or not str(given).strip():
+                out.append(("", label, f"line {i}"))
+            else:
+                out.append((str(given), label if label is not None and str(label).strip() else None, f"line {i}"))
+        return out
+
+    def label_history(self, image=None) -> list[dict]:
+        """Every label change (of one image, when given), oldest first: id, path, label, source, given, at."""
+        self._require_store()
+        history = self.store.label_history().to_pylist()
+        resolve = self._image_lookup()
+        if image is not None:
+            found = resolve(image)
+            if found is None:
+                raise OptionError("ID_OR_PATH", f"no image {str(image)!r} in the store.")
+            history = [h for h in history if h["id"] == found[0]]
+        path_of = {}
+        for r in self.store.images().select(["id", "path"]).to_pylist():
+            path_of.setdefault(r["id"], r["path"])
+        return [{"id": h["id"], "path": path_of.get(h["id"]), "label": h["label"], "source": h["source"],
+                 "given": h["given"], "at": h["at"]} for h in history]
