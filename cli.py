@@ -432,6 +432,58 @@ def label(
     console.print(f"labeled {len(result.changes)} image(s); run `clipfuse train-heads` to train on them")
 
 
+@app.command("suspects")
+@_runtime_errors
+def suspects(
+    n: Annotated[int, typer.Option("-n", "--n", min=1, help="How many to list.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: suspects, conflicts and leaks.")] = False,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the suspects to this CSV.",
+                                                    show_default=False)] = None,
+    duplicate_threshold: Annotated[float, typer.Option(
+        "--duplicate-threshold", help="Cosine at which two images count as near-duplicates.")] = 0.98,
+    version: VersionOpt = None,
+    db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
+):
+    """Labeled images whose label is probably wrong, most suspect first (after train-heads).
+
+    Each label is judged by heads that never saw it (out-of-fold), through cleanlab.
+    Also listed: one content or near-duplicates under two labels, and test images that
+    duplicate labeled ones. Fix a label with `clipfuse label ID_OR_PATH CLASS`.
+
+    Examples:
+
+        clipfuse suspects -n 20
+
+        clipfuse suspects --json > suspects.json
+    """
+    from clipfuse.data import write_csv
+
+    result = _workspace(db, storage_option, quiet=as_json).suspects(n=n, version=version,
+                                                                    duplicate_threshold=duplicate_threshold)
+    if csv_out is not None:
+        write_csv(csv_out, ["id", "path", "given", "suggested", "score", "flagged", "reason"],
+                  [[s.id, s.path, s.given, s.suggested, f"{s.score:.4f}", s.flagged, s.reason] for s in result.suspects])
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    table = Table(title=f"label suspects ({result.flagged} of {result.judged} labels flagged by cleanlab)")
+    for col in ("score", "path", "given", "suggested", "why"):
+        table.add_column(col)
+    for s in result.suspects:
+        table.add_row(f"{s.score:.3f}", escape(s.path), escape(s.given), escape(s.suggested), s.reason)
+    console.print(table)
+    for c in result.conflicts[:20]:
+        console.print(f"[yellow]under two labels[/] ({c['cosine']:.3f}): "
+                      + ", ".join(escape(str(p)) for p in c["paths"]) + f"  labels {', '.join(c['labels'])}",
+                      highlight=False)
+    for leak in result.leaks[:20]:
+        console.print(f"[yellow]test image duplicates a labeled one[/] ({leak['cosine']:.3f}): "
+                      f"{escape(str(leak['test_path']))} ~ {escape(str(leak['labeled_path']))}", highlight=False)
+    if csv_out is not None:
+        console.print(f"wrote {len(result.suspects)} suspects to {escape(str(csv_out))}")
+
+
 @app.command("remove-version")
 @_runtime_errors
 def remove_version(

@@ -275,6 +275,7 @@ class Ensemble:
         y_train = np.full_like(y, -1)
         y_train[train_idx] = y[train_idx]
         self.train_idx_, self.val_idx_, self.val_labels_ = train_idx, val_idx, y[val_idx]
+        self.train_labels_ = y[train_idx]
         self.unavailable_: dict[str, str] = {}
         self.fit_seconds_: dict[str, float] = {}
         oof: dict[str, np.ndarray] = {}
@@ -339,6 +340,7 @@ class Ensemble:
         L_val = np.stack([_log(val_proba[h]) for h in self.head_names_], axis=1)
         y_val = y[val_idx]
         self.oof_proba_ = oof
+        self.oof_fused_ = self.fusion_.predict_proba(L_train).astype(np.float32)  # rows train_idx_, out of fold
         self.val_proba_ = {**val_proba, "fused": self.fusion_.predict_proba(L_val)}
         self.val_scores_ = {h: score_predictions(y_val, P) for h, P in self.val_proba_.items()}
         self.view_rows_ = {} if self.views is None else {view: vr.rows for view, vr in views.items()}
@@ -351,6 +353,17 @@ class Ensemble:
                     self.view_scores_[view] = score_predictions(y_val, alone.predict_proba(L_val[:, cols]))
         self.fit_seconds_["fusion"] = time.perf_counter() - start
         return self
+
+    def held_out_proba(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(rows, labels, P)`` of every labeled row, each predicted by heads that did not see its label:
+        the training rows out of fold, the validation rows by the heads fitted on the training split.
+        None for heads saved before these predictions were kept."""
+        oof = getattr(self, "oof_fused_", None)
+        if oof is None:
+            return None
+        rows = np.concatenate([self.train_idx_, self.val_idx_])
+        labels = np.concatenate([self.train_labels_, self.val_labels_])
+        return rows, labels, np.concatenate([oof, self.val_proba_["fused"]]).astype(np.float64)
 
     @property
     def weights_(self) -> dict[str, float]:
@@ -585,6 +598,9 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
     arrays["_val_rows"] = np.asarray(ensemble.val_idx_, dtype=np.int64)
     arrays["_val_labels"] = np.asarray(ensemble.val_labels_, dtype=np.int64)
     arrays["_train_rows"] = np.asarray(ensemble.train_idx_, dtype=np.int64)
+    if getattr(ensemble, "oof_fused_", None) is not None:
+        arrays["_oof_fused"] = np.ascontiguousarray(ensemble.oof_fused_, dtype=np.float32)
+        arrays["_train_labels"] = np.asarray(ensemble.train_labels_, dtype=np.int64)
     meta = {
         "format": 1,
         "n_classes": ensemble.n_classes,
@@ -656,6 +672,8 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
     ens.fit_seconds_ = meta["fit_seconds"]
     ens.val_proba_ = {k[len("_val."):]: v for k, v in arrays.items() if k.startswith("_val.")}
     ens.val_idx_, ens.train_idx_, ens.val_labels_ = arrays["_val_rows"], arrays["_train_rows"], arrays["_val_labels"]
+    if "_oof_fused" in arrays:  # heads saved before they were kept have none: held_out_proba() says so
+        ens.oof_fused_, ens.train_labels_ = arrays["_oof_fused"], arrays["_train_labels"]
     ens.view_rows_ = {k[len("_view_rows."):]: v for k, v in arrays.items() if k.startswith("_view_rows.")}
     ens.view_scores_ = meta.get("view_scores", {})
     return ens, meta

@@ -120,3 +120,55 @@ def test_a_csv_labels_all_its_rows_in_one_commit_and_every_change_is_kept(indexe
     r = _run("label", "--history", "--db", db)
     assert r.exit_code == 0 and "label history (5 changes)" in r.output and "(no label)" in r.output
     assert np.sum(ws.store.load_embeddings().labels >= 0) == 12 - 1 + 3
+
+
+def _blobs(tmp_path, seed=0):
+    """3 separated classes in 16-d: 20 labels each (3 of them flipped), 60 unlabeled; a labeled row copied
+    under another label; a test row that copies a labeled one."""
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    centres = np.eye(3, 16) * 4.0
+    y = np.repeat(np.arange(3), 40)
+    X = centres[y] + rng.normal(0, 0.6, (120, 16))
+    rows = [{"id": f"img{i:03d}", "label": None, "split": "unlabeled"} for i in range(120)]
+    labeled = [i for c in range(3) for i in np.flatnonzero(y == c)[:20]]
+    for i in labeled:
+        rows[i].update(label=f"c{y[i]}", split="labeled")
+    flipped = [labeled[0], labeled[25], labeled[50]]
+    for i in flipped:
+        rows[i]["label"] = f"c{(y[i] + 1) % 3}"
+    X = np.vstack([X, X[labeled[5]], X[labeled[45]]])  # a copy under another label; a test copy of a labeled one
+    rows.append({"id": "copy-under-c1", "label": "c1", "split": "labeled"})
+    rows.append({"id": "test-copy", "label": None, "split": "test"})
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    np.save(tmp_path / "v.npy", X.astype(np.float32))
+    pl.DataFrame(rows).write_parquet(tmp_path / "rows.parquet")
+    return [rows[i]["id"] for i in flipped], rows[labeled[5]]["id"], rows[labeled[45]]["id"]
+
+
+def test_suspects_find_flipped_labels_copies_under_two_labels_and_test_leaks(tmp_path):
+    flipped, copied, leaked = _blobs(tmp_path)
+    ws = clipfuse.open(tmp_path / "s.lance")
+    ws.import_embeddings(tmp_path / "v.npy", metadata=tmp_path / "rows.parquet")
+    with pytest.raises(FileNotFoundError, match="run `clipfuse train-heads` first"):
+        ws.suspects()
+    ws.train_heads(heads="probe,knn,propagation", folds=3)
+    result = ws.suspects(n=5)
+    top = [s.id for s in result.suspects[:4]]
+    assert set(flipped) <= set(top), (top, flipped)  # the copy under c1 is the fourth suspect
+    for s in result.suspects[:3]:
+        assert s.flagged and s.score > 0.5 and s.suggested != s.given
+    assert result.judged == 61 and result.flagged >= 3
+    pair = [c for c in result.conflicts if set(c["ids"]) == {copied, "copy-under-c1"}]
+    assert pair and pair[0]["labels"] == ["c0", "c1"] and pair[0]["cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert [(leak["test_id"], leak["labeled_id"]) for leak in result.leaks] == [("test-copy", leaked)]
+    r = _run("suspects", "--db", tmp_path / "s.lance", "-n", "3", "--json")
+    data = json.loads(r.output)
+    assert {"id", "path", "given", "suggested", "score"} <= set(data["suspects"][0]) and len(data["suspects"]) == 3
+    r = _run("suspects", "--db", tmp_path / "s.lance", "-n", "3", "--csv", tmp_path / "sus.csv")
+    assert r.exit_code == 0 and "test image duplicates a labeled one" in r.output, r.output
+    assert (tmp_path / "sus.csv").read_text().startswith("id,path,given,suggested,score,flagged,reason\n")
+    ws.label(flipped[0], result.suspects[[s.id for s in result.suspects].index(flipped[0])].suggested)
+    again = ws.suspects(n=5)  # judged as trained: says the labels changed since
+    assert any("changed since train-heads" in n.message for n in again.notices)

@@ -10,7 +10,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from .results import LabelChange, LabelResult, OptionError
+from .results import LabelChange, LabelResult, OptionError, Suspect, SuspectsResult
 
 MAX_CLASS_NAME = 200
 
@@ -168,3 +168,86 @@ class Labeling:
             path_of.setdefault(r["id"], r["path"])
         return [{"id": h["id"], "path": path_of.get(h["id"]), "label": h["label"], "source": h["source"],
                  "given": h["given"], "at": h["at"]} for h in history]
+
+    def suspects(self, *, n: int = 50, version: str | None = None, duplicate_threshold: float = 0.98) -> SuspectsResult:
+        """Labeled images whose label is probably wrong, most suspect first, after ``train_heads``.
+
+        Each labeled image is judged by heads that never saw its label (the stack's out-of-fold and
+        held-out predictions), through cleanlab's ``find_label_issues``. Also reported: one content (or
+        near-duplicates at cosine ≥ ``duplicate_threshold``) under two labels, and test images that
+        duplicate labeled ones (a leak: the test score then measures memory).
+        """
+        import numpy as np
+
+        from clipfuse.classify.quality import near_duplicates, rank_label_issues
+
+        from .heads import load_trained
+
+        notices = self._start()
+        if n < 1:
+            raise OptionError("-n", f"must be at least 1, got {n}.")
+        if not 0.0 < duplicate_threshold <= 1.0:
+            raise OptionError("--duplicate-threshold", f"must be in (0, 1], got {duplicate_threshold}.")
+        v = self.version(version)
+        trained = load_trained(self.store, v, notify=self._notify)
+        held = trained.ensemble.held_out_proba()
+        if held is None:
+            raise ValueError(f"the heads of version {v.short} were trained before clipfuse kept their out-of-fold "
+                             "predictions; run `clipfuse train-heads` again.")
+        rows, given, P = held
+        classes = trained.classes
+        ids = [str(trained.fit_ids[r]) for r in rows]
+        order, score, flagged = rank_label_issues(given, P)
+        path_of, label_now = self._paths_and_labels()
+        changed = sum(1 for id_, g in zip(ids, given) if label_now.get(id_) != classes[g])
+        if changed:
+            self._warn(f"{changed} label(s) changed since train-heads; run `clipfuse train-heads` to judge them as "
+                       "they are now")
+        found = [Suspect(id=ids[i], path=path_of.get(ids[i], f"id:{ids[i]}"), given=classes[given[i]],
+                         suggested=classes[int(P[i].argmax())], score=float(s), flagged=bool(f),
+                         reason="cleanlab: label issue" if f else "low confidence in the given label")
+                 for i, s, f in zip(order[:n], score[:n], flagged[:n])]
+
+        es = trained.es
+        labeled = np.flatnonzero(es.labels >= 0)
+        conflicts = [{"ids": [c], "paths": sorted(p for p, i in path_of.items() if i == c), "labels": [],
+                      "cosine": 1.0} for c in es.conflicts]
+        for c in conflicts:
+            c["labels"] = sorted(self._folder_labels_of(c["ids"][0]))
+        for i, j, cos in near_duplicates(es.X[labeled], threshold=duplicate_threshold):
+            a, b = labeled[i], labeled[j]
+            if es.labels[a] != es.labels[b]:
+                conflicts.append({"ids": [str(es.ids[a]), str(es.ids[b])],
+                                  "paths": [path_of.get(str(es.ids[a])), path_of.get(str(es.ids[b]))],
+                                  "labels": [es.classes[es.labels[a]], es.classes[es.labels[b]]], "cosine": cos})
+        test = np.flatnonzero(es.splits == "test")
+        leaks = [{"test_id": i, "test_path": p, "labeled_id": i, "labeled_path": q, "cosine": 1.0}
+                 for i, p, q in self._exact_test_leaks()]
+        for i, j, cos in near_duplicates(es.X[test], es.X[labeled], threshold=duplicate_threshold):
+            t, lab = test[i], labeled[j]
+            leaks.append({"test_id": str(es.ids[t]), "test_path": path_of.get(str(es.ids[t])),
+                          "labeled_id": str(es.ids[lab]), "labeled_path": path_of.get(str(es.ids[lab])),
+                          "cosine": cos})
+        return SuspectsResult(version=v.fingerprint, suspects=found, flagged=int(flagged.sum()),
+                              judged=len(ids), conflicts=conflicts, leaks=leaks, notices=notices)
+
+    def _paths_and_labels(self):
+        """(first path of each id, current label of each id)."""
+        path_of = {}
+        for r in self.store.images().select(["id", "path"]).to_pylist():
+            path_of.setdefault(r["id"], r["path"])
+        return path_of, self._current_labels()
+
+    def _folder_labels_of(self, id_: str) -> set[str]:
+        rows = self.store.images([id_]).select(["split", "label"]).to_pylist()
+        return {r["label"] for r in rows if r["split"] == "labeled" and r["label"] is not None}
+
+    def _exact_test_leaks(self) -> list[tuple[str, str, str]]:
+        """(id, test path, labeled path) of contents that are both a test image and a labeled one."""
+        test, labeled = {}, {}
+        for r in self.store.images().select(["id", "path", "split"]).to_pylist():
+            if r["split"] == "test":
+                test.setdefault(r["id"], r["path"])
+            elif r["split"] == "labeled":
+                labeled.setdefault(r["id"], r["path"])
+        return [(i, test[i], labeled[i]) for i in sorted(set(test) & set(labeled))]

@@ -58,6 +58,34 @@ class LabelResult(_Result):
 
 
 @dataclass
+class Suspect:
+    """A labeled image whose label is probably wrong."""
+
+    id: str
+    path: str
+    given: str  # its label (as train-heads saw it)
+    suggested: str  # the class the held-out predictions favour
+    score: float  # 1 - p(given label), from heads that never saw this label
+    flagged: bool  # cleanlab flags it as a label issue
+    reason: str
+
+
+@dataclass
+class SuspectsResult(_Result):
+    version: str
+    suspects: list[Suspect]  # most suspect first
+    flagged: int  # how many cleanlab flags in all
+    judged: int  # labeled images judged
+    conflicts: list[dict]  # one content or near-duplicates under two labels: ids, paths, labels, cosine
+    leaks: list[dict]  # test images that duplicate labeled ones: test_id/path, labeled_id/path, cosine
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("notices")
+        return out
+
+
+@dataclass
 class IndexResult(_Result):
     """What ``index`` and ``reembed`` did."""
 
