@@ -723,6 +723,11 @@ def evaluate(
                           "-" if math.isnan(p["similarity"]) else f"{p['similarity']:.3f}",
                           escape(p["examples"][0]) if p["examples"] else "")
         console.print(pairs)
+    cal = r.calibration
+    if cal:
+        before = "-" if cal.get("ece_before") is None else f"{cal['ece_before']:.3f}"
+        console.print(f"calibration (fused, validation): ECE {before} before temperature scaling, "
+                      f"{cal['ece_after']:.3f} after (temperature {cal['temperature']:.2f}, fitted out of fold)")
     console.print(f"fused validation accuracy {r.validation['fused']['accuracy']:.3f}; wrote "
                   + ", ".join(p.name for p in r.files) + f" to {out}")
 
@@ -744,6 +749,14 @@ def export(
     raw_cells: Annotated[bool, typer.Option(
         "--raw-cells", help="Write text cells exactly as stored, even ones a spreadsheet would run as a formula "
         "(for programs that read the CSV; never open such a file in a spreadsheet).")] = False,
+    min_confidence: Annotated[Optional[float], typer.Option(
+        "--min-confidence", min=0.0, max=1.0, help="Write the abstain label for images less confident than this.",
+        show_default=False)] = None,
+    target_precision: Annotated[Optional[float], typer.Option(
+        "--target-precision", min=0.0, max=1.0, help="Pick --min-confidence from validation: the lowest threshold "
+        "whose kept validation images are right this often (e.g. 0.95); it is printed.", show_default=False)] = None,
+    abstain_label: Annotated[str, typer.Option(
+        "--abstain-label", help="Label written where clipfuse abstains.")] = "unknown",
 ):
     """Write the predictions as a CSV: path, id, label, confidence [, one column per class].
 
@@ -759,11 +772,20 @@ def export(
         clipfuse export submission.csv --split test --format kaggle
 
         clipfuse export all.csv --split all --probs --force
+
+        clipfuse export sure.csv --target-precision 0.95
     """
-    r = _workspace(db, storage_option).export(path, version=version, versions=versions, split=split.value, probs=probs, force=force,
-                              raw_cells=raw_cells, format=format.value)
-    (err_console if r.streamed else console).print(  # a CSV streamed to stdout gets no summary line mixed in
-        f"wrote {r.rows} rows ({r.split}) to {escape(str(path))}")
+    r = _workspace(db, storage_option).export(
+        path, version=version, versions=versions, split=split.value, probs=probs, force=force, raw_cells=raw_cells,
+        format=format.value, min_confidence=min_confidence, abstain_label=abstain_label,
+        target_precision=target_precision)
+    out = err_console if r.streamed else console  # a CSV streamed to stdout gets no summary line mixed in
+    if r.threshold_coverage is not None:
+        out.print(f"threshold {r.threshold:.4f} for precision {target_precision:g}: on validation it keeps "
+                  f"{r.threshold_coverage:.1%} of the images, right {r.threshold_precision:.1%} of the time")
+    out.print(f"wrote {r.rows} rows ({r.split}) to {escape(str(path))}"
+              + (f"; {r.abstained} below confidence {r.threshold:.4f} as {abstain_label!r}" if r.threshold is not None
+                 else ""), highlight=False)
 
 
 # ---- finetuning ----------------------------------------------------------------------------------

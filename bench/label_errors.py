@@ -5,7 +5,7 @@
 - mixture: a 48-class mixture of 4 sub-clusters per class in 512-d (as bench/classify_scale.py).
 
 clipfuse: the vectors are imported into a fresh store, ``train_heads`` fits the stack (probe, knn,
-propagation, kmeans, pseudo), ``suspects`` ranks every label. Baseline: sklearn's LabelSpreading,
+propagation, kmeans, pseudo) with ``--folds 5``, ``suspects`` ranks every label. Baseline: sklearn's LabelSpreading,
 out of fold (5 folds over the labels, each fold's labels hidden while it is predicted), ranked by
 self-confidence. Both are scored by precision and recall in their top k, k = the number flipped
 (so precision = recall). Printed per seed, side by side, and their means.
@@ -79,7 +79,7 @@ def run_clipfuse(X, given, folder: Path, heads: str) -> list[int]:
                   "label": [None if c < 0 else f"class_{c:02d}" for c in given]}).write_parquet(folder / "m.parquet")
     ws = clipfuse.open(folder / "s.lance")
     ws.import_embeddings(folder / "v.npy", metadata=folder / "m.parquet")
-    ws.train_heads(heads=heads, folds=3)
+    ws.train_heads(heads=heads, folds=5)  # each label judged by heads that saw 80% of the others
     result = ws.suspects(n=int(np.sum(given >= 0)))
     return [int(s.id[1:]) for s in result.suspects]
 

@@ -340,8 +340,14 @@ class Ensemble:
         L_val = np.stack([_log(val_proba[h]) for h in self.head_names_], axis=1)
         y_val = y[val_idx]
         self.oof_proba_ = oof
-        self.oof_fused_ = self.fusion_.predict_proba(L_train).astype(np.float32)  # rows train_idx_, out of fold
-        self.val_proba_ = {**val_proba, "fused": self.fusion_.predict_proba(L_val)}
+        raw_oof = self.fusion_.predict_proba(L_train)
+        # temperature scaling of the fused output on the out-of-fold rows (the fusion's L2 pull toward the best
+        # head leaves it over- or under-confident); validation rows stay out of it, so its ECE there is honest
+        self.temperature_ = fit_temperature(_log(raw_oof), y[train_idx])
+        self.oof_fused_ = self._calibrate(raw_oof).astype(np.float32)  # rows train_idx_, out of fold
+        raw_val = self.fusion_.predict_proba(L_val)
+        self.val_fused_raw_ = raw_val.astype(np.float32)  # before temperature scaling, for the ECE it changes
+        self.val_proba_ = {**val_proba, "fused": self._calibrate(raw_val)}
         self.val_scores_ = {h: score_predictions(y_val, P) for h, P in self.val_proba_.items()}
         self.view_rows_ = {} if self.views is None else {view: vr.rows for view, vr in views.items()}
         self.view_scores_ = {}
@@ -353,6 +359,11 @@ class Ensemble:
                     self.view_scores_[view] = score_predictions(y_val, alone.predict_proba(L_val[:, cols]))
         self.fit_seconds_["fusion"] = time.perf_counter() - start
         return self
+
+    def _calibrate(self, P: np.ndarray) -> np.ndarray:
+        """Fused probabilities at the temperature fitted on the out-of-fold rows (argmax unchanged)."""
+        t = getattr(self, "temperature_", 1.0)
+        return P if t == 1.0 else softmax(t * _log(P))
 
     def held_out_proba(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``(rows, labels, P)`` of every labeled row, each predicted by heads that did not see its label:
@@ -444,7 +455,7 @@ class Ensemble:
         for start in range(0, len(rows), 65_536):  # bounded temporaries at store scale
             at = slice(start, start + 65_536) if everything else rows[start:start + 65_536]
             L = np.stack([_log(per_head[h][at]) for h in names], axis=1)
-            fused[at] = self.fusion_.predict_proba(L, w)
+            fused[at] = self._calibrate(self.fusion_.predict_proba(L, w))
 
 
 def create_ensemble(names, n_classes: int, *, params: dict | None = None, **kwargs) -> Ensemble:
@@ -601,6 +612,8 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
     if getattr(ensemble, "oof_fused_", None) is not None:
         arrays["_oof_fused"] = np.ascontiguousarray(ensemble.oof_fused_, dtype=np.float32)
         arrays["_train_labels"] = np.asarray(ensemble.train_labels_, dtype=np.int64)
+    if getattr(ensemble, "val_fused_raw_", None) is not None:
+        arrays["_val_fused_raw"] = np.ascontiguousarray(ensemble.val_fused_raw_, dtype=np.float32)
     meta = {
         "format": 1,
         "n_classes": ensemble.n_classes,
@@ -613,6 +626,7 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
         "view_scores": getattr(ensemble, "view_scores_", {}),
         "weights": ensemble.weights_,
         "temperatures": dict(zip(ensemble.head_names_, map(float, ensemble.fusion_.temperatures_))),
+        "calibration_temperature": float(getattr(ensemble, "temperature_", 1.0)),
         "unavailable": ensemble.unavailable_,
         "val_scores": ensemble.val_scores_,
         "fit_seconds": ensemble.fit_seconds_,
@@ -674,6 +688,8 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
     ens.val_idx_, ens.train_idx_, ens.val_labels_ = arrays["_val_rows"], arrays["_train_rows"], arrays["_val_labels"]
     if "_oof_fused" in arrays:  # heads saved before they were kept have none: held_out_proba() says so
         ens.oof_fused_, ens.train_labels_ = arrays["_oof_fused"], arrays["_train_labels"]
+    ens.temperature_ = float(meta.get("calibration_temperature", 1.0))  # heads saved before it: uncalibrated
+    ens.val_fused_raw_ = arrays.get("_val_fused_raw")
     ens.view_rows_ = {k[len("_view_rows."):]: v for k, v in arrays.items() if k.startswith("_view_rows.")}
     ens.view_scores_ = meta.get("view_scores", {})
     return ens, meta

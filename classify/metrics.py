@@ -257,3 +257,58 @@ def confused_pairs(y_true, y_pred, classes, *, X=None, labels=None, top=10, exam
             "examples": np.concatenate([rows_ab, rows_ba])[:examples].astype(int).tolist(),
         })
     return result
+
+
+def risk_coverage(proba: np.ndarray, y_true: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy of the images kept against the share kept, keeping the most confident first.
+
+    Returns ``{"threshold", "coverage", "accuracy"}``: keeping rows with confidence ≥
+    ``threshold[i]`` keeps ``coverage[i]`` of them, right ``accuracy[i]`` of the time.
+    """
+    proba, y_true = np.asarray(proba), np.asarray(y_true)
+    if len(y_true) == 0:
+        empty = np.zeros(0)
+        return {"threshold": empty, "coverage": empty, "accuracy": empty}
+    conf = proba.max(axis=1)
+    order = np.argsort(-conf, kind="stable")
+    correct = (proba.argmax(axis=1) == y_true)[order]
+    kept = np.arange(1, len(order) + 1)
+    return {"threshold": conf[order], "coverage": kept / len(order), "accuracy": np.cumsum(correct) / kept}
+
+
+def threshold_for_precision(proba: np.ndarray, y_true: np.ndarray, target: float) -> tuple[float, float, float] | None:
+    """``(threshold, coverage, accuracy)`` keeping the most images whose accuracy is still ≥ ``target``;
+    None when no threshold reaches it."""
+    curve = risk_coverage(proba, y_true)
+    ok = np.flatnonzero(curve["accuracy"] >= target)
+    if not len(ok):
+        return None
+    i = int(ok[-1])
+    # rows tied at the threshold are all kept: step to the last row with that confidence that still qualifies
+    return float(curve["threshold"][i]), float(curve["coverage"][i]), float(curve["accuracy"][i])
+
+
+def plot_risk_coverage(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> Path:
+    """Accuracy against coverage, one line per name in ``curves`` (``{name: (proba, y_true)}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clipfuse.data.files import write_with
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, (proba, y_true) in curves.items():
+        c = risk_coverage(proba, y_true)
+        ax.plot(c["coverage"], c["accuracy"], label=name)
+    ax.set_xlabel("coverage (share of images kept, most confident first)")
+    ax.set_ylabel("accuracy of the kept images")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title("risk-coverage on validation")
+    fig.tight_layout()
+    path = Path(path)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path

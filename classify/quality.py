@@ -9,8 +9,8 @@ def rank_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.nd
     """Every labeled row ranked by how probably its label is wrong.
 
     ``pred_probs`` must come from models that did not see the row's label (out-of-fold).
-    Rows that ``cleanlab.filter.find_label_issues`` flags come first, in its self-confidence
-    order; the others follow, by the same score.
+    Rows are ranked by self-confidence (``1 - p(given label)``); ``flagged`` says which of them
+    ``cleanlab.filter.find_label_issues`` finds to be label issues.
 
     Returns
     -------
@@ -46,8 +46,9 @@ def rank_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.nd
                                   dtype=np.int64)
     flagged = np.zeros(len(labels), dtype=bool)
     flagged[flagged_rows] = True
-    rest = np.flatnonzero(~flagged)
-    order = np.concatenate([flagged_rows, rest[np.argsort(-score[rest], kind="stable")]])
+    # one ranking, by self-confidence (cleanlab's own ranking), flagged rows first among equal scores: putting
+    # every flagged row first lost precision in the top k on digits (0.87 against 0.96 by score alone)
+    order = np.lexsort((~flagged, -score))
     return order, score[order], flagged[order]
 
 

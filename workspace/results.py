@@ -214,6 +214,7 @@ class EvaluateResult(_Result):
     files: list[Path] = field(default_factory=list)  # metrics.json, confusions.csv and the plots
     confusions: list[dict] = field(default_factory=list)  # most-confused class pairs on validation (names, paths)
     versions: list[str] = field(default_factory=list)  # a cross-version ensemble: its versions' fingerprints
+    calibration: dict = field(default_factory=dict)  # temperature, ece_before, ece_after (fused, on validation)
 
 
 @dataclass
@@ -237,6 +238,10 @@ class ExportResult(_Result):
     format: str
     missing: int  # images of the split with no prediction yet
     streamed: bool  # written into a stream (stdout, a FIFO) rather than a file
+    threshold: Optional[float] = None  # confidence below which the abstain label was written
+    abstained: int = 0  # rows given the abstain label
+    threshold_coverage: Optional[float] = None  # with target_precision: share of validation kept at the threshold
+    threshold_precision: Optional[float] = None  # and their accuracy
 
 
 @dataclass

@@ -677,6 +677,7 @@ class Workspace(Labeling, Tuning):
         import numpy as np
 
         from clipfuse.classify import plot_class_similarity, plot_confusion, score_predictions
+        from clipfuse.classify.metrics import expected_calibration_error, plot_risk_coverage
         from clipfuse.data import write_text_atomic
 
         notices = self._start()
@@ -698,10 +699,18 @@ class Workspace(Labeling, Tuning):
                  plot_class_similarity(X_labeled, y_labeled, classes, out / "class_similarity.png")]
         confusions = self._confusions(trained, y_val, val_pred, X_labeled, y_labeled, top_confusions)
         files.append(self._write_confusions(out / "confusions.csv", confusions))
+        raw = getattr(ensemble, "val_fused_raw_", None)
+        calibration = {"temperature": float(getattr(ensemble, "temperature_", 1.0)),
+                       "ece_before": None if raw is None else expected_calibration_error(raw, y_val),
+                       "ece_after": expected_calibration_error(ensemble.val_proba_["fused"], y_val)}
+        curves = {"fused": (ensemble.val_proba_["fused"], y_val)}
+        curves.update({h: (P, y_val) for h, P in ensemble.val_proba_.items() if h != "fused"})
+        files.append(plot_risk_coverage(curves, out / "risk_coverage.png"))
         report = {"fingerprint": used[0].fingerprint if len(used) == 1 else None,
                   "versions": [v.fingerprint for v in used], "classes": classes, "validation": scores,
                   "weights": ensemble.weights_, "unavailable": ensemble.unavailable_,
-                  "version_scores": ensemble.view_scores_ if len(used) > 1 else {}, "confusions": confusions}
+                  "version_scores": ensemble.view_scores_ if len(used) > 1 else {}, "confusions": confusions,
+                  "calibration": calibration}
         test = (es.test_labels >= 0) & (es.test_labels < len(classes))  # classes added later: not scored
         later = int(np.sum(es.test_labels >= len(classes)))
         if later:
@@ -727,7 +736,8 @@ class Workspace(Labeling, Tuning):
                               validation=scores, weights=dict(ensemble.weights_), n_val=len(y_val),
                               val_counts=[int(np.sum(y_val == i)) for i in range(len(classes))], test=test_scores,
                               n_test=n_test, files=[metrics, *files], confusions=confusions,
-                              versions=[v.fingerprint for v in used] if len(used) > 1 else [], notices=notices)
+                              versions=[v.fingerprint for v in used] if len(used) > 1 else [],
+                              calibration=calibration, notices=notices)
 
     def _confusions(self, trained, y_val, val_pred, X_labeled, y_labeled, top: int) -> list[dict]:
         """The most-confused class pairs on validation, with class names and example image paths."""
@@ -767,7 +777,8 @@ class Workspace(Labeling, Tuning):
 
     def export(self, path, *, version: str | None = None, versions=None, split: str = "unlabeled",
                probs: bool = False, force: bool = False, raw_cells: bool = False,
-               format: str = "clipfuse") -> ExportResult:
+               format: str = "clipfuse", min_confidence: float | None = None, abstain_label: str = "unknown",
+               target_precision: float | None = None) -> ExportResult:
         """Write the predictions of one split as a CSV, one row per image file, in path order.
 
         ``versions`` exports the predictions of the ensemble over those versions.
@@ -775,6 +786,11 @@ class Workspace(Labeling, Tuning):
         ``format="clipfuse"``: ``path, id, label, confidence`` (+ ``p_<class>`` with ``probs``).
         ``format="kaggle"``: ``id,label`` with id = the file name without its extension.
         Text cells a spreadsheet would run as a formula get a leading ``'`` unless ``raw_cells``.
+
+        Abstention: images whose (calibrated) confidence is below ``min_confidence`` get
+        ``abstain_label`` instead of a class; ``target_precision`` picks that threshold from the
+        validation labels: the lowest one at which the kept validation images are still right at
+        least that often.
         """
         import polars as pl
 
@@ -797,6 +813,16 @@ class Workspace(Labeling, Tuning):
             raise OptionError("PATH", f"{str(path)!r} is a folder; give a CSV file name, e.g. predictions.csv.")
         if os.path.lexists(path) and not force and not stream:
             raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
+        if min_confidence is not None and target_precision is not None:
+            raise OptionError("--target-precision", "picks the threshold itself; give it or --min-confidence, not both.")
+        if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+            raise OptionError("--min-confidence", f"must be between 0 and 1, got {min_confidence}.")
+        if target_precision is not None and not 0.0 < target_precision <= 1.0:
+            raise OptionError("--target-precision", f"must be in (0, 1], got {target_precision}.")
+        abstaining = min_confidence is not None or target_precision is not None
+        if abstaining and (not str(abstain_label).strip() or abstain_label in self.store.classes()):
+            raise OptionError("--abstain-label", f"{abstain_label!r} is empty or one of the classes; pick a name no "
+                                                 "class has, so abstentions can't be mistaken for predictions.")
         several = crossversion.resolve_versions(self, versions, version=version)
         if several is not None and len(several) > 1:
             fps = [v.fingerprint for v in several]
@@ -821,6 +847,17 @@ class Workspace(Labeling, Tuning):
             images = images.filter(pl.col("split") == split)
         df = images.join(pred, on="id", how="inner").sort("path")
         missing = images.height - df.height
+        threshold = chosen = None
+        if target_precision is not None:
+            chosen = self._precision_threshold(several, version, target_precision)
+            threshold = chosen[0]
+        elif min_confidence is not None:
+            threshold = min_confidence
+        abstained = 0
+        if threshold is not None:
+            low = pl.col("confidence") < threshold
+            abstained = int(df.select(low.sum()).item())
+            df = df.with_columns(pl.when(low).then(pl.lit(abstain_label)).otherwise(pl.col("label")).alias("label"))
         if format == "kaggle":
             df = self._kaggle_frame(df)
             if not raw_cells:
@@ -840,7 +877,36 @@ class Workspace(Labeling, Tuning):
         if missing:
             self._warn(f"{missing} image(s) have no prediction yet: run `clipfuse predict` again")
         return ExportResult(path=path, rows=df.height, split=split, format=format, missing=missing, streamed=stream,
-                            notices=notices)
+                            threshold=threshold, abstained=abstained,
+                            threshold_coverage=None if chosen is None else chosen[1],
+                            threshold_precision=None if chosen is None else chosen[2], notices=notices)
+
+    def _precision_threshold(self, several, version, target: float) -> tuple[float, float, float]:
+        """(threshold, coverage, precision) on the saved validation predictions of the heads being exported."""
+        from safetensors.numpy import load_file
+
+        from clipfuse.classify.metrics import risk_coverage, threshold_for_precision
+
+        from .heads import current_heads
+
+        if several is not None and len(several) > 1:
+            folder = crossversion.ensemble_folder(self.store, several).current()
+        else:
+            folder = current_heads(self.store, self.version(several[0].fingerprint if several else version))
+        if folder is None or not (folder / "ensemble.safetensors").exists():
+            raise FileNotFoundError("no trained heads to take the validation predictions from; run `clipfuse "
+                                    "train-heads` first (or give --min-confidence).")
+        arrays = load_file(str(folder / "ensemble.safetensors"))
+        P, y = arrays["_val.fused"], arrays["_val_labels"]
+        chosen = threshold_for_precision(P, y, target)
+        if chosen is None:
+            best = float(risk_coverage(P, y)["accuracy"].max()) if len(y) else float("nan")
+            raise ValueError(f"no confidence threshold reaches precision {target:g} on the {len(y)} validation labels "
+                             f"(the best is {best:.3f}, keeping only the most confident); lower --target-precision, "
+                             "or label more images.")
+        if len(y) < 50:
+            self._warn(f"the threshold comes from {len(y)} validation labels only: the precision it promises is rough")
+        return chosen
 
     @staticmethod
     def _kaggle_frame(df):
