@@ -432,6 +432,53 @@ def label(
     console.print(f"labeled {len(result.changes)} image(s); run `clipfuse train-heads` to train on them")
 
 
+@app.command("suggest")
+@_runtime_errors
+def suggest(
+    n: Annotated[int, typer.Option("-n", "--n", min=1, help="How many images to suggest.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: a list of {id, path, predicted, reason, ...}.")]
+    = False,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the suggestions to this CSV (add a label "
+                                                    "column and feed it to `clipfuse label --from-csv`).",
+                                                    show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the k-means grouping.")] = 0,
+    version: VersionOpt = None,
+    db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
+):
+    """The images to label next (after train-heads), best first, with why each was chosen.
+
+    Uncertain images (small fused margin), images the heads disagree on, and images in
+    parts of the embedding space with few labels; one batch spans the space, is balanced
+    over the predicted classes and holds no two near-duplicates.
+
+    Examples:
+
+        clipfuse suggest -n 50
+
+        clipfuse suggest -n 200 --csv to-label.csv
+    """
+    from clipfuse.data import write_csv
+
+    result = _workspace(db, storage_option, quiet=as_json).suggest(n=n, version=version, seed=seed)
+    if csv_out is not None:
+        write_csv(csv_out, ["id", "path", "predicted", "confidence", "reason", "label"],
+                  [[s.id, s.path, s.predicted, f"{s.confidence:.4f}", s.reason, ""] for s in result.suggestions])
+    if as_json:
+        typer.echo(json.dumps([{"id": s.id, "path": s.path, "predicted": s.predicted, "confidence": s.confidence,
+                                "priority": s.priority, "reason": s.reason} for s in result.suggestions], indent=2))
+        return
+    table = Table(title=f"label these next ({len(result.suggestions)} of {result.candidates} unlabeled images)")
+    for col in ("path", "predicted", "confidence", "why"):
+        table.add_column(col)
+    for s in result.suggestions:
+        table.add_row(escape(s.path), escape(s.predicted), f"{s.confidence:.2f}", s.reason)
+    console.print(table)
+    if csv_out is not None:
+        console.print(f"wrote {len(result.suggestions)} suggestions to {escape(str(csv_out))}; fill in its label "
+                      f"column, then `clipfuse label --from-csv {escape(str(csv_out))}`")
+
+
 @app.command("suspects")
 @_runtime_errors
 def suspects(

@@ -172,3 +172,36 @@ def test_suspects_find_flipped_labels_copies_under_two_labels_and_test_leaks(tmp
     ws.label(flipped[0], result.suspects[[s.id for s in result.suspects].index(flipped[0])].suggested)
     again = ws.suspects(n=5)  # judged as trained: says the labels changed since
     assert any("changed since train-heads" in n.message for n in again.notices)
+
+
+def test_suggest_asks_about_uncertain_images_unlabeled_regions_and_never_twice_the_same(tmp_path):
+    import polars as pl
+
+    rng = np.random.default_rng(3)
+    centres = np.eye(4, 16) * 3.0
+    y = np.repeat(np.arange(4), 50)  # class 3 is a region nobody labeled
+    X = centres[y] + rng.normal(0, 0.5, (200, 16))
+    between = (centres[0] + centres[1]) / 2 + rng.normal(0, 0.05, (4, 16))  # halfway between two classes
+    X = np.vstack([X, between, np.repeat(between[:1], 3, axis=0)])  # and three exact copies of the first
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    labels = [f"c{y[i]}" if y[i] < 3 and i % 50 < 8 else None for i in range(200)] + [None] * 7
+    ids = [f"img{i:03d}" for i in range(len(X))]
+    np.save(tmp_path / "v.npy", X.astype(np.float32))
+    pl.DataFrame({"id": ids, "label": labels}).write_parquet(tmp_path / "rows.parquet")
+    ws = clipfuse.open(tmp_path / "s.lance")
+    ws.import_embeddings(tmp_path / "v.npy", metadata=tmp_path / "rows.parquet")
+    ws.train_heads(heads="probe,knn,propagation", folds=2)
+    result = ws.suggest(n=6)
+    picked = [s.id for s in result.suggestions]
+    assert len(picked) == 6 and len(set(picked)) == 6 and result.candidates == 207 - 24
+    planted = {f"img{i:03d}" for i in range(200, 207)}  # halfway between two classes, all near-duplicates
+    assert len(planted & set(picked)) == 1  # asked about, once: one batch never holds two near-duplicates
+    assert sum(150 <= int(p[3:]) < 200 for p in picked) >= 3  # most of the batch: the class nobody labeled
+    assert all(s.reason and s.predicted in ("c0", "c1", "c2") for s in result.suggestions)
+    assert any("no labels" in s.reason for s in result.suggestions)
+    r = _run("suggest", "--db", tmp_path / "s.lance", "-n", "4", "--json")
+    rows = json.loads(r.output)
+    assert len(rows) == 4 and {"id", "path", "predicted", "reason"} <= set(rows[0])
+    r = _run("suggest", "--db", tmp_path / "s.lance", "-n", "4", "--csv", tmp_path / "next.csv")
+    assert r.exit_code == 0 and "label these next" in r.output
+    assert (tmp_path / "next.csv").read_text().startswith("id,path,predicted,confidence,reason,label\n")

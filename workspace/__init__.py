@@ -24,6 +24,8 @@ from .results import (
     PredictResult,
     Progress,
     RemoveVersionResult,
+    SuggestResult,
+    Suggestion,
     Suspect,
     SuspectsResult,
     TrainResult,
@@ -34,6 +36,6 @@ from .workspace import EXPORT_FORMATS, EXPORT_SPLITS, Workspace, open
 __all__ = [
     "DemoResult", "EXPORT_FORMATS", "EXPORT_SPLITS", "EvaluateResult", "ExportResult", "FinetuneResult",
     "ImportResult", "IndexResult", "InfoResult", "LabelChange", "LabelResult", "Neighbor", "NeighborsResult", "Notice", "OptionError",
-    "PredictResult", "Progress", "RemoveVersionResult", "Suspect", "SuspectsResult", "TrainResult", "Trained", "WiseFtResult", "Workspace", "load_cross_trained", "load_trained", "open",
+    "PredictResult", "Progress", "RemoveVersionResult", "SuggestResult", "Suggestion", "Suspect", "SuspectsResult", "TrainResult", "Trained", "WiseFtResult", "Workspace", "load_cross_trained", "load_trained", "open",
     "predictions_table", "run_demo",
 ]

@@ -10,7 +10,7 @@ import os
 import unicodedata
 from pathlib import Path
 
-from .results import LabelChange, LabelResult, OptionError, Suspect, SuspectsResult
+from .results import LabelChange, LabelResult, OptionError, SuggestResult, Suggestion, Suspect, SuspectsResult
 
 MAX_CLASS_NAME = 200
 
@@ -251,3 +251,37 @@ class Labeling:
             elif r["split"] == "labeled":
                 labeled.setdefault(r["id"], r["path"])
         return [(i, test[i], labeled[i]) for i in sorted(set(test) & set(labeled))]
+
+    def suggest(self, *, n: int = 100, version: str | None = None, seed: int = 0,
+                duplicate_threshold: float = 0.98) -> SuggestResult:
+        """The images to label next (after ``train_heads``), best first, each with why it was chosen.
+
+        Unlabeled, non-test images are ranked by the fused margin, the heads' disagreement and how few
+        labels their part of the embedding space has; a batch spans the space (k-means groups), is
+        balanced over the predicted classes and holds no two near-duplicates (see
+        :func:`clipfuse.classify.quality.suggest_batch`).
+        """
+        import numpy as np
+
+        from clipfuse.classify.quality import suggest_batch
+
+        from .heads import load_trained
+
+        notices = self._start()
+        if n < 1:
+            raise OptionError("-n", f"must be at least 1, got {n}.")
+        v = self.version(version)
+        trained = load_trained(self.store, v, notify=self._notify)
+        es = trained.es
+        fused, per_head = trained.predict()
+        candidates = np.flatnonzero((es.labels < 0) & (es.splits != "test"))
+        if not len(candidates):
+            raise ValueError("every image is labeled or a test image: nothing is left to suggest.")
+        picks = suggest_batch(fused, per_head, es.X, es.labels, candidates, n, seed=seed,
+                              duplicate_threshold=duplicate_threshold)
+        path_of, _ = self._paths_and_labels()
+        classes = trained.classes
+        rows = [Suggestion(id=str(es.ids[p["row"]]), path=path_of.get(str(es.ids[p["row"]]), f"id:{es.ids[p['row']]}"),
+                           predicted=classes[p["predicted"]], confidence=float(fused[p["row"]].max()),
+                           priority=p["priority"], reason=p["reason"]) for p in picks]
+        return SuggestResult(version=v.fingerprint, suggestions=rows, candidates=len(candidates), notices=notices)

@@ -58,6 +58,30 @@ class LabelResult(_Result):
 
 
 @dataclass
+class Suggestion:
+    """An image to label next."""
+
+    id: str
+    path: str
+    predicted: str  # the fused prediction now
+    confidence: float
+    priority: float  # uncertainty + 0.5 disagreement + 0.5 coverage
+    reason: str
+
+
+@dataclass
+class SuggestResult(_Result):
+    version: str
+    suggestions: list[Suggestion]  # best first
+    candidates: int  # unlabeled, non-test images considered
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("notices")
+        return out
+
+
+@dataclass
 class Suspect:
     """A labeled image whose label is probably wrong."""
 
