@@ -33,7 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixture-batch", type=int, default=48)
     p.add_argument("--mixture-n", type=int, default=5000)
     p.add_argument("--skip-mixture", action="store_true")
-    p.add_argument("--heads", default="probe,knn,propagation,kmeans,pseudo")
+    p.add_argument("--heads", default="probe,knn,propagation,kmeans,pseudo", help="heads on digits")
+    # on the 48-class mixture the pseudo-label head is unstable from one round to the next (0.76 accuracy at 3
+    # labels per class, 0.12 at 4 on seed 0), which swamps what the picks change; it is left out there
+    p.add_argument("--mixture-heads", default="probe,knn,propagation,kmeans")
+    p.add_argument("--mixture-seeds", type=int, nargs="+", default=None, help="default: --seeds")
     p.add_argument("--plot", default=str(Path(__file__).with_name("results") / "active_learning.png"))
     return p.parse_args(argv)
 
@@ -140,11 +144,12 @@ def main(argv=None) -> None:
     names = ["digits"] + ([] if args.skip_mixture else ["mixture"])
     for name in names:
         batch = args.digits_batch if name == "digits" else args.mixture_batch
-        for seed in args.seeds:
+        heads = args.heads if name == "digits" else args.mixture_heads
+        for seed in args.seeds if name == "digits" else (args.mixture_seeds or args.seeds):
             X, y = load(name, args, seed)
             given = start_labels(y, 3, seed)
-            runs = {"suggest": stack_run(X, y, given, args.rounds, batch, args.heads, seed, "suggest"),
-                    "random": stack_run(X, y, given, args.rounds, batch, args.heads, seed, "random"),
+            runs = {"suggest": stack_run(X, y, given, args.rounds, batch, heads, seed, "suggest"),
+                    "random": stack_run(X, y, given, args.rounds, batch, heads, seed, "random"),
                     "rule (LabelSpreading)": spreading_run(X, y, given, args.rounds, batch, seed, "rule"),
                     "random (LabelSpreading)": spreading_run(X, y, given, args.rounds, batch, seed, "random")}
             for arm, c in runs.items():
@@ -176,7 +181,7 @@ def plot(curves, args) -> None:
             m = np.mean(np.array(c), axis=0)
             ax.plot([3 * (10 if name == "digits" else 48) + batch * r for r in range(len(m))], m, marker="o",
                     label=arm, linestyle="-" if "LabelSpreading" not in arm else "--")
-        ax.set_title(f"{name}: accuracy on unlabeled images ({len(args.seeds)} seeds)")
+        ax.set_title(f"{name}: accuracy on unlabeled images ({len(next(iter(arms.values())))} seeds)", fontsize=10)
         ax.set_xlabel("labels")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
