@@ -19,7 +19,6 @@ the actors on it (``--precision fp16`` / ``bf16`` there) and the single-process 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import statistics
@@ -28,6 +27,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark's data generator
+import index_throughput  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,13 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _photos_module():
-    spec = importlib.util.spec_from_file_location("index_throughput", Path(__file__).with_name("index_throughput.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -62,7 +57,7 @@ def main(argv=None) -> int:
     from clipfuse.store import IndexConfig, Store, index_images
     from clipfuse.store.rayindex import RayConfig, connect
 
-    photos = _photos_module()
+    photos = index_throughput
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="clipfuse-ray-bench-") as tmp:
         work = Path(tmp)
