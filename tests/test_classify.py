@@ -605,3 +605,26 @@ def test_prepared_rows_still_rejects_bad_input():
         create_ensemble(["probe"], 4).fit(X, y_semi)
     with pytest.raises(ValueError, match="Input X contains NaN"), prepared_rows(X):
         pass
+
+
+def test_pseudo_labels_do_not_starve_classes_when_label_counts_differ():
+    # 24 classes of 3 sub-clusters; 3 labels each, and 30 more for a few classes: the probe's intercepts
+    # then favour those, and picking by raw probability gave most pseudo-labels to them
+    rng = np.random.default_rng(0)
+    n_classes, dim = 24, 64
+    centres = rng.standard_normal((n_classes, dim)) / np.sqrt(dim) * 0.8 + rng.standard_normal(dim) / np.sqrt(dim)
+    subs = centres[:, None] + 0.8 * rng.standard_normal((n_classes, 3, dim)) / np.sqrt(dim)
+    y = rng.integers(0, n_classes, 3000)
+    X = subs[y, rng.integers(0, 3, 3000)] + 2.0 / np.sqrt(dim) * rng.standard_normal((3000, dim))
+    y_semi = np.full(3000, -1)
+    for c in range(n_classes):
+        y_semi[rng.choice(np.flatnonzero(y == c), 3, replace=False)] = c
+    extra = rng.choice(np.flatnonzero((y_semi < 0) & (y < 4)), 30, replace=False)  # classes 0-3 only
+    y_semi[extra] = y[extra]
+    head = PseudoLabelHead().fit(X, y_semi)
+    unl = y_semi < 0
+    pred = head.predict(X)
+    assert len(np.unique(pred[unl])) == n_classes  # every class is still predicted
+    assert (head.pseudo_counts_.sum(axis=0) > 0).sum() >= n_classes - 2  # and gets pseudo-labels
+    probe = LinearProbeHead().fit(X, y_semi)
+    assert np.mean(pred[unl] == y[unl]) > np.mean(probe.predict(X)[unl] == y[unl])  # self-training still helps
