@@ -205,3 +205,17 @@ def test_suggest_asks_about_uncertain_images_unlabeled_regions_and_never_twice_t
     r = _run("suggest", "--db", tmp_path / "s.lance", "-n", "4", "--csv", tmp_path / "next.csv")
     assert r.exit_code == 0 and "label these next" in r.output
     assert (tmp_path / "next.csv").read_text().startswith("id,path,predicted,confidence,reason,label\n")
+
+
+def test_suspects_name_one_content_filed_under_two_classes(indexed, tiny_model):
+    import shutil
+
+    root, db = indexed
+    shutil.copy(root / "train" / "red" / "000.png", root / "train" / "blue" / "copy.png")
+    ws = clipfuse.open(db)
+    ws.index(root / "train", unlabeled=root / "pool", test=root / "test")
+    ws.train_heads(heads="probe,knn", folds=2)
+    result = ws.suspects(n=3)
+    same = [c for c in result.conflicts if len(c["ids"]) == 1]
+    assert len(same) == 1 and same[0]["labels"] == ["blue", "red"]
+    assert same[0]["paths"] == sorted([str(root / "train" / "blue" / "copy.png"), str(root / "train" / "red" / "000.png")])

@@ -210,10 +210,12 @@ class Labeling:
 
         es = trained.es
         labeled = np.flatnonzero(es.labels >= 0)
-        conflicts = [{"ids": [c], "paths": sorted(p for p, i in path_of.items() if i == c), "labels": [],
-                      "cosine": 1.0} for c in es.conflicts]
-        for c in conflicts:
-            c["labels"] = sorted(self._folder_labels_of(c["ids"][0]))
+        conflicts = []
+        for id_ in es.conflicts:  # one content filed under two class folders
+            rows = self.store.images([id_]).select(["path", "split", "label"]).to_pylist()
+            conflicts.append({"ids": [id_], "paths": sorted(r["path"] for r in rows),
+                              "labels": sorted({r["label"] for r in rows if r["split"] == "labeled" and r["label"]}),
+                              "cosine": 1.0})
         for i, j, cos in near_duplicates(es.X[labeled], threshold=duplicate_threshold):
             a, b = labeled[i], labeled[j]
             if es.labels[a] != es.labels[b]:
@@ -237,10 +239,6 @@ class Labeling:
         for r in self.store.images().select(["id", "path"]).to_pylist():
             path_of.setdefault(r["id"], r["path"])
         return path_of, self._current_labels()
-
-    def _folder_labels_of(self, id_: str) -> set[str]:
-        rows = self.store.images([id_]).select(["split", "label"]).to_pylist()
-        return {r["label"] for r in rows if r["split"] == "labeled" and r["label"] is not None}
 
     def _exact_test_leaks(self) -> list[tuple[str, str, str]]:
         """(id, test path, labeled path) of contents that are both a test image and a labeled one."""
