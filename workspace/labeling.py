@@ -163,9 +163,7 @@ class Labeling:
             if found is None:
                 raise OptionError("ID_OR_PATH", f"no image {str(image)!r} in the store.")
             history = [h for h in history if h["id"] == found[0]]
-        path_of = {}
-        for r in self.store.images().select(["id", "path"]).to_pylist():
-            path_of.setdefault(r["id"], r["path"])
+        path_of = self._first_paths()
         return [{"id": h["id"], "path": path_of.get(h["id"]), "label": h["label"], "source": h["source"],
                  "given": h["given"], "at": h["at"]} for h in history]
 
@@ -198,7 +196,7 @@ class Labeling:
         classes = trained.classes
         ids = [str(trained.fit_ids[r]) for r in rows]
         order, score, flagged = rank_label_issues(given, P)
-        path_of, label_now = self._paths_and_labels()
+        path_of, label_now = self._first_paths(), self._current_labels()
         changed = sum(1 for id_, g in zip(ids, given) if label_now.get(id_) != classes[g])
         if changed:
             self._warn(f"{changed} label(s) changed since train-heads; run `clipfuse train-heads` to judge them as "
@@ -233,12 +231,12 @@ class Labeling:
         return SuspectsResult(version=v.fingerprint, suspects=found, flagged=int(flagged.sum()),
                               judged=len(ids), conflicts=conflicts, leaks=leaks, notices=notices)
 
-    def _paths_and_labels(self):
-        """(first path of each id, current label of each id)."""
+    def _first_paths(self) -> dict[str, str]:
+        """The first path the store holds for each image id."""
         path_of = {}
         for r in self.store.images().select(["id", "path"]).to_pylist():
             path_of.setdefault(r["id"], r["path"])
-        return path_of, self._current_labels()
+        return path_of
 
     def _exact_test_leaks(self) -> list[tuple[str, str, str]]:
         """(id, test path, labeled path) of contents that are both a test image and a labeled one."""
@@ -277,7 +275,7 @@ class Labeling:
             raise ValueError("every image is labeled or a test image: nothing is left to suggest.")
         picks = suggest_batch(fused, per_head, es.X, es.labels, candidates, n, seed=seed,
                               duplicate_threshold=duplicate_threshold)
-        path_of, _ = self._paths_and_labels()
+        path_of = self._first_paths()  # the labels are not needed here: one read of the images table
         classes = trained.classes
         rows = [Suggestion(id=str(es.ids[p["row"]]), path=path_of.get(str(es.ids[p["row"]]), f"id:{es.ids[p['row']]}"),
                            predicted=classes[p["predicted"]], confidence=float(fused[p["row"]].max()),
