@@ -432,6 +432,44 @@ def label(
     console.print(f"labeled {len(result.changes)} image(s); run `clipfuse train-heads` to train on them")
 
 
+@app.command("serve")
+@_runtime_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback needs a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8765,
+    token: Annotated[Optional[str], typer.Option(help="Token every request must carry (made and printed when "
+                                                "--host is not loopback and none is given).", show_default=False)]
+    = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the app in the default browser.")] = False,
+    heads: Annotated[Optional[str], typer.Option(help="Heads Retrain trains (as train-heads --heads; default: all "
+                                                "that apply).", show_default=False)] = None,
+    folds: Annotated[int, typer.Option(min=2, help="Folds of Retrain's out-of-fold predictions.")] = 3,
+    db: DbOpt = Path("clipfuse.lance"),
+    storage_option: StorageOpt = None,
+):
+    """A local web app over the store: overview, gallery, image pages, label next, suspects, retrain.
+
+    Binds 127.0.0.1 by default; serves only images the store holds. Label changes go to the
+    store's labels table (made during a retrain, they wait for it and are never lost).
+
+    Examples:
+
+        clipfuse serve --open
+
+        clipfuse serve --host 0.0.0.0 --port 9000   # prints a link with a generated token
+    """
+    from clipfuse.webapp import serve as run_app
+
+    ws = _workspace(db, storage_option)
+    ws._require_store()
+
+    def ready(url, made_token):
+        console.print(f"clipfuse review app for {escape(str(ws.db))}: [bold]{escape(url)}[/bold]  (Ctrl-C to stop)")
+
+    run_app(ws, host=host, port=port, token=token, open_browser=open_browser, heads=heads, folds=folds,
+            on_ready=ready)
+
+
 @app.command("suggest")
 @_runtime_errors
 def suggest(

@@ -388,6 +388,15 @@ class Store:
             return None
         return _read_columns(table, columns) if columns else table.to_arrow()
 
+    @_storage_errors
+    def table_versions(self, fingerprint: str | None = None) -> tuple:
+        """The commit numbers of the images, labels and classes tables and of the version's predictions
+        table (None for a table not written yet): a key that changes whenever what a reader derived
+        from them would."""
+        names = [IMAGES, LABELS, CLASSES, self._predictions_table_name(fingerprint, None)]
+        present = self._table_names()
+        return tuple(self.db.open_table(n).version if n in present else None for n in names)
+
     @property
     def is_empty(self) -> bool:
         return VERSIONS not in self._table_names()

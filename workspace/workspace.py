@@ -18,6 +18,7 @@ from . import heads as _heads
 from .models import check_device, embedder_config, load_embedder, named_as_store_version, version_embedder, version_model
 from .queries import describe_neighbors, resolve_query
 from .labeling import Labeling
+from .review import Reviewing
 from .tuning import Tuning
 from .results import (
     EvaluateResult,
@@ -59,7 +60,7 @@ def _head_list(heads) -> list[str] | None:
     return [h.strip() for h in items if h.strip()]
 
 
-class Workspace(Labeling, Tuning):
+class Workspace(Labeling, Reviewing, Tuning):
     """One clipfuse store and the workflows on it.
 
     Parameters

@@ -1,0 +1,356 @@
+"""The review app: FastAPI routes over the workspace's review, label, suggest and suspects workflows.
+
+Every page is rendered on the server from :class:`~clipfuse.workspace.Workspace` results; the app adds
+no logic of its own beyond the request checks (host, token, same origin) and the write journal.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import math
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from clipfuse.workspace import OptionError
+from clipfuse.workspace.labeling import check_class_name
+
+from .jobs import Writer
+
+HERE = Path(__file__).parent
+TOKEN_COOKIE = "clipfuse_token"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+QUEUE_KINDS = ("suggest", "suspects")
+MAX_UPLOAD = 32 * 2**20
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a --host binds to this machine only."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+               heads: str | None = None, folds: int = 3, page_size: int = 100) -> FastAPI:
+    """The review app over one workspace.
+
+    Parameters
+    ----------
+    ws : Workspace
+    host, port : where it is served (the Host header of every request must name it or loopback).
+    token : required on every request when set (``Authorization: Bearer``, the ``token`` query
+        parameter once, or the cookie that sets); :func:`serve` makes one off loopback.
+    heads, folds : what Retrain trains (``train_heads(heads=..., folds=...)``).
+    """
+    if not is_loopback(host) and not token:
+        raise OptionError("--token", f"--host {host} serves other machines: a token is required (give --token, or "
+                                     "let `clipfuse serve` generate one).")
+    app = FastAPI(title="clipfuse review", docs_url=None, redoc_url=None, openapi_url=None)
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+    env.filters["pct"] = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+    env.filters["ago"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+    writer = Writer(ws, ws._thumbs_folder().parent / "_serve" / "labels.journal", heads=heads, folds=folds)
+    app.state.ws, app.state.writer, app.state.token = ws, writer, token
+    # Off loopback, a page of another site could resolve its own name to this server (DNS rebinding): only
+    # the names it is served under are answered. Bound to every interface, the names are unknown; the token guards.
+    allowed_hosts = None if host in ("0.0.0.0", "::", "") else LOOPBACK_NAMES | {host, f"[{host}]"}
+
+    def render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+        context.update(request=request, retrain=writer.status, pending=writer.pending(), db=str(ws.db),
+                       path=request.url.path)
+        return HTMLResponse(env.get_template(name).render(**context), status_code=status)
+
+    def fail(request: Request, status: int, message: str) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=status)
+        return render(request, "error.html", status=status, message=message)
+
+    # ---- request checks: host, token, same origin ---------------------------------------------------
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        host_header = request.headers.get("host", "")
+        name = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]"
+        if allowed_hosts is not None and name not in allowed_hosts:  # a page of another site resolving its name to this server (DNS rebinding)
+            return JSONResponse({"error": f"unknown host {host_header!r}"}, status_code=400)
+        set_cookie = False
+        if token:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
+                or request.cookies.get(TOKEN_COOKIE) or request.query_params.get("token") or ""
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"error": "this clipfuse serve needs its token: open the link it printed "
+                                              "(…/?token=...) or send 'Authorization: Bearer <token>'."},
+                                    status_code=401)
+            set_cookie = request.query_params.get("token") == token and request.cookies.get(TOKEN_COOKIE) != token
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("origin") or request.headers.get("referer")
+            if not origin or urlsplit(origin).netloc != host_header:
+                return JSONResponse({"error": "refused: a change must come from this app's own pages "
+                                              "(the Origin header is missing or names another site)."},
+                                    status_code=403)
+        response = await call_next(request)
+        if set_cookie:
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("Content-Security-Policy",
+                                    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
+        return response
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc):
+        return fail(request, 404, "not found: no such page, or no such image in the store.")
+
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    # ---- pages ----------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse)
+    def overview(request: Request):
+        o = ws.overview()
+        return render(request, "overview.html", o=o, notices=o.notices)
+
+    @app.get("/gallery", response_class=HTMLResponse)
+    def gallery(request: Request, split: str = "", label: str = "", predicted: str = "",
+                min_confidence: str = "", max_confidence: str = "", disagree: str = "", sort: str = "confidence",
+                page: int = Query(1, ge=1), cell: str = ""):
+        try:
+            args = _gallery_args(split, label, predicted, min_confidence, max_confidence, disagree, sort)
+            ids, cell_names = None, None
+            if cell:
+                true, sep, pred = cell.partition("|")
+                if not sep:
+                    raise OptionError("cell", "cell must be TRUE|PREDICTED (two class names).")
+                ids, cell_names = ws.confusion_ids(true, pred), (true, pred)
+            result = ws.gallery(**args, ids=ids, offset=(page - 1) * page_size, limit=page_size)
+        except (OptionError, ValueError, FileNotFoundError) as e:
+            return fail(request, 400, str(e))
+        pages = max(1, math.ceil(result.total / page_size))
+        query = {k: v for k, v in dict(split=split, label=label, predicted=predicted, min_confidence=min_confidence,
+                                       max_confidence=max_confidence, disagree=disagree, sort=sort, cell=cell).items()
+                 if v}
+        return render(request, "gallery.html", g=result, page=page, pages=pages, query=query, cell=cell_names,
+                      link=lambda p: "/gallery?" + urlencode({**query, "page": p}), title="Gallery")
+
+    @app.get("/image/{image_id}", response_class=HTMLResponse)
+    def image(request: Request, image_id: str):
+        try:
+            d = ws.image_details(image_id)
+        except LookupError as e:
+            return fail(request, 404, str(e))
+        return render(request, "image.html", d=d, classes=ws.store.classes())
+
+    @app.get("/search", response_class=HTMLResponse)
+    def search(request: Request, text: str = ""):
+        if not text.strip():
+            return fail(request, 400, "type something to search for (text search needs a CLIP version).")
+        try:
+            found = ws.neighbors(text=text.strip(), k=48)
+        except (ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
+            return fail(request, 400, f"text search failed: {e}")
+        return render(request, "search.html", found=found, title=f"Search: {text.strip()}")
+
+    @app.post("/search", response_class=HTMLResponse)
+    async def search_image(request: Request, image: UploadFile = File(...)):
+        data = await image.read(MAX_UPLOAD + 1)
+        if not data:
+            return fail(request, 400, "the uploaded file is empty; pick an image file.")
+        if len(data) > MAX_UPLOAD:
+            return fail(request, 400, f"the uploaded file is larger than {MAX_UPLOAD // 2**20} MiB.")
+        suffix = Path(image.filename or "upload").suffix.lower()[:8] or ".img"
+        with tempfile.TemporaryDirectory(prefix="clipfuse-serve-") as tmp:
+            path = Path(tmp) / f"query{suffix}"
+            path.write_bytes(data)
+            try:
+                found = ws.neighbors(path, k=48)
+            except (ValueError, LookupError, FileNotFoundError, RuntimeError, OSError) as e:
+                return fail(request, 400, f"search by image failed: {e}")
+        return render(request, "search.html", found=found, title=f"Search by image: {image.filename}")
+
+    @app.get("/queue/{kind}", response_class=HTMLResponse)
+    def review_queue(request: Request, kind: str, n: int = Query(50, ge=1, le=500)):
+        if kind not in QUEUE_KINDS:
+            return fail(request, 404, f"no queue {kind!r}; the queues are {', '.join(QUEUE_KINDS)}.")
+        try:
+            if kind == "suggest":
+                result = ws.suggest(n=n)
+                items = [{"id": s.id, "path": s.path, "proposed": s.predicted, "now": None,
+                          "why": s.reason, "confidence": s.confidence} for s in result.suggestions]
+            else:
+                result = ws.suspects(n=n)
+                items = [{"id": s.id, "path": s.path, "proposed": s.suggested, "now": s.given,
+                          "why": s.reason + f" (p(given) {1 - s.score:.2f})", "confidence": None}
+                         for s in result.suspects]
+        except (ValueError, FileNotFoundError) as e:
+            return fail(request, 400, str(e))
+        return render(request, "queue.html", kind=kind, items=items, classes=ws.store.classes(),
+                      notices=result.notices, title="Label next" if kind == "suggest" else "Suspects")
+
+    # ---- files ----------------------------------------------------------------------------------
+    @app.get("/thumb/{image_id}")
+    def thumb(request: Request, image_id: str, size: int = 256):
+        try:
+            path = ws.thumbnail(image_id, size)
+        except OptionError as e:
+            return fail(request, 400, str(e))
+        except LookupError:
+            return fail(request, 404, "no such image in the store.")
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/file/{image_id}")
+    def original(request: Request, image_id: str):
+        try:
+            data, path, media = ws.image_file(image_id)
+        except LookupError:
+            return fail(request, 404, "no such image in the store.")
+        return Response(data, media_type=media, headers={
+            "Content-Disposition": f"inline; filename=\"{_ascii_name(Path(path).name)}\""})
+
+    # ---- the JSON API -------------------------------------------------------------------------------
+    @app.get("/api/gallery")
+    def api_gallery(request: Request, split: str = "", label: str = "", predicted: str = "",
+                    min_confidence: str = "", max_confidence: str = "", disagree: str = "",
+                    sort: str = "confidence", offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=500)):
+        try:
+            args = _gallery_args(split, label, predicted, min_confidence, max_confidence, disagree, sort)
+            return ws.gallery(**args, offset=offset, limit=limit).to_dict()
+        except (OptionError, ValueError, FileNotFoundError) as e:
+            return fail(request, 400, str(e))
+
+    @app.get("/api/neighbors/{image_id}")
+    def api_neighbors(request: Request, image_id: str, k: int = Query(12, ge=1, le=200)):
+        try:
+            return ws.neighbors(image_id, k=k).to_dict()
+        except (ValueError, LookupError, FileNotFoundError) as e:
+            return fail(request, 404 if isinstance(e, (LookupError, FileNotFoundError)) else 400, str(e))
+
+    @app.get("/api/image/{image_id}")
+    def api_image(request: Request, image_id: str):
+        try:
+            d = ws.image_details(image_id)
+        except LookupError as e:
+            return fail(request, 404, str(e))
+        return {"id": d.id, "paths": d.paths, "split": d.split, "label": d.label, "label_source": d.label_source,
+                "folder_label": d.folder_label, "predicted": d.predicted, "confidence": d.confidence,
+                "fused": d.fused, "heads": d.heads, "history": d.history}
+
+    @app.post("/api/label")
+    async def api_label(request: Request):
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        image_id, label, remove = body.get("id"), body.get("label"), bool(body.get("remove", False))
+        if not isinstance(image_id, str) or not image_id:
+            return fail(request, 400, "give the image's id as 'id'.")
+        if remove == (label is not None):
+            return fail(request, 400, "give either a 'label' (a class name) or 'remove': true.")
+        if label is not None:
+            try:
+                label = check_class_name(label)
+            except ValueError as e:
+                return fail(request, 400, str(e))
+        try:
+            before = ws.image_details(image_id, k=1).label
+        except LookupError as e:
+            return fail(request, 404, str(e))
+        done = writer.label(image_id, label, before)
+        if done["state"] == "failed":
+            return fail(request, 400, done["error"])
+        return {**done, "id": image_id, "label": label, "before": before}
+
+    @app.post("/api/undo")
+    async def api_undo(request: Request):
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        last = writer.last_change()
+        if last is None:
+            return fail(request, 409, "nothing to undo: no label was changed here since the server started.")
+        done = writer.label(last["id"], last["before"], last["after"], action="undo")
+        if done["state"] == "failed":
+            return fail(request, 400, done["error"])
+        return {**done, "id": last["id"], "label": last["before"], "undone": last["after"]}
+
+    @app.get("/api/retrain")
+    def retrain_status():
+        return {**writer.status.to_dict(), "pending_labels": writer.pending()}
+
+    @app.post("/api/retrain")
+    async def retrain(request: Request):
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        return {**writer.retrain().to_dict(), "pending_labels": writer.pending()}
+
+    @app.post("/retrain")
+    def retrain_form(request: Request, back: str = Form("/")):
+        writer.retrain()
+        return RedirectResponse(back if back.startswith("/") and not back.startswith("//") else "/", status_code=303)
+
+    return app
+
+
+async def _json_body(request: Request):
+    """The request's JSON object, or the error response to send back."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return JSONResponse({"error": "send JSON (Content-Type: application/json)."}, status_code=415)
+    try:
+        body = await request.json()
+    except ValueError:
+        return JSONResponse({"error": "the body is not valid JSON."}, status_code=400)
+    if not isinstance(body, dict):
+        return JSONResponse({"error": "send a JSON object."}, status_code=400)
+    return body
+
+
+def _gallery_args(split, label, predicted, min_confidence, max_confidence, disagree, sort) -> dict:
+    def confidence(name, text):
+        if not text:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise OptionError(name, f"{name} must be a number between 0 and 1, got {text!r}.") from None
+        if not 0.0 <= value <= 1.0:
+            raise OptionError(name, f"{name} must be between 0 and 1, got {text!r}.")
+        return value
+
+    return dict(split=split or None, label=label or None, predicted=predicted or None,
+                min_confidence=confidence("min_confidence", min_confidence),
+                max_confidence=confidence("max_confidence", max_confidence),
+                disagree=disagree in ("1", "true", "on", "yes"), sort=sort)
+
+
+def _ascii_name(name: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name) or "image"
+
+
+def serve(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, open_browser: bool = False,
+          heads: str | None = None, folds: int = 3, on_ready=None) -> None:
+    """Run the review app until interrupted (uvicorn); off loopback, a token is made when none is given."""
+    import threading
+    import webbrowser
+
+    import uvicorn
+
+    if not is_loopback(host) and not token:
+        token = secrets.token_urlsafe(24)
+    app = create_app(ws, host=host, port=port, token=token, heads=heads, folds=folds)
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    if on_ready is not None:
+        on_ready(url, token)
+    if open_browser:
+        threading.Timer(1.0, webbrowser.open, args=(url,)).start()
+    uvicorn.run(app, host=host, port=port, log_level="warning")
