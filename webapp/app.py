@@ -115,6 +115,10 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
+
     # ---- pages ----------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
     def overview(request: Request):
