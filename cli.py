@@ -146,6 +146,14 @@ def _storage_options(items: list[str] | None) -> dict[str, str] | None:
     return out
 
 
+def _check_csv_out(path: Path | None, force: bool) -> None:
+    """Refuse to overwrite a --csv file (a half-filled labeling sheet) without --force."""
+    import os
+
+    if path is not None and os.path.lexists(path) and not force and not path.is_fifo():
+        raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
+
+
 def _workspace(db, storage: list[str] | None = None, *, quiet: bool = False):
     """The store at ``--db``; notices are printed (on stderr) as they come, unless ``quiet`` (JSON
     output, which carries what they say)."""
@@ -382,7 +390,8 @@ def label(
     class_name: Annotated[Optional[str], typer.Argument(
         metavar="CLASS", help="Its class (a new name adds a class).", show_default=False)] = None,
     from_csv: Annotated[Optional[Path], typer.Option(
-        "--from-csv", help="CSV with columns id (or path) and label; an empty label removes it. All rows or none.",
+        "--from-csv", help="CSV with columns id (or path) and label (an empty label skips the row; a remove column "
+        "set to true takes the label away). All rows or none.",
         show_default=False)] = None,
     remove: Annotated[bool, typer.Option("--remove", help="Take the image's label away: it is not trained on.")] = False,
     history: Annotated[bool, typer.Option("--history", help="Show every label change (of ID_OR_PATH, if given).")]
@@ -405,6 +414,11 @@ def label(
 
         clipfuse label data/train/cat/007.jpg --remove
     """
+    if history and (class_name is not None or remove or from_csv is not None):
+        raise typer.BadParameter("--history shows labels; it takes no CLASS, --remove or --from-csv (run the "
+                                 "change and --history separately).", param_hint="--history")
+    if as_json and not history:
+        raise typer.BadParameter("--json goes with --history.", param_hint="--json")
     ws = _workspace(db, storage_option, quiet=as_json)
     if history:
         rows = ws.label_history(image)
@@ -428,8 +442,17 @@ def label(
     if len(result.changes) > 20:
         console.print(f"... and {len(result.changes) - 20} more")
     if result.new_classes:
-        console.print(f"new classes: {', '.join(result.new_classes)}")
-    console.print(f"labeled {len(result.changes)} image(s); run `clipfuse train-heads` to train on them")
+        console.print(f"new classes: {', '.join(escape(c) for c in result.new_classes)}")
+    if result.unchanged:
+        console.print(f"{result.unchanged} row(s) set a label the image already had: nothing to write for them")
+    test = sum(1 for c in result.changes if c.split == "test")
+    trained = len(result.changes) - test
+    parts = [f"labeled {len(result.changes)} image(s)"]
+    if trained:
+        parts.append(f"run `clipfuse train-heads` to train on {'them' if not test else f'the {trained} not in test'}")
+    if test:
+        parts.append(f"{test} test image(s): their labels change what they are scored against, never training")
+    console.print("; ".join(parts))
 
 
 @app.command("serve")
@@ -480,6 +503,7 @@ def suggest(
                                                     "column and feed it to `clipfuse label --from-csv`).",
                                                     show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the k-means grouping.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the --csv file if it exists.")] = False,
     version: VersionOpt = None,
     db: DbOpt = Path("clipfuse.lance"),
     storage_option: StorageOpt = None,
@@ -498,6 +522,7 @@ def suggest(
     """
     from clipfuse.data import write_csv
 
+    _check_csv_out(csv_out, force)
     result = _workspace(db, storage_option, quiet=as_json).suggest(n=n, version=version, seed=seed)
     if csv_out is not None:
         write_csv(csv_out, ["id", "path", "predicted", "confidence", "reason", "label"],
@@ -526,6 +551,7 @@ def suspects(
                                                     show_default=False)] = None,
     duplicate_threshold: Annotated[float, typer.Option(
         "--duplicate-threshold", help="Cosine at which two images count as near-duplicates.")] = 0.98,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the --csv file if it exists.")] = False,
     version: VersionOpt = None,
     db: DbOpt = Path("clipfuse.lance"),
     storage_option: StorageOpt = None,
@@ -544,6 +570,7 @@ def suspects(
     """
     from clipfuse.data import write_csv
 
+    _check_csv_out(csv_out, force)
     result = _workspace(db, storage_option, quiet=as_json).suspects(n=n, version=version,
                                                                     duplicate_threshold=duplicate_threshold)
     if csv_out is not None:

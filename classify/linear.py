@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 from threadpoolctl import threadpool_limits
 from sklearn.utils.validation import check_is_fitted
 
@@ -218,17 +218,27 @@ def fit_softmax_regression(X: np.ndarray, y_index: np.ndarray, n_classes: int, *
 
 def select_C(X: np.ndarray, y_index: np.ndarray, n_classes: int, *, grid=PROBE_C_GRID,
              W0: np.ndarray | None = None, max_iter: int = 500, seed: int = 0) -> float:
-    """The C of ``grid`` with the best stratified 3-fold accuracy (the smaller C on ties).
+    """The C of ``grid`` with the best 3-fold accuracy (the smaller C on ties).
 
-    Each fold walks the grid from strong to weak regularisation, warm-starting every fit
-    from the previous one. Returns 1.0 when a class has fewer than 3 labels.
+    The folds are stratified when every class has 3 labels or more, else shuffled plain folds
+    (a class missing from a fold's training part costs every C the same). Each fold walks the
+    grid from strong to weak regularisation, warm-starting every fit from the previous one.
+    Returns 1.0 with fewer than 6 labels or one class.
+
+    A fixed C for the few-label case is what this replaced: the loss is summed, so with 2 or 3
+    labels per class the data term is small and C = 1 left a 48-class probe at 2-4 % accuracy,
+    against 33-35 % with the C the folds pick.
     """
     counts = np.bincount(y_index, minlength=n_classes)
-    if n_classes < 2 or counts.min() < 3:
+    if n_classes < 2 or len(y_index) < 6:
         return 1.0
     grid = sorted(grid)
     scores = np.zeros(len(grid))
-    for train, test in StratifiedKFold(n_splits=3, shuffle=True, random_state=seed).split(X, y_index):
+    if counts[counts > 0].min() >= 3:
+        folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=seed).split(X, y_index)
+    else:
+        folds = KFold(n_splits=3, shuffle=True, random_state=seed).split(X)
+    for train, test in folds:
         init = None
         for i, c in enumerate(grid):
             W, b, _ = fit_softmax_regression(X[train], y_index[train], n_classes, C=c, W0=W0, init=init,

@@ -284,6 +284,8 @@ def threshold_for_precision(proba: np.ndarray, y_true: np.ndarray, target: float
     if not len(ok):
         return None
     i = int(ok[-1])
+    if i == len(curve["threshold"]) - 1:  # every image kept meets the target: nothing needs to abstain
+        return 0.0, 1.0, float(curve["accuracy"][i])
     # rows tied at the threshold are all kept: step to the last row with that confidence that still qualifies
     return float(curve["threshold"][i]), float(curve["coverage"][i]), float(curve["accuracy"][i])
 

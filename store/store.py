@@ -782,12 +782,17 @@ class Store:
             raise ValueError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {source!r}.")
         if not rows:
             return
-        now = time.time()
-        data = pa.table({"id": [r[0] for r in rows], "label": [r[1] for r in rows], "source": [source] * len(rows),
-                         "given": [r[2] for r in rows], "at": [now] * len(rows), "seq": list(range(len(rows)))},
-                        schema=LABELS_SCHEMA)
         with self.writer():
-            self._table(LABELS, LABELS_SCHEMA).add(data)
+            table = self._table(LABELS, LABELS_SCHEMA)
+            # The last row of an id is its label, ordered by (at, seq): a clock stepped back (NTP, two machines
+            # on one s3:// store) must not put a new change before an old one, so ``at`` never goes backwards.
+            last = _read_columns(table, ["at"])["at"] if table.count_rows() else None
+            latest = max(last.to_pylist()) if last is not None and len(last) else 0.0
+            now = max(time.time(), latest + 1e-3)
+            data = pa.table({"id": [r[0] for r in rows], "label": [r[1] for r in rows], "source": [source] * len(rows),
+                             "given": [r[2] for r in rows], "at": [now] * len(rows), "seq": list(range(len(rows)))},
+                            schema=LABELS_SCHEMA)
+            table.add(data)
 
     @_storage_errors
     def label_history(self) -> pa.Table:
@@ -1126,7 +1131,8 @@ class Store:
             active = self.get_version().fingerprint
         except LookupError:
             active = None
-        set_labels = self.labels()
+        present = set(df["id"].to_list()) if images.num_rows else set()
+        set_labels = {k: v for k, v in self.labels().items() if k in present}  # not of images removed since
         folder = df.filter((pl.col("split") == "labeled") & pl.col("label").is_not_null())
         current = dict(zip(folder["id"].to_list(), folder["label"].to_list())) if folder.height else {}
         by_source = {"folder": len(set(current) - set(set_labels))}

@@ -105,3 +105,42 @@ def test_evaluate_reports_calibration_and_export_abstains(tmp_path):
         with pytest.raises(clipfuse.workspace.OptionError) as e:
             ws.export(tmp_path / "d.csv", **kwargs)
         assert e.value.option == option
+
+
+def test_abstention_edge_cases_and_stale_predictions(tmp_path):
+    ws = _store(tmp_path)
+    for kwargs, option in ((dict(min_confidence=float("nan")), "--min-confidence"),
+                           (dict(target_precision=float("nan")), "--target-precision"),
+                           (dict(abstain_label="maybe"), "--abstain-label"),  # without a threshold it does nothing
+                           (dict(min_confidence=0.5, abstain_label=" c1 "), "--abstain-label")):
+        with pytest.raises(clipfuse.workspace.OptionError) as e:
+            ws.export(tmp_path / "d.csv", **kwargs)
+        assert e.value.option == option
+    assert threshold_for_precision(np.array([[0.9, 0.1], [0.6, 0.4]]), np.array([0, 0]), 0.5) == (0.0, 1.0, 1.0)
+    low = ws.export(tmp_path / "e.csv", target_precision=0.01)  # every validation image meets it: none abstain
+    assert low.threshold == 0.0 and low.abstained == 0
+    # heads trained again on more classes, predict not run: a threshold from them is refused, as is evaluate
+    ids = [r.id for r in ws.gallery(label="none", limit=5).rows]
+    for i, id_ in enumerate(ids):
+        ws.label(id_, "c3" if i % 2 else "c4")
+    ws.label(ws.gallery(label="c0", limit=1).rows[0].id, "c3")
+    ws.train_heads(heads="probe,knn", folds=2)
+    with pytest.raises(ValueError, match="run `clipfuse predict` again"):
+        ws.export(tmp_path / "f.csv", target_precision=0.9)
+    ws.evaluate(out=tmp_path / "eval2")  # no labeled test images: it reads no predictions, and runs
+
+
+def test_suggest_and_suspects_keep_a_sheet_without_force(tmp_path):
+    ws = _store(tmp_path)
+    sheet = tmp_path / "next.csv"
+    sheet.write_text("id,label\nimg001,c0\n")
+    runner = CliRunner(env={"COLUMNS": "200"})
+    for command in ("suggest", "suspects"):
+        out = runner.invoke(app, [command, "--db", str(tmp_path / "s.lance"), "--csv", str(sheet)])
+        assert out.exit_code != 0 and "--force" in out.output and sheet.read_text() == "id,label\nimg001,c0\n"
+    out = runner.invoke(app, ["suggest", "--db", str(tmp_path / "s.lance"), "--csv", str(sheet), "--force", "-n", "3"])
+    assert out.exit_code == 0 and sheet.read_text().startswith("id,path,predicted")
+    with pytest.raises(clipfuse.workspace.OptionError):
+        ws.suggest(n=3, duplicate_threshold=-1.0)
+    reasons = {s.reason.split(" (")[0].split(";")[0] for s in ws.suspects(n=200).suspects}
+    assert "low confidence in the given label" not in reasons

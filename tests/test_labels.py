@@ -87,7 +87,7 @@ def test_bad_labels_are_named_and_nothing_is_written(indexed):
                    f"{root / 'train' / 'red' / '001.png'},a/b\n")
     r = _run("label", "--from-csv", csv, "--db", db)
     assert r.exit_code != 0 and "nothing was labeled: 2 problem(s)" in r.output, r.output
-    assert "line 3: no image 'missing.png'" in r.output and "(line 4)" in r.output
+    assert "row 2: no image 'missing.png'" in r.output and "(row 3)" in r.output
     csv.write_text(f"path,label\n{root / 'train' / 'red' / '000.png'},blue\n{root / 'train' / 'red' / '000.png'},green\n")
     r = _run("label", "--from-csv", csv, "--db", db)
     assert r.exit_code != 0 and "labeled twice" in r.output
@@ -103,10 +103,12 @@ def test_a_csv_labels_all_its_rows_in_one_commit_and_every_change_is_kept(indexe
     ids = {r["path"]: r["id"] for r in ws.store.images().to_pylist()}
     pool = sorted(p for p in ids if "/pool/" in p)
     csv = root / "labels.csv"
-    csv.write_text("id,label\n" + "".join(f"{ids[p]},{p.split('/')[-2]}\n" for p in pool)
-                   + f"{ids[str(root / 'train' / 'red' / '003.png')]},\n")  # empty: take the label away
+    csv.write_text("id,label,remove\n" + "".join(f"{ids[p]},{p.split('/')[-2]},\n" for p in pool)
+                   + f"{ids[str(root / 'train' / 'red' / '003.png')]},,true\n"  # remove: take the label away
+                   + f"{ids[str(root / 'train' / 'red' / '002.png')]},,\n")  # empty: says nothing, skipped
     r = _run("label", "--from-csv", csv, "--db", db)
     assert r.exit_code == 0 and "labeled 4 image(s)" in r.output, r.output
+    assert _label_of(ws, root / "train" / "red" / "002.png") >= 0
     assert [_label_of(ws, p) for p in pool] == [0, 1, 2]  # blue, green, red pool images now train
     assert _label_of(ws, root / "train" / "red" / "003.png") == -1
     ws.label(pool[0], "green")  # changed again: both changes stay in the history
@@ -219,3 +221,66 @@ def test_suspects_name_one_content_filed_under_two_classes(indexed, tiny_model):
     same = [c for c in result.conflicts if len(c["ids"]) == 1]
     assert len(same) == 1 and same[0]["labels"] == ["blue", "red"]
     assert same[0]["paths"] == sorted([str(root / "train" / "blue" / "copy.png"), str(root / "train" / "red" / "000.png")])
+
+
+def test_the_suggest_sheet_round_trip_and_ambiguous_csvs(indexed):
+    """A sheet from `suggest --csv` with a few labels filled in labels those and touches no other image;
+    ambiguous sheets are refused whole; the order of changes holds when the clock steps back."""
+    import time as _time
+
+    root, db = indexed
+    ws = clipfuse.open(db)
+    ids = {r["path"]: r["id"] for r in ws.store.images().to_pylist()}
+    pool = sorted(p for p in ids if "/pool/" in p)
+    red = str(root / "train" / "red" / "000.png")
+    ws.label(pool[0], "red")  # labeled meanwhile: a blank row of the sheet must not remove it
+    sheet = root / "next.csv"
+    sheet.write_text("id,path,predicted,confidence,reason,label\n"
+                     f"{ids[pool[0]]},{pool[0]},red,0.5,uncertain,\n"
+                     f"{ids[pool[1]]},{pool[1]},red,0.5,uncertain,green\n"
+                     f"{ids[pool[2]]},{pool[2]},red,0.5,uncertain,\n")
+    r = _run("label", "--from-csv", sheet, "--db", db)
+    assert r.exit_code == 0 and "labeled 1 image(s)" in r.output, r.output
+    assert [h["label"] for h in ws.label_history()] == ["red", "green"]
+    before = ws.store.label_history().num_rows
+    for text, message in [
+        (f"id,path,label\n{ids[pool[2]]},{red},blue\n", "name different images"),
+        (f"id,ID,label\n{ids[pool[2]]},{ids[red]},blue\n", "more than once"),
+        (f"id,label,label\n{ids[pool[2]]},blue,red\n", "more than once"),
+        (f"id,label,remove\n{ids[pool[2]]},blue,true\n", "gives the label 'blue' and remove"),
+        (f"id,label,remove\n{ids[pool[2]]},,maybe\n", "remove must be true or false"),
+        (f"id,label\n{ids[pool[2]]},caf\u00e9\n{ids[pool[1]]},b,c,d\n", "more fields than its header")]:
+        bad = root / "bad.csv"
+        bad.write_text(text)
+        r = _run("label", "--from-csv", bad, "--db", db)
+        assert r.exit_code != 0 and message in r.output, (text, r.output)
+    (root / "latin.csv").write_bytes("id,label\n".encode() + ids[pool[2]].encode() + ",caf\xe9\n".encode("latin-1"))
+    r = _run("label", "--from-csv", root / "latin.csv", "--db", db)
+    assert r.exit_code != 0 and "not UTF-8" in r.output
+    assert ws.store.label_history().num_rows == before
+    # one class however its accent is typed; a label set again to the same class writes nothing
+    ws.label(pool[2], "cafe\u0301")
+    assert ws.label(pool[2], "caf\u00e9").changes == [] and ws.store.classes().count("caf\u00e9") == 1
+    # a clock stepped back does not put the newer change first
+    real = _time.time
+    try:
+        _time.time = lambda: real() - 3600
+        ws.label(pool[2], "blue")
+    finally:
+        _time.time = real
+    assert ws.label_history(pool[2])[-1]["label"] == "blue" and _label_of(ws, pool[2]) == 0
+    # contradictory flags and a --csv file in the way are refused
+    assert _run("label", pool[2], "red", "--history", "--db", db).exit_code == 2
+    assert _run("label", pool[2], "red", "--json", "--db", db).exit_code == 2
+
+
+def test_info_counts_only_images_the_store_holds(indexed):
+    root, db = indexed
+    ws = clipfuse.open(db)
+    gone = root / "pool" / "blue" / "000.png"
+    ws.label(gone, "blue")
+    assert ws.info().labels_by_source.get("human") == 1 and ws.info().per_class["blue"] == 5
+    gone.unlink()
+    ws.index(root / "train", unlabeled=root / "pool", test=root / "test")
+    info = ws.info()
+    assert info.labels_by_source.get("human", 0) == 0 and info.per_class["blue"] == 4

@@ -184,7 +184,8 @@ def require_labels(store: Store, version: EmbeddingVersion, es: EmbeddingSet, *,
     if len(labeled_classes) < 2:
         raise ValueError(f"only one class ({labeled_classes[0]!r}) has labeled images in version "
                          f"{version.short}: telling classes apart needs labeled images of at least two. "
-                         "Add another class folder (LABELED_DIR/<class>/<image>) and index it.")
+                         "Add another class folder (LABELED_DIR/<class>/<image>) and index it, "
+                         "or label images of another class with `clipfuse label ID_OR_PATH CLASS`.")
     if not split_labeled(es.labels, val_fraction=val_fraction, seed=seed)[1].size:
         raise ValueError(f"every class has a single labeled image ({n_labeled} labels for {len(labeled_classes)} "
                          "classes), so none can be held out for validation; label at least two images of some "

@@ -19,7 +19,7 @@ def check_class_name(name: str, where: str = "") -> str:
     """A class name as stored: the given text stripped of surrounding spaces; refused when unusable."""
     if not isinstance(name, str):
         raise ValueError(f"class name {name!r}{where} is not text.")
-    cleaned = name.strip()
+    cleaned = unicodedata.normalize("NFC", name).strip()  # "café" typed two ways is one class
     if not cleaned:
         raise ValueError(f"empty class name{where}; give the class's name.")
     if len(cleaned) > MAX_CLASS_NAME:
@@ -43,6 +43,7 @@ class Labeling:
         for r in images:
             by_id.setdefault(r["id"], r["path"])
         by_path = {r["path"]: r["id"] for r in images}
+        not_test = {r["id"] for r in images if r["split"] != "test"}
 
         def resolve(given: str) -> tuple[str, str] | None:
             given = str(given).strip()
@@ -59,6 +60,7 @@ class Labeling:
                     return by_path[real], real
             return None
 
+        resolve.test_only = {r["id"] for r in images} - not_test
         return resolve
 
     def label(self, image=None, label: str | None = None, *, from_csv=None, remove: bool = False) -> LabelResult:
@@ -79,19 +81,31 @@ class Labeling:
                 raise OptionError("CLASS", "--remove takes no CLASS: it takes the image's label away.")
             if not remove and label is None:
                 raise OptionError("CLASS", "give the CLASS to label the image with (or --remove).")
-            wanted = [(str(image), None if remove else label, "argument")]
+            wanted = [(str(image), None if remove else label, "argument", None)]
         else:
             wanted = self._read_label_csv(from_csv)
         resolve = self._image_lookup()
-        current = self._current_labels()
-        problems, changes, seen = [], [], {}
-        for given, name, where in wanted:
+        current, sources = self._current_labels(), self.store.labels()
+        problems, changes, seen, skipped = [], [], {}, 0
+        for given, name, where, also in wanted:
+            if ": " in where:  # a row the reader refused
+                problems.append(where)
+                continue
+            if not given:
+                problems.append(f"{where}: no id or path")
+                continue
             found = resolve(given)
             if found is None:
                 problems.append(f"{where}: no image {given!r} in the store (give an image id or a path it holds; "
                                 "`clipfuse neighbors` and the export show both)")
                 continue
             id_, path = found
+            if also is not None:
+                other = resolve(also)
+                if other is None or other[0] != id_:
+                    problems.append(f"{where}: its id {given!r} and its path {also!r} name different images; "
+                                    "fix one, or drop the path column")
+                    continue
             if name is not None:
                 try:
                     name = check_class_name(name, f" ({where})")
@@ -99,11 +113,16 @@ class Labeling:
                     problems.append(str(e))
                     continue
             if id_ in seen and seen[id_] != name:
-                problems.append(f"{where}: image {given!r} (id {id_}) is labeled twice, {seen[id_]!r} and {name!r}; "
+                shown = [repr(v) if v is not None else "(no label)" for v in (seen[id_], name)]
+                problems.append(f"{where}: image {given!r} (id {id_}) is labeled twice, {shown[0]} and {shown[1]}; "
                                 "keep one row per image.")
                 continue
             seen[id_] = name
-            changes.append(LabelChange(id=id_, path=path, before=current.get(id_), after=name, given=given))
+            if id_ in sources and sources[id_] == (name, "human"):
+                skipped += 1  # already set by hand to exactly this: no new history row
+                continue
+            changes.append(LabelChange(id=id_, path=path, before=current.get(id_), after=name, given=given,
+                                       split="test" if id_ in resolve.test_only else None))
         if problems:
             more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
             raise ValueError(f"nothing was labeled: {len(problems)} problem(s): " + "; ".join(problems[:10]) + more)
@@ -114,7 +133,7 @@ class Labeling:
             if new:
                 self.store.add_classes(new)
             self.store.add_labels([(c.id, c.after, c.given) for c in unique], source="human")
-        return LabelResult(changes=unique, new_classes=new, notices=notices)
+        return LabelResult(changes=unique, new_classes=new, unchanged=skipped, notices=notices)
 
     def _current_labels(self) -> dict[str, str | None]:
         """Each image's label now: set by a person, else its folder's."""
@@ -127,7 +146,14 @@ class Labeling:
         return out
 
     @staticmethod
-    def _read_label_csv(path) -> list[tuple[str, str | None, str]]:
+    def _read_label_csv(path) -> list[tuple[str, str | None, str, str | None]]:
+        """``(given, label or None, where, path given too)`` per row that says something; blank rows skipped.
+
+        A row with an empty label says nothing (the CSV ``suggest --csv`` writes has every label
+        empty until filled in); a ``remove`` column (true/yes/1/x) takes a label away.
+        """
+        import re
+
         import polars as pl
 
         path = Path(path)
@@ -137,20 +163,51 @@ class Labeling:
         try:
             df = pl.read_csv(path, infer_schema=False)  # every column as text: ids like 0012 stay as they are
         except Exception as e:
-            raise OptionError("--from-csv", f"{str(path)!r} is not a readable CSV: {e}") from e
-        columns = {c.strip().lower(): c for c in df.columns}
-        key = columns.get("id") or columns.get("path")
-        if key is None or "label" not in columns:
+            text = str(e)
+            if "utf-8" in text.lower() or "utf8" in text.lower():
+                raise OptionError("--from-csv", f"{str(path)!r} is not UTF-8 text; save it as UTF-8 (\"CSV UTF-8\" "
+                                                "in spreadsheet programs).") from e
+            if "ragged" in text or "more fields" in text:
+                raise OptionError("--from-csv", f"{str(path)!r} has a row with more fields than its header; quote "
+                                                "fields that hold commas.") from e
+            first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+            raise OptionError("--from-csv", f"{str(path)!r} is not a readable CSV: {first}") from e
+        names: dict[str, list[str]] = {}
+        for c in df.columns:
+            names.setdefault(re.sub(r"_duplicated_\d+$", "", c.strip().lower()), []).append(c)
+        twice = [v for k, v in names.items() if k in ("id", "path", "label", "remove") and len(v) > 1]
+        if twice:
+            raise OptionError("--from-csv", f"{str(path)!r} has the column {twice[0][0].strip()!r} more than once "
+                                            f"({', '.join(repr(c) for c in twice[0])}); keep one.")
+        columns = {k: v[0] for k, v in names.items()}
+        if ("id" not in columns and "path" not in columns) or "label" not in columns:
             raise OptionError("--from-csv", f"{str(path)!r} has columns {df.columns}; it needs an id (or path) column "
                                             "and a label column.")
         if df.height == 0:
             raise OptionError("--from-csv", f"{str(path)!r} has no rows.")
+
+        def column(name):
+            return df[columns[name]].to_list() if name in columns else [None] * df.height
+
+        def blank(v):
+            return v is None or not str(v).strip()
+
         out = []
-        for i, (given, label) in enumerate(zip(df[key].to_list(), df[columns["label"]].to_list()), start=2):
-            if given is None or not str(given).strip():
-                out.append(("", label, f"line {i}"))
-            else:
-                out.append((str(given), label if label is not None and str(label).strip() else None, f"line {i}"))
+        for i, (id_, given_path, label, remove) in enumerate(
+                zip(column("id"), column("path"), column("label"), column("remove")), start=1):
+            where = f"row {i}"
+            removing = not blank(remove) and str(remove).strip().lower() in ("1", "true", "yes", "x", "y")
+            if not blank(remove) and not removing and str(remove).strip().lower() not in ("0", "false", "no", "n"):
+                out.append(("", None, f"{where}: remove must be true or false, got {remove!r}", None))
+                continue
+            if blank(label) and not removing:
+                continue  # nothing said about this image
+            if removing and not blank(label):
+                out.append(("", None, f"{where}: gives the label {label!r} and remove; give one", None))
+                continue
+            key = id_ if not blank(id_) else given_path
+            also = str(given_path) if not blank(id_) and not blank(given_path) else None
+            out.append(("" if blank(key) else str(key), None if removing else str(label), where, also))
         return out
 
     def label_history(self, image=None) -> list[dict]:
@@ -203,7 +260,8 @@ class Labeling:
                        "they are now")
         found = [Suspect(id=ids[i], path=path_of.get(ids[i], f"id:{ids[i]}"), given=classes[given[i]],
                          suggested=classes[int(P[i].argmax())], score=float(s), flagged=bool(f),
-                         reason="cleanlab: label issue" if f else "low confidence in the given label")
+                         reason=(f"cleanlab flags it as a label issue (held-out p(given) {1 - float(s):.2f})" if f
+                                 else f"held-out p(given) {1 - float(s):.2f}; cleanlab does not flag it"))
                  for i, s, f in zip(order[:n], score[:n], flagged[:n])]
 
         es = trained.es
@@ -266,6 +324,8 @@ class Labeling:
         notices = self._start()
         if n < 1:
             raise OptionError("-n", f"must be at least 1, got {n}.")
+        if not 0.0 < duplicate_threshold <= 1.0:
+            raise OptionError("--duplicate-threshold", f"must be in (0, 1], got {duplicate_threshold}.")
         v = self.version(version)
         trained = load_trained(self.store, v, notify=self._notify)
         es = trained.es

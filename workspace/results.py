@@ -49,12 +49,14 @@ class LabelChange:
     before: Optional[str]
     after: Optional[str]
     given: str  # how the image was named (its id or path)
+    split: Optional[str] = None  # 'test' when the image is a test image only (its label scores, never trains)
 
 
 @dataclass
 class LabelResult(_Result):
     changes: list[LabelChange]
     new_classes: list[str]  # class names the labels added to the class list
+    unchanged: int = 0  # rows that set a label the image already had by hand (no history row written)
 
 
 @dataclass

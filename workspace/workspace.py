@@ -726,6 +726,10 @@ class Workspace(Labeling, Reviewing, Tuning):
             pred_index = {id_: i for i, id_ in enumerate(predictions["id"].to_pylist())}
             rows = [pred_index.get(i) for i in es.ids[test]]
             have = np.array([r is not None for r in rows])
+            width = predictions.schema.field("probs").type.list_size
+            if width != len(classes):
+                raise ValueError(f"the predictions are of {width} classes but the heads trained since know "
+                                 f"{len(classes)}: run `clipfuse predict` again, then evaluate.")
             P = predictions["probs"].combine_chunks().flatten().to_numpy().reshape(-1, len(classes))
             y_test, P_test = es.test_labels[test][have], P[[r for r in rows if r is not None]]
             test_scores, n_test = score_predictions(y_test, P_test), len(y_test)
@@ -816,14 +820,20 @@ class Workspace(Labeling, Reviewing, Tuning):
             raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it or choose another file.")
         if min_confidence is not None and target_precision is not None:
             raise OptionError("--target-precision", "picks the threshold itself; give it or --min-confidence, not both.")
-        if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
-            raise OptionError("--min-confidence", f"must be between 0 and 1, got {min_confidence}.")
+        if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:  # NaN fails this too
+            raise OptionError("--min-confidence", f"must be a number between 0 and 1, got {min_confidence}.")
         if target_precision is not None and not 0.0 < target_precision <= 1.0:
-            raise OptionError("--target-precision", f"must be in (0, 1], got {target_precision}.")
+            raise OptionError("--target-precision", f"must be a number in (0, 1], got {target_precision}.")
         abstaining = min_confidence is not None or target_precision is not None
-        if abstaining and (not str(abstain_label).strip() or abstain_label in self.store.classes()):
-            raise OptionError("--abstain-label", f"{abstain_label!r} is empty or one of the classes; pick a name no "
-                                                 "class has, so abstentions can't be mistaken for predictions.")
+        if abstain_label != "unknown" and not abstaining:
+            raise OptionError("--abstain-label", "names what images below a threshold get: give --min-confidence P "
+                                                 "or --target-precision X with it.")
+        if abstaining:
+            name = str(abstain_label)
+            if not name.strip() or name != name.strip() or name.strip() in self.store.classes():
+                raise OptionError("--abstain-label", f"{abstain_label!r} is empty, has surrounding spaces, or is one "
+                                                     "of the classes; pick a name no class has, so abstentions can't "
+                                                     "be mistaken for predictions.")
         several = crossversion.resolve_versions(self, versions, version=version)
         if several is not None and len(several) > 1:
             fps = [v.fingerprint for v in several]
@@ -842,6 +852,8 @@ class Workspace(Labeling, Reviewing, Tuning):
                 raise LookupError(f"no predictions for version {v.short}; run `clipfuse predict` first.")
         width = predictions.schema.field("probs").type.list_size
         classes = self.store.classes()[:width]  # the classes the heads were trained on (classes only get appended)
+        if target_precision is not None:
+            self._check_fresh_predictions(several, version, width)
         pred = pl.from_arrow(predictions.select(["id", "label", "confidence", "probs"]))
         images = pl.from_arrow(self.store.images().select(["path", "id", "split"]))
         if split != "all":
@@ -905,9 +917,26 @@ class Workspace(Labeling, Reviewing, Tuning):
             raise ValueError(f"no confidence threshold reaches precision {target:g} on the {len(y)} validation labels "
                              f"(the best is {best:.3f}, keeping only the most confident); lower --target-precision, "
                              "or label more images.")
-        if len(y) < 50:
-            self._warn(f"the threshold comes from {len(y)} validation labels only: the precision it promises is rough")
+        kept = int(round(chosen[1] * len(y)))
+        if len(y) < 50 or kept < 20:
+            self._warn(f"the threshold comes from {len(y)} validation labels, {kept} of them above it: the precision "
+                       "it promises is rough")
         return chosen
+
+    def _check_fresh_predictions(self, several, version, width: int) -> None:
+        """Refuse predictions made by other heads than the saved ones (train-heads ran again, predict did not)."""
+        from .heads import current_heads
+
+        if several is not None and len(several) > 1:
+            folder = crossversion.ensemble_folder(self.store, several).current()
+        else:
+            folder = current_heads(self.store, self.version(several[0].fingerprint if several else version))
+        if folder is None or not (folder / _heads.ENSEMBLE_FILE).exists():
+            return
+        trained = json.loads((folder / _heads.ENSEMBLE_FILE).read_text()).get("n_classes")
+        if trained and trained != width:
+            raise ValueError(f"the predictions are of {width} classes but the heads trained since know {trained}: "
+                             "run `clipfuse predict` again, then export.")
 
     @staticmethod
     def _kaggle_frame(df):
