@@ -217,13 +217,15 @@ def fit_softmax_regression(X: np.ndarray, y_index: np.ndarray, n_classes: int, *
 
 
 def select_C(X: np.ndarray, y_index: np.ndarray, n_classes: int, *, grid=PROBE_C_GRID,
-             W0: np.ndarray | None = None, max_iter: int = 500, seed: int = 0) -> float:
+             W0: np.ndarray | None = None, max_iter: int = 500, seed: int = 0,
+             few_labels: float | None = None) -> float:
     """The C of ``grid`` with the best 3-fold accuracy (the smaller C on ties).
 
     The folds are stratified when every class has 3 labels or more, else shuffled plain folds
     (a class missing from a fold's training part costs every C the same). Each fold walks the
     grid from strong to weak regularisation, warm-starting every fit from the previous one.
-    Returns 1.0 with fewer than 6 labels or one class.
+    Returns 1.0 with fewer than 6 labels or one class. ``few_labels`` (a C), when given, is returned
+    instead of cross-validating whenever a class has fewer than 3 labels.
 
     A fixed C for the few-label case is what this replaced: the loss is summed, so with 2 or 3
     labels per class the data term is small and C = 1 left a 48-class probe at 2-4 % accuracy,
@@ -234,6 +236,8 @@ def select_C(X: np.ndarray, y_index: np.ndarray, n_classes: int, *, grid=PROBE_C
         return 1.0
     grid = sorted(grid)
     scores = np.zeros(len(grid))
+    if few_labels is not None and counts.min() < 3:
+        return float(few_labels)
     if counts[counts > 0].min() >= 3:
         folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=seed).split(X, y_index)
     else:

@@ -68,6 +68,10 @@ class AnnIndex:
         self._position.update((id_, start + j) for j, id_ in enumerate(ids))
         return len(ids)
 
+    def vector(self, id_: str) -> np.ndarray:
+        """The stored unit vector of one id (the graph keeps every vector); KeyError if it holds none."""
+        return np.asarray(self._index.get_items([self._position[id_]]), dtype=np.float32)[0]
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Approximate top-k by cosine.
 

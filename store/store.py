@@ -1105,6 +1105,14 @@ class Store:
         return name
 
     @_storage_errors
+    def prediction_rows(self, ids: list[str], fingerprint: str | None = None) -> pa.Table | None:
+        """The version's predictions of some ids only (a filtered scan); None before `clipfuse predict`."""
+        table = self._table(self._predictions_table_name(fingerprint, None))
+        if table is None:
+            return None
+        return table.search().where(f"id IN ({_sql_list(ids)})").limit(None).to_arrow()
+
+    @_storage_errors
     def predictions(self, fingerprint: str | None = None, *, versions: list[str] | None = None) -> pa.Table | None:
         """The version's (or the ensemble over ``versions``') predictions table, or None before
         `clipfuse predict`."""

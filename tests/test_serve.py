@@ -300,6 +300,16 @@ def test_search_by_text_and_by_image(served):
     assert r.status_code == 400 and "failed" in r.text
 
 
+def test_neighbours_from_the_graph_match_the_exact_search(served):
+    client, ws, _ = served
+    some = _ids(ws, split="unlabeled")[3]
+    exact = [n.id for n in ws.neighbors(some, k=9, exact=True).neighbors if n.id != some][:8]
+    assert [n.id for n in ws.similar(some, k=8)] == exact
+    body = client.get(f"/api/neighbors/{some}?k=8").json()
+    assert [n["id"] for n in body["neighbors"]] == exact and all(n["paths"] for n in body["neighbors"])
+    assert [n.id for n in ws.image_details(some, k=8).neighbors] == exact
+
+
 def test_queues_list_what_suggest_and_suspects_say(served):
     client, ws, _ = served
     html = client.get("/queue/suggest?n=5").text

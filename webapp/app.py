@@ -6,6 +6,7 @@ no logic of its own beyond the request checks (host, token, same origin) and the
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import math
@@ -18,6 +19,9 @@ from urllib.parse import urlencode, urlsplit
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, QueryParams
+from starlette.requests import cookie_parser
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from clipfuse.workspace import OptionError
@@ -77,37 +81,8 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
             return JSONResponse({"error": message}, status_code=status)
         return render(request, "error.html", status=status, message=message)
 
-    # ---- request checks: host, token, same origin ---------------------------------------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        host_header = request.headers.get("host", "")
-        name = host_header.rsplit(":", 1)[0] if not host_header.startswith("[") else host_header.split("]")[0] + "]"
-        if allowed_hosts is not None and name not in allowed_hosts:  # a page of another site resolving its name to this server (DNS rebinding)
-            return JSONResponse({"error": f"unknown host {host_header!r}"}, status_code=400)
-        set_cookie = False
-        if token:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-                or request.cookies.get(TOKEN_COOKIE) or request.query_params.get("token") or ""
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"error": "this clipfuse serve needs its token: open the link it printed "
-                                              "(…/?token=...) or send 'Authorization: Bearer <token>'."},
-                                    status_code=401)
-            set_cookie = request.query_params.get("token") == token and request.cookies.get(TOKEN_COOKIE) != token
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            origin = request.headers.get("origin") or request.headers.get("referer")
-            if not origin or urlsplit(origin).netloc != host_header:
-                return JSONResponse({"error": "refused: a change must come from this app's own pages "
-                                              "(the Origin header is missing or names another site)."},
-                                    status_code=403)
-        response = await call_next(request)
-        if set_cookie:
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("Content-Security-Policy",
-                                    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
-        return response
+    # ---- request checks: host, token, same origin (a pure ASGI layer: no per-request task or body copy) ----
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, token=token)
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
@@ -203,14 +178,19 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
 
     # ---- files ----------------------------------------------------------------------------------
     @app.get("/thumb/{image_id}")
-    def thumb(request: Request, image_id: str, size: int = 256):
+    async def thumb(request: Request, image_id: str, size: int = 256):
+        # A cached thumbnail is read on the event loop (a few KB, no thread hop); a missing one is made in a thread.
         try:
-            path = ws.thumbnail(image_id, size)
+            path = ws.cached_thumbnail(image_id, size)
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                data = (await run_in_threadpool(ws.thumbnail, image_id, size)).read_bytes()
         except OptionError as e:
             return fail(request, 400, str(e))
         except LookupError:
             return fail(request, 404, "no such image in the store.")
-        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/file/{image_id}")
     def original(request: Request, image_id: str):
@@ -235,9 +215,10 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
     @app.get("/api/neighbors/{image_id}")
     def api_neighbors(request: Request, image_id: str, k: int = Query(12, ge=1, le=200)):
         try:
-            return ws.neighbors(image_id, k=k).to_dict()
+            found = ws.similar(image_id, k=k)
         except (ValueError, LookupError, FileNotFoundError) as e:
             return fail(request, 404 if isinstance(e, (LookupError, FileNotFoundError)) else 400, str(e))
+        return {"id": image_id, "neighbors": [dataclasses.asdict(n) for n in found]}
 
     @app.get("/api/image/{image_id}")
     def api_image(request: Request, image_id: str):
@@ -303,6 +284,69 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
         return RedirectResponse(back if back.startswith("/") and not back.startswith("//") else "/", status_code=303)
 
     return app
+
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"),
+]
+
+
+class Guard:
+    """Checks every request before the app sees it.
+
+    - Host: only the names the app is served under (a page of another site that resolves its own
+      name to this server, DNS rebinding, is refused).
+    - Token (when set): ``Authorization: Bearer``, the ``clipfuse_token`` cookie, or ``?token=``
+      (which then sets the cookie, HttpOnly and SameSite=Strict).
+    - Changes (any method but GET/HEAD/OPTIONS): the Origin header, or else the Referer, must be this
+      app itself (CSRF).
+    """
+
+    def __init__(self, app, *, allowed_hosts: set[str] | None, token: str | None):
+        self.app, self.allowed_hosts, self.token = app, allowed_hosts, token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        refused = self._refusal(scope, headers)
+        if refused is not None:
+            status, message = refused
+            return await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+        extra = list(SECURITY_HEADERS)
+        if self.token and QueryParams(scope.get("query_string", b"")).get("token") == self.token \
+                and cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE) != self.token:
+            extra.append((b"set-cookie", f"{TOKEN_COOKIE}={self.token}; HttpOnly; Path=/; SameSite=strict".encode()))
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _refusal(self, scope, headers) -> tuple[int, str] | None:
+        host_header = headers.get("host", "")
+        if host_header.startswith("["):
+            name = host_header.split("]")[0] + "]"
+        else:
+            name = host_header.rsplit(":", 1)[0]
+        if self.allowed_hosts is not None and name not in self.allowed_hosts:
+            return 400, f"unknown host {host_header!r}"
+        if self.token:
+            given = headers.get("authorization", "").removeprefix("Bearer ").strip() \
+                or cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE) \
+                or QueryParams(scope.get("query_string", b"")).get("token") or ""
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return 401, ("this clipfuse serve needs its token: open the link it printed (…/?token=...) or send "
+                             "'Authorization: Bearer <token>'.")
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get("origin") or headers.get("referer")
+            if not origin or urlsplit(origin).netloc != host_header:
+                return 403, ("refused: a change must come from this app's own pages (the Origin header is missing "
+                             "or names another site).")
+        return None
 
 
 async def _json_body(request: Request):

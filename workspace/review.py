@@ -163,7 +163,8 @@ class Reviewing:
             if value is not None and not 0.0 <= value <= 1.0:
                 raise OptionError(name, f"{name} must be between 0 and 1, got {value}.")
         v = self.version(version)
-        frame, has_pred, per_head = self._review_frame(v)
+        by_sort, has_pred, per_head = self._review_frame(v)
+        frame = by_sort.get(sort if has_pred else "path", by_sort["path"])
         classes = self.store.classes()
         if split is not None:
             if split not in ("labeled", "unlabeled", "test"):
@@ -188,12 +189,6 @@ class Reviewing:
         if ids is not None:
             frame = frame.filter(pl.col("id").is_in(list(ids)))
         total = frame.height
-        if sort == "path" or not has_pred:
-            frame = frame.sort("path")
-        elif sort == "margin":
-            frame = frame.sort(["margin", "path"], nulls_last=True)
-        else:
-            frame = frame.sort(["confidence", "path"], descending=[sort == "-confidence", False], nulls_last=True)
         page = frame.slice(offset, limit).to_dicts()
         rows = [GalleryRow(id=r["id"], path=r["path"], split=r["split"], label=r["label"], predicted=r["predicted"],
                            confidence=r["confidence"], margin=r["margin"], heads_agree=r["heads_agree"])
@@ -218,11 +213,12 @@ class Reviewing:
 
         from clipfuse.data import SPLIT_PRIORITY
 
-        images = pl.from_arrow(self.store.images().select(["id", "path", "split", "label"]))
+        images = pl.from_arrow(self.store.images().select(["id", "path", "split", "label", "width", "height"]))
         images = (images.with_columns(pl.col("split").replace_strict(SPLIT_PRIORITY, default=9).alias("_rank"))
                   .sort(["id", "_rank", "path"]))
         per_id = images.group_by("id", maintain_order=True).agg(
-            pl.col("path").first(), pl.col("split").first(),
+            pl.col("path").first(), pl.col("split").first(), pl.col("path").sort().alias("paths"),
+            pl.col("width").first(), pl.col("height").first(),
             pl.col("label").filter(pl.col("split").is_in(["labeled", "test"])).drop_nulls().first().alias("folder"))
         history = self.store.label_history()
         if history.num_rows:
@@ -257,63 +253,92 @@ class Reviewing:
                                          pl.lit(None, pl.Float64).alias("margin"), pl.lit(None, pl.Boolean).alias("heads_agree"))
         embedded = pl.DataFrame({"id": sorted(self.store.embedded_ids(v.fingerprint))}, schema={"id": pl.Utf8})
         per_id = per_id.join(embedded, on="id", how="semi")  # the version's images (not its error rows)
-        frame = per_id.select(["id", "path", "split", "label", "predicted", "confidence", "margin", "heads_agree"])
-        return frame, has_pred, per_head
+        frame = per_id.select(["id", "path", "split", "label", "predicted", "confidence", "margin", "heads_agree",
+                               "paths", "folder", "set_source", "width", "height"])
+        # sorted once per sort key: a page is then a filter (which keeps the order) and a slice
+        by_sort = {"path": frame.sort("path")}
+        if has_pred:
+            by_sort["margin"] = frame.sort(["margin", "path"], nulls_last=True)
+            by_sort["confidence"] = frame.sort(["confidence", "path"], nulls_last=True)
+            by_sort["-confidence"] = frame.sort(["confidence", "path"], descending=[True, False], nulls_last=True)
+        return by_sort, has_pred, per_head
 
     # ---- one image -----------------------------------------------------------------------------------
     def image_details(self, image_id: str, *, version: str | None = None, k: int = 12) -> ImageDetails:
         """Everything the review app shows of one image: paths, labels, probabilities, neighbours, history."""
         import numpy as np
-
-        from .queries import describe_neighbors
+        import polars as pl
+        import pyarrow.compute as pc
 
         notices = self._start()
-        rows = self.store.images([str(image_id)]).to_pylist()
-        if not rows:
-            raise LookupError(f"no image with id {str(image_id)!r} in the store.")
-        from clipfuse.data import SPLIT_PRIORITY
-
-        rows.sort(key=lambda r: (SPLIT_PRIORITY.get(r["split"], 9), r["path"]))
-        folder = next((r["label"] for r in rows if r["split"] in ("labeled", "test") and r["label"]), None)
-        history = self.label_history(str(image_id))
+        image_id = _check_id(image_id)
+        v = self.version(version)
+        by_sort, _, _ = self._review_frame(v)
+        hit = by_sort["path"].filter(pl.col("id") == image_id)
+        if not hit.height:
+            rows = self.store.images([image_id]).to_pylist()  # an image this version did not embed (an error row)
+            if not rows:
+                raise LookupError(f"no image with id {image_id!r} in the store.")
+            row = {"paths": sorted(r["path"] for r in rows), "split": rows[0]["split"], "width": rows[0]["width"],
+                   "height": rows[0]["height"], "folder": next((r["label"] for r in rows if r["label"]), None)}
+        else:
+            row = hit.row(0, named=True)
+        history_table = self.store.label_history()
+        history_table = history_table.filter(pc.equal(history_table["id"], image_id))
+        history = [{"id": h["id"], "path": row["paths"][0], "label": h["label"], "source": h["source"],
+                    "given": h["given"], "at": h["at"]} for h in history_table.to_pylist()]
         if history:
             label, source = history[-1]["label"], history[-1]["source"]
         else:
-            label, source = folder, ("folder" if folder is not None else "none")
-        v = self.version(version)
+            label, source = row["folder"], ("folder" if row["folder"] is not None else "none")
         predicted = confidence = None
         fused, heads = [], {}
-        predictions = self.store.predictions(v.fingerprint)
-        if predictions is not None:
-            import pyarrow.compute as pc
-
-            hit = predictions.filter(pc.equal(predictions["id"], str(image_id)))
-            if hit.num_rows:
-                classes = self.store.classes()
-                row = hit.slice(0, 1)
-                P = _matrix(row["probs"])[0]
-                names = classes[:len(P)]
-                order = np.argsort(-P)[:10]
-                fused = [(names[i], float(P[i])) for i in order]
-                predicted, confidence = row["label"][0].as_py(), float(row["confidence"][0].as_py())
-                for c in row.column_names:
-                    if c.startswith("probs_"):
-                        H = _matrix(row[c])[0]
-                        if not np.isnan(H).any():
-                            heads[c[len("probs_"):]] = [(names[i], float(H[i])) for i in np.argsort(-H)[:3]]
-        neighbors = []
+        predictions = self.store.prediction_rows([image_id], v.fingerprint)
+        if predictions is not None and predictions.num_rows:
+            classes = self.store.classes()
+            first = predictions.slice(0, 1)
+            P = _matrix(first["probs"])[0]
+            names = classes[:len(P)]
+            fused = [(names[i], float(P[i])) for i in np.argsort(-P)[:10]]
+            predicted, confidence = first["label"][0].as_py(), float(first["confidence"][0].as_py())
+            for c in first.column_names:
+                if c.startswith("probs_"):
+                    H = _matrix(first[c])[0]
+                    if not np.isnan(H).any():
+                        heads[c[len("probs_"):]] = [(names[i], float(H[i])) for i in np.argsort(-H)[:3]]
         try:
-            found, sims = self.store.search(self.store.vectors_for([str(image_id)], v.fingerprint), k=k + 1,
-                                            fingerprint=v.fingerprint)
-            pairs = [(i, s) for i, s in zip(found[0], sims[0]) if str(i) != str(image_id)][:k]
-            neighbors = describe_neighbors(self.store, [p[0] for p in pairs], [p[1] for p in pairs])
+            neighbors = self.similar(image_id, k=k, version=v.fingerprint)
+        except LookupError:
+            neighbors = []  # not embedded in this version
+        return ImageDetails(id=image_id, paths=list(row["paths"]), split=row["split"], folder_label=row["folder"],
+                            label=label, label_source=source, predicted=predicted, confidence=confidence,
+                            fused=fused, heads=heads, neighbors=neighbors, history=history,
+                            width=row.get("width"), height=row.get("height"), notices=notices)
+
+    def similar(self, image_id: str, *, k: int = 12, version: str | None = None) -> list[Neighbor]:
+        """The ``k`` images nearest a stored image (itself left out), from the version's neighbour graph.
+
+        Answered from memory (the hnswlib graph and the cached review table), with no table scan, so
+        it stays fast on a 300,000-image store; :meth:`neighbors` is the general query (files, texts).
+        """
+        import polars as pl
+
+        image_id = _check_id(image_id)
+        if k < 1:
+            raise OptionError("k", f"k must be at least 1, got {k}.")
+        v = self.version(version)
+        index = self.store.ann_index(v.fingerprint)
+        try:
+            query = index.vector(image_id)
         except KeyError:
-            pass  # not embedded in this version (an error row or another version's image)
-        first = rows[0]
-        return ImageDetails(id=str(image_id), paths=[r["path"] for r in rows], split=first["split"],
-                            folder_label=folder, label=label, label_source=source, predicted=predicted,
-                            confidence=confidence, fused=fused, heads=heads, neighbors=neighbors, history=history,
-                            width=first.get("width"), height=first.get("height"), notices=notices)
+            raise LookupError(f"image {image_id!r} has no vector in version {v.short}.") from None
+        found, sims = index.search(query[None], k + 1)
+        pairs = [(str(i), float(d)) for i, d in zip(found[0], sims[0]) if str(i) != image_id][:k]
+        rows = self._review_frame(v)[0]["path"].filter(pl.col("id").is_in([p[0] for p in pairs]))
+        by_id = {r["id"]: r for r in rows.select(["id", "paths", "label", "split"]).to_dicts()}
+        return [Neighbor(rank=rank, id=id_, paths=list(by_id.get(id_, {}).get("paths") or []),
+                         label=by_id.get(id_, {}).get("label"), split=by_id.get(id_, {}).get("split"),
+                         similarity=round(sim, 6)) for rank, (id_, sim) in enumerate(pairs, start=1)]
 
     def image_file(self, image_id: str) -> tuple[bytes, str, str]:
         """``(bytes, path, media type)`` of an image of the store, read from one of its paths.
@@ -356,9 +381,7 @@ class Reviewing:
         orientation; made once and kept beside the store (``_thumbs/``)."""
         if size not in THUMB_SIZES:
             raise OptionError("size", f"thumbnail size must be one of {', '.join(map(str, THUMB_SIZES))}, got {size}.")
-        image_id = _check_id(image_id)
-        name = hashlib.sha256(image_id.encode()).hexdigest()[:32]  # ids of imports may hold any character
-        path = self._thumbs_folder() / str(size) / name[:2] / f"{name}.jpg"
+        path = self.cached_thumbnail(image_id, size)
         if path.is_file():
             return path
         data, source, _ = self.image_file(image_id)
@@ -379,8 +402,21 @@ class Reviewing:
         os.replace(tmp, path)
         return path
 
+    def cached_thumbnail(self, image_id: str, size: int = 256) -> Path:
+        """Where :meth:`thumbnail` keeps the image's thumbnail (made or not yet)."""
+        if size not in THUMB_SIZES:
+            raise OptionError("size", f"thumbnail size must be one of {', '.join(map(str, THUMB_SIZES))}, got {size}.")
+        name = hashlib.sha256(_check_id(image_id).encode()).hexdigest()[:32]  # ids of imports may hold any character
+        return self._thumbs_folder() / str(size) / name[:2] / f"{name}.jpg"
+
     def _thumbs_folder(self) -> Path:
         """``<db>/_thumbs`` for a store on disk (when writable), else this machine's cache for the store."""
+        found = self.__dict__.get("_thumbs_dir")
+        if found is None:
+            found = self.__dict__["_thumbs_dir"] = self._find_thumbs_folder()
+        return found
+
+    def _find_thumbs_folder(self) -> Path:
         from clipfuse.store.objectfolder import cache_root
 
         if self.store.is_local:
