@@ -57,7 +57,7 @@ def test_every_page_renders(served):
     client, ws, _ = served
     some = _ids(ws)[0]
     for url in ["/", "/gallery", f"/image/{some}", "/queue/suggest", "/queue/suspects",
-                "/gallery?split=unlabeled&sort=margin", "/gallery?label=none", "/gallery?sort=-confidence",
+                "/gallery?split=unlabeled&sort=margin", "/gallery?labeled=no", "/gallery?sort=-confidence",
                 "/gallery?disagree=1", "/gallery?predicted=red&min_confidence=0.1&max_confidence=1",
                 "/static/app.js", "/static/app.css", "/search?text=a+red+circle"]:
         r = client.get(url)
@@ -95,14 +95,16 @@ def test_gallery_filters_and_pagination(served):
     # a confusion cell opens the validation images of that cell
     o = ws.overview()
     i, j = next((i, j) for i, row in enumerate(o.confusion) for j, n in enumerate(row) if n)
-    cell = f"{o.trained_classes[i]}|{o.trained_classes[j]}"
-    html = client.get("/gallery", params={"cell": cell}).text
+    html = client.get("/gallery", params={"cell_true": o.trained_classes[i],
+                                          "cell_predicted": o.trained_classes[j]}).text
     assert f"{o.confusion[i][j]} image(s)" in html
 
 
 @pytest.mark.parametrize("url, status", [
     ("/gallery?min_confidence=2", 400), ("/gallery?min_confidence=abc", 400), ("/gallery?sort=random", 400),
-    ("/gallery?split=train", 400), ("/gallery?cell=red", 400), ("/gallery?page=0", 422),
+    ("/gallery?split=train", 400), ("/gallery?cell_true=red", 400), ("/gallery?page=0", 422),
+    ("/gallery?page=99999999999999999999", 422), ("/api/gallery?offset=99999999999999999999", 422),
+    ("/gallery?labeled=maybe", 400),
     ("/api/gallery?limit=0", 422), ("/thumb/abc?size=77", 400), ("/queue/other", 404),
     ("/search?text=", 400), ("/api/neighbors/nothing", 404), ("/image/nothing", 404)])
 def test_bad_input_is_answered_clearly(served, url, status):
@@ -133,13 +135,17 @@ def test_label_and_undo_round_trip(served):
     assert client.post("/api/label", json={"id": pool, "label": "purple"}, headers=SAME).status_code == 200
     assert "purple" in ws.store.classes()
     assert client.post("/api/label", json={"id": labeled, "remove": True}, headers=SAME).json()["label"] is None
-    assert labeled in _ids(ws, label="none")
+    assert labeled in _ids(ws, labeled=False)
+    # a class may be called "none", and the unlabeled filter is not a class name
+    client.post("/api/label", json={"id": pool, "label": "none"}, headers=SAME)
+    assert _ids(ws, label="none") == [pool] and pool not in _ids(ws, labeled=False)
 
 
 @pytest.mark.parametrize("body, status", [
     ({"id": "nothing", "label": "red"}, 404), ({"label": "red"}, 400), ({"id": "x"}, 400),
     ({"id": "ID", "label": "a/b"}, 400), ({"id": "ID", "label": "  "}, 400), ({"id": "ID", "label": "x" * 300}, 400),
-    ({"id": "ID", "label": "red", "remove": True}, 400), ({"id": "ID", "label": "bad\x07"}, 400)])
+    ({"id": "ID", "label": "red", "remove": True}, 400), ({"id": "ID", "label": "bad\x07"}, 400),
+    ({"id": "ID", "remove": "false"}, 400), ({"id": "ID", "label": 7}, 400)])
 def test_bad_label_input_changes_nothing(served, body, status):
     client, ws, _ = served
     some = _ids(ws)[0]
@@ -269,14 +275,17 @@ def test_token_required_off_loopback(served):
     _, ws, _ = served
     with pytest.raises(OptionError, match="token"):
         create_app(ws, host="0.0.0.0")
-    app = create_app(ws, host="0.0.0.0", token="s3cret-token")
+    with pytest.raises(OptionError, match="too easy to guess"):
+        create_app(ws, host="0.0.0.0", token="short")
+    app = create_app(ws, host="0.0.0.0", token="s3cret-token-of-24-chars")
     with TestClient(app, base_url="http://192.168.1.20:8765") as client:
         assert client.get("/").status_code == 401
         assert client.get("/api/gallery").status_code == 401
         assert client.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        r = client.get("/", headers={"Authorization": "Bearer s3cret-token"})
+        assert client.get("/?token=s3cret-token").status_code == 401  # a prefix is not the token
+        r = client.get("/", headers={"Authorization": "Bearer s3cret-token-of-24-chars"})
         assert r.status_code == 200 and "set-cookie" not in r.headers
-        r = client.get("/?token=s3cret-token")
+        r = client.get("/?token=s3cret-token-of-24-chars")
         assert r.status_code == 200 and "clipfuse_token" in r.headers["set-cookie"]
         assert "httponly" in r.headers["set-cookie"].lower()
         assert client.get("/gallery").status_code == 200  # the cookie now
@@ -331,4 +340,36 @@ def test_pages_before_training(tmp_path, tiny_model):
         assert g["total"] == 9 and not g["predicted"]
         assert client.get("/gallery?predicted=red").status_code == 400
         r = client.get("/queue/suggest")
-        assert r.status_code == 400 and "train-heads" in r.text
+        assert r.status_code == 200 and 'id="untrained"' in r.text and "Press Retrain" in r.text
+
+
+def test_undo_behind_a_retrain_restores_the_label_before(served):
+    """Changes queued behind a retrain: 'before' is the label they leave, so undo lands on the one before."""
+    client, ws, _ = served
+    pool = _ids(ws, split="unlabeled")[0]
+    client.post("/api/retrain", json={}, headers=SAME)
+    answers = [client.post("/api/label", json={"id": pool, "label": c}, headers=SAME).json()
+               for c in ("red", "green", "blue")]
+    assert [a["before"] for a in answers] == [None, "red", "green"]
+    undo = client.post("/api/undo", json={}, headers=SAME).json()
+    assert undo["label"] == "green" and undo["undone"] == "blue"
+    assert client.app.state.writer.wait_idle(120)
+    assert ws.label_of(pool) == "green"
+
+
+def test_big_bodies_and_class_names_with_separators(served):
+    client, ws, _ = served
+    some = _ids(ws, split="unlabeled")[0]
+    r = client.post("/api/label", content=b"{" + b" " * (2 * 2**20) + b"}",
+                    headers={**SAME, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    # a class with | in its name: the confusion cell links still open (two parameters, not one joined string)
+    for i, id_ in enumerate(_ids(ws, split="unlabeled")[:4]):
+        client.post("/api/label", json={"id": id_, "label": "a|b"}, headers=SAME)
+    client.post("/api/retrain", json={}, headers=SAME)
+    assert client.app.state.writer.wait_idle(120)
+    page = client.get("/").text
+    assert "cell_true=a%7Cb" in page or "cell_predicted=a%7Cb" in page
+    link = next(part.split('"')[0] for part in page.split('href="')[1:] if "a%7Cb" in part and "cell_" in part)
+    assert client.get(link.replace("&amp;", "&")).status_code == 200
+    assert some

@@ -4,7 +4,6 @@ Every page is rendered on the server from :class:`~clipfuse.workspace.Workspace`
 no logic of its own beyond the request checks (host, token, same origin) and the write journal.
 """
 
-from __future__ import annotations
 
 import dataclasses
 import hmac
@@ -34,6 +33,9 @@ TOKEN_COOKIE = "clipfuse_token"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 QUEUE_KINDS = ("suggest", "suspects")
 MAX_UPLOAD = 32 * 2**20
+MAX_BODY = 1 * 2**20  # a JSON change is a few hundred bytes
+MAX_PAGE_NUMBER = 10**7
+MIN_TOKEN = 16
 
 
 def is_loopback(host: str) -> bool:
@@ -61,6 +63,9 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
     if not is_loopback(host) and not token:
         raise OptionError("--token", f"--host {host} serves other machines: a token is required (give --token, or "
                                      "let `clipfuse serve` generate one).")
+    if token is not None and len(token) < MIN_TOKEN:
+        raise OptionError("--token", f"a token of {len(token)} characters is too easy to guess; give at least "
+                                     f"{MIN_TOKEN} (or leave --token out to have one generated).")
     app = FastAPI(title="clipfuse review", docs_url=None, redoc_url=None, openapi_url=None)
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
@@ -101,24 +106,23 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
         return render(request, "overview.html", o=o, notices=o.notices)
 
     @app.get("/gallery", response_class=HTMLResponse)
-    def gallery(request: Request, split: str = "", label: str = "", predicted: str = "",
+    def gallery(request: Request, split: str = "", label: str = "", labeled: str = "", predicted: str = "",
                 min_confidence: str = "", max_confidence: str = "", disagree: str = "", sort: str = "confidence",
-                page: int = Query(1, ge=1), cell: str = ""):
+                page: int = Query(1, ge=1, le=MAX_PAGE_NUMBER), cell_true: str = "", cell_predicted: str = ""):
         try:
-            args = _gallery_args(split, label, predicted, min_confidence, max_confidence, disagree, sort)
+            args = _gallery_args(split, label, labeled, predicted, min_confidence, max_confidence, disagree, sort)
             ids, cell_names = None, None
-            if cell:
-                true, sep, pred = cell.partition("|")
-                if not sep:
-                    raise OptionError("cell", "cell must be TRUE|PREDICTED (two class names).")
-                ids, cell_names = ws.confusion_ids(true, pred), (true, pred)
+            if cell_true or cell_predicted:
+                if not (cell_true and cell_predicted):
+                    raise OptionError("cell", "a confusion cell needs both cell_true and cell_predicted (class names).")
+                ids, cell_names = ws.confusion_ids(cell_true, cell_predicted), (cell_true, cell_predicted)
             result = ws.gallery(**args, ids=ids, offset=(page - 1) * page_size, limit=page_size)
         except (OptionError, ValueError, FileNotFoundError) as e:
             return fail(request, 400, str(e))
         pages = max(1, math.ceil(result.total / page_size))
-        query = {k: v for k, v in dict(split=split, label=label, predicted=predicted, min_confidence=min_confidence,
-                                       max_confidence=max_confidence, disagree=disagree, sort=sort, cell=cell).items()
-                 if v}
+        query = {k: v for k, v in dict(split=split, label=label, labeled=labeled, predicted=predicted,
+                                       min_confidence=min_confidence, max_confidence=max_confidence, disagree=disagree,
+                                       sort=sort, cell_true=cell_true, cell_predicted=cell_predicted).items() if v}
         return render(request, "gallery.html", g=result, page=page, pages=pages, query=query, cell=cell_names,
                       link=lambda p: "/gallery?" + urlencode({**query, "page": p}), title="Gallery")
 
@@ -141,7 +145,9 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
         return render(request, "search.html", found=found, title=f"Search: {text.strip()}")
 
     @app.post("/search", response_class=HTMLResponse)
-    async def search_image(request: Request, image: UploadFile = File(...)):
+    async def search_image(request: Request, image: UploadFile | None = File(None)):
+        if image is None:
+            return fail(request, 400, "choose an image file to search by.")
         data = await image.read(MAX_UPLOAD + 1)
         if not data:
             return fail(request, 400, "the uploaded file is empty; pick an image file.")
@@ -154,7 +160,8 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
             try:
                 found = ws.neighbors(path, k=48)
             except (ValueError, LookupError, FileNotFoundError, RuntimeError, OSError) as e:
-                return fail(request, 400, f"search by image failed: {e}")
+                shown = str(e).replace(str(path), image.filename or "the upload")
+                return fail(request, 400, f"search by image failed: {shown}")
         return render(request, "search.html", found=found, title=f"Search by image: {image.filename}")
 
     @app.get("/queue/{kind}", response_class=HTMLResponse)
@@ -171,7 +178,11 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
                 items = [{"id": s.id, "path": s.path, "proposed": s.suggested, "now": s.given,
                           "why": s.reason + f" (p(given) {1 - s.score:.2f})", "confidence": None}
                          for s in result.suspects]
-        except (ValueError, FileNotFoundError) as e:
+        except FileNotFoundError as e:
+            return render(request, "queue.html", kind=kind, items=[], classes=ws.store.classes(), notices=[],
+                          title="Label next" if kind == "suggest" else "Suspects",
+                          untrained=f"{e} Press Retrain (above) to train them here.")
+        except ValueError as e:
             return fail(request, 400, str(e))
         return render(request, "queue.html", kind=kind, items=items, classes=ws.store.classes(),
                       notices=result.notices, title="Label next" if kind == "suggest" else "Suspects")
@@ -188,26 +199,27 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
                 data = (await run_in_threadpool(ws.thumbnail, image_id, size)).read_bytes()
         except OptionError as e:
             return fail(request, 400, str(e))
-        except LookupError:
-            return fail(request, 404, "no such image in the store.")
+        except LookupError as e:
+            return fail(request, 404, str(e) if "no image" not in str(e) else "no such image in the store.")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/file/{image_id}")
     def original(request: Request, image_id: str):
         try:
             data, path, media = ws.image_file(image_id)
-        except LookupError:
-            return fail(request, 404, "no such image in the store.")
+        except LookupError as e:
+            return fail(request, 404, str(e) if "no image" not in str(e) else "no such image in the store.")
         return Response(data, media_type=media, headers={
             "Content-Disposition": f"inline; filename=\"{_ascii_name(Path(path).name)}\""})
 
     # ---- the JSON API -------------------------------------------------------------------------------
     @app.get("/api/gallery")
-    def api_gallery(request: Request, split: str = "", label: str = "", predicted: str = "",
+    def api_gallery(request: Request, split: str = "", label: str = "", labeled: str = "", predicted: str = "",
                     min_confidence: str = "", max_confidence: str = "", disagree: str = "",
-                    sort: str = "confidence", offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=500)):
+                    sort: str = "confidence", offset: int = Query(0, ge=0, le=MAX_PAGE_NUMBER * 100),
+                    limit: int = Query(100, ge=1, le=500)):
         try:
-            args = _gallery_args(split, label, predicted, min_confidence, max_confidence, disagree, sort)
+            args = _gallery_args(split, label, labeled, predicted, min_confidence, max_confidence, disagree, sort)
             return ws.gallery(**args, offset=offset, limit=limit).to_dict()
         except (OptionError, ValueError, FileNotFoundError) as e:
             return fail(request, 400, str(e))
@@ -235,9 +247,13 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
         body = await _json_body(request)
         if isinstance(body, Response):
             return body
-        image_id, label, remove = body.get("id"), body.get("label"), bool(body.get("remove", False))
+        image_id, label, remove = body.get("id"), body.get("label"), body.get("remove", False)
         if not isinstance(image_id, str) or not image_id:
             return fail(request, 400, "give the image's id as 'id'.")
+        if not isinstance(remove, bool):
+            return fail(request, 400, f"'remove' must be true or false (JSON booleans), got {remove!r}.")
+        if label is not None and not isinstance(label, str):
+            return fail(request, 400, f"'label' must be a class name (text), got {label!r}.")
         if remove == (label is not None):
             return fail(request, 400, "give either a 'label' (a class name) or 'remove': true.")
         if label is not None:
@@ -246,7 +262,7 @@ def create_app(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | No
             except ValueError as e:
                 return fail(request, 400, str(e))
         try:
-            before = ws.image_details(image_id, k=1).label
+            before = writer.label_now(image_id, ws.label_of(image_id))  # changes waiting behind a retrain count
         except LookupError as e:
             return fail(request, 404, str(e))
         done = writer.label(image_id, label, before)
@@ -335,10 +351,11 @@ class Guard:
         if self.allowed_hosts is not None and name not in self.allowed_hosts:
             return 400, f"unknown host {host_header!r}"
         if self.token:
-            given = headers.get("authorization", "").removeprefix("Bearer ").strip() \
-                or cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE) \
-                or QueryParams(scope.get("query_string", b"")).get("token") or ""
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+            auth = headers.get("authorization", "")
+            offered = [auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else "",
+                       cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE) or "",
+                       QueryParams(scope.get("query_string", b"")).get("token") or ""]
+            if not any(hmac.compare_digest(o.encode(), self.token.encode()) for o in offered if o):
                 return 401, ("this clipfuse serve needs its token: open the link it printed (…/?token=...) or send "
                              "'Authorization: Bearer <token>'.")
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
@@ -346,6 +363,12 @@ class Guard:
             if not origin or urlsplit(origin).netloc != host_header:
                 return 403, ("refused: a change must come from this app's own pages (the Origin header is missing "
                              "or names another site).")
+            limit = MAX_UPLOAD + 2**16 if scope["path"] == "/search" else MAX_BODY
+            length = headers.get("content-length")
+            if length is None:
+                return 411, "send a Content-Length with the request body."
+            if not length.isdigit() or int(length) > limit:
+                return 413, f"the request body is larger than {limit // 2**20} MiB."
         return None
 
 
@@ -362,7 +385,7 @@ async def _json_body(request: Request):
     return body
 
 
-def _gallery_args(split, label, predicted, min_confidence, max_confidence, disagree, sort) -> dict:
+def _gallery_args(split, label, labeled, predicted, min_confidence, max_confidence, disagree, sort) -> dict:
     def confidence(name, text):
         if not text:
             return None
@@ -374,7 +397,10 @@ def _gallery_args(split, label, predicted, min_confidence, max_confidence, disag
             raise OptionError(name, f"{name} must be between 0 and 1, got {text!r}.")
         return value
 
-    return dict(split=split or None, label=label or None, predicted=predicted or None,
+    if labeled not in ("", "yes", "no"):
+        raise OptionError("labeled", f"labeled must be yes or no, got {labeled!r}.")
+    return dict(split=split or None, label=label or None, labeled={"yes": True, "no": False}.get(labeled),
+                predicted=predicted or None,
                 min_confidence=confidence("min_confidence", min_confidence),
                 max_confidence=confidence("max_confidence", max_confidence),
                 disagree=disagree in ("1", "true", "on", "yes"), sort=sort)
@@ -395,7 +421,13 @@ def serve(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = 
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(24)
     app = create_app(ws, host=host, port=port, token=token, heads=heads, folds=folds)
-    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    shown = host
+    if host in ("0.0.0.0", "::", ""):  # every interface: a link other machines can open names this one
+        import socket
+
+        shown = socket.getfqdn() or socket.gethostname()
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     if on_ready is not None:
         on_ready(url, token)

@@ -47,6 +47,7 @@ class Writer:
         self._applied = 0
         self._done = threading.Condition()
         self._errors: dict[int, str] = {}
+        self._waiting: dict[str, list] = {}  # id -> [label after its newest journaled change, changes not applied]
         self._thread = threading.Thread(target=self._run, name="clipfuse-serve-writer", daemon=True)
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -68,7 +69,18 @@ class Writer:
                     pending.append(entry)
         self._applied = applied if not pending else pending[0]["seq"] - 1
         for entry in pending:
+            self._note_waiting(entry)
             self._queue.put(("label", entry))
+
+    def _note_waiting(self, entry: dict) -> None:
+        waiting = self._waiting.setdefault(entry["id"], [None, 0])
+        waiting[0], waiting[1] = entry["label"], waiting[1] + 1
+
+    def label_now(self, image_id: str, stored: str | None) -> str | None:
+        """The image's label once the changes already journaled for it are written (``stored`` if none wait)."""
+        with self._lock:
+            waiting = self._waiting.get(image_id)
+            return waiting[0] if waiting else stored
 
     def _append(self, entry: dict) -> None:
         with open(self.journal, "a", encoding="utf-8") as f:
@@ -90,6 +102,7 @@ class Writer:
             entry = {"seq": self._seq, "id": image_id, "label": label, "before": before, "action": action,
                      "at": time.time()}
             self._append(entry)
+            self._note_waiting(entry)
             if action == "undo":
                 if self.undo and self.undo[-1]["id"] == image_id:
                     self.undo.pop()
@@ -154,6 +167,12 @@ class Writer:
             with self._lock:
                 self.undo = [u for u in self.undo if u["seq"] != entry["seq"]]
         self._mark_applied(entry["seq"])
+        with self._lock:
+            waiting = self._waiting.get(entry["id"])
+            if waiting is not None:
+                waiting[1] -= 1
+                if waiting[1] <= 0:
+                    del self._waiting[entry["id"]]
         with self._done:
             self._applied = entry["seq"]
             self._done.notify_all()

@@ -138,12 +138,13 @@ class Reviewing:
 
     # ---- the gallery ---------------------------------------------------------------------------------
     def gallery(self, *, version: str | None = None, split: str | None = None, label: str | None = None,
-                predicted: str | None = None, min_confidence: float | None = None,
+                labeled: bool | None = None, predicted: str | None = None, min_confidence: float | None = None,
                 max_confidence: float | None = None, disagree: bool = False, ids: list[str] | None = None,
                 sort: str = "confidence", offset: int = 0, limit: int = 100) -> GalleryPage:
         """One page of the version's images, filtered and sorted on the server side.
 
-        ``label`` is the label now (``"none"``: unlabeled images), ``predicted`` the fused prediction;
+        ``label`` is the label now (a class name), ``labeled`` keeps images with (True) or without (False)
+        a label now, ``predicted`` is the fused prediction;
         ``disagree`` keeps images whose heads' top classes differ from the fused one (needs
         ``predict(per_head=True)``); ``ids`` keeps only those images. ``sort`` is one of
         ``confidence`` (lowest first), ``-confidence``, ``margin`` (least sure first) or ``path``.
@@ -171,7 +172,9 @@ class Reviewing:
                 raise OptionError("split", f"split must be labeled, unlabeled or test, got {split!r}.")
             frame = frame.filter(pl.col("split") == split)
         if label is not None:
-            frame = frame.filter(pl.col("label").is_null() if label == "none" else pl.col("label") == label)
+            frame = frame.filter(pl.col("label") == label)
+        if labeled is not None:
+            frame = frame.filter(pl.col("label").is_not_null() if labeled else pl.col("label").is_null())
         if not has_pred and (predicted is not None or min_confidence is not None or max_confidence is not None):
             raise OptionError("predicted", f"version {v.short} has no predictions yet; run `clipfuse predict` "
                                            "(or Retrain) first.")
@@ -314,6 +317,20 @@ class Reviewing:
                             label=label, label_source=source, predicted=predicted, confidence=confidence,
                             fused=fused, heads=heads, neighbors=neighbors, history=history,
                             width=row.get("width"), height=row.get("height"), notices=notices)
+
+    def label_of(self, image_id: str) -> str | None:
+        """The image's label now: the last one set by a person, else its folder's (None: no label)."""
+        import pyarrow.compute as pc
+
+        image_id = _check_id(image_id)
+        history = self.store.label_history()
+        mine = history.filter(pc.equal(history["id"], image_id))
+        if mine.num_rows:
+            return mine["label"][-1].as_py()
+        rows = self.store.images([image_id]).to_pylist()
+        if not rows:
+            raise LookupError(f"no image with id {image_id!r} in the store.")
+        return next((r["label"] for r in rows if r["split"] in ("labeled", "test") and r["label"]), None)
 
     def similar(self, image_id: str, *, k: int = 12, version: str | None = None) -> list[Neighbor]:
         """The ``k`` images nearest a stored image (itself left out), from the version's neighbour graph.

@@ -102,8 +102,9 @@ function labelQueue() {
   const caption = root.querySelector("#queue-image figcaption");
   const log = document.getElementById("queue-log");
   const progress = document.getElementById("queue-progress");
-  let at = 0, newClass = null;
+  let at = 0, newClass = null, busy = false;  // busy: a label request is on its way; keys wait for it
   const done = [];  // positions labeled, for undo
+  const datalist = document.getElementById("queue-classes");
 
   function show() {
     if (at >= items.length) {
@@ -125,6 +126,7 @@ function labelQueue() {
     progress.textContent = `${at + 1} of ${items.length}`;
     root.dataset.current = it.id;
     input.value = "";
+    newClass = null;  // a "new class?" question belongs to the image it was asked on
     input.focus();
   }
   function note(text, bad) {
@@ -134,23 +136,36 @@ function labelQueue() {
     log.prepend(li);
   }
   async function label(name) {
+    if (busy || at >= items.length) return;
     const it = items[at];
+    busy = true;
     try {
       const r = await post("/api/label", {id: it.id, label: name});
       note(`${it.path}: ${name} (${describe(r)})`);
+      if (!classes.includes(name)) {  // a class made here: known from now on
+        classes.push(name);
+        const option = document.createElement("option");
+        option.value = name;
+        datalist.appendChild(option);
+      }
       done.push(at);
       at += 1;
       show();
     } catch (e) { note(`${it.path}: ${e.message}`, true); }
+    finally { busy = false; }
   }
   async function undo() {
+    if (busy) return;
+    busy = true;
     try {
       const r = await post("/api/undo");
       note(`undone: ${r.undone} → ${r.label || "no label"}`);
       if (done.length) { at = done.pop(); show(); }
     } catch (e) { note(e.message, true); }
+    finally { busy = false; }
   }
   input.addEventListener("keydown", ev => {
+    if (busy && ["Enter", "Escape"].includes(ev.key)) { ev.preventDefault(); return; }
     if (ev.key === "Enter") {
       ev.preventDefault();
       if (at >= items.length) return;
@@ -168,13 +183,13 @@ function labelQueue() {
     } else if (ev.key === "Escape") {
       ev.preventDefault();
       if (at < items.length) { note(`${items[at].path}: skipped`); at += 1; show(); }
-    } else if (ev.key.toLowerCase() === "z" && (ev.ctrlKey || ev.metaKey)) {
+    } else if (ev.key.toLowerCase() === "z" && (ev.ctrlKey || ev.metaKey) && !ev.shiftKey) {
       ev.preventDefault();
       undo();
     }
   });
   root.querySelector("[data-accept]").addEventListener("click", () => at < items.length && label(items[at].proposed));
-  root.querySelector("[data-skip]").addEventListener("click", () => { if (at < items.length) { at += 1; show(); } });
+  root.querySelector("[data-skip]").addEventListener("click", () => { if (!busy && at < items.length) { at += 1; show(); } });
   root.querySelector("[data-undo]").addEventListener("click", undo);
   show();
 }
@@ -183,8 +198,14 @@ function bars() {
   document.querySelectorAll(".probs .bar span[data-p]").forEach(s => { s.style.width = `${100 * parseFloat(s.dataset.p)}%`; });
 }
 
+function backLinks() {
+  document.querySelectorAll("a[data-back]").forEach(a => a.addEventListener("click", ev => {
+    if (history.length > 1) { ev.preventDefault(); history.back(); }
+  }));
+}
+
 function uploads() {
   document.querySelectorAll("input[data-autosubmit]").forEach(i => i.addEventListener("change", () => i.form.submit()));
 }
 
-document.addEventListener("DOMContentLoaded", () => { watchRetrain(); labelForm(); labelQueue(); bars(); uploads(); });
+document.addEventListener("DOMContentLoaded", () => { watchRetrain(); labelForm(); labelQueue(); bars(); uploads(); backLinks(); });
