@@ -45,8 +45,10 @@ def parse_args(argv=None):
 
 
 def write_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    from PIL import Image, ImageOps
+    from PIL import Image
     from skimage import data
+
+    from clipfuse.data.demo import random_crop
 
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.camera(), data.immunohistochemistry()]
     photos = [Image.fromarray(p).convert("RGB") for p in photos]
@@ -54,16 +56,8 @@ def write_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        s = rng.uniform(0.4, 0.9)
-        cw, ch = int(w * s), int(h * s)
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = img.crop((x, y, x + cw, y + ch)).resize((320, int(320 * ch / cw)))
-        if rng.random() < 0.5:
-            crop = ImageOps.mirror(crop)
         path = folder / f"photo-{i:05d}.jpg"
-        crop.save(path, quality=88)
+        random_crop(photos[i % len(photos)], rng, width=320, scale=(0.4, 0.9)).save(path, quality=88)
         out.append(path)
     return out
 
@@ -175,7 +169,9 @@ def main(argv=None) -> None:
         page_and_thumbs.append(time.perf_counter() - t)
     ids = [r["id"] for r in client.get(f"/api/gallery?limit=500&offset={int(rng.integers(0, total - 500))}").json()["rows"]]
     ids = [ids[int(i)] for i in rng.integers(0, len(ids), args.requests)]
-    client.get(f"/api/neighbors/{ids[0]}").raise_for_status()  # the first search loads the hnswlib index
+    t = time.perf_counter()
+    client.get(f"/api/neighbors/{ids[0]}", timeout=1800).raise_for_status()  # loads (or builds) the hnswlib graph
+    print(f"first neighbours request (loads or builds the neighbour graph): {time.perf_counter() - t:.1f} s")
     image_page, neighbours = [], []
     for id_ in ids:
         t = time.perf_counter()

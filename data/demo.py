@@ -63,3 +63,16 @@ def write_digits_dataset(
             stale.unlink()
     truth = write_csv(root / "unlabeled_labels.csv", ["path", "label"], truth_rows)
     return {"labeled": labeled_dir, "unlabeled": unlabeled_dir, "truth": truth}
+
+
+def random_crop(img, rng: np.random.Generator, *, width: int, scale=(0.55, 0.9)):
+    """A random crop of a PIL image (``scale`` of each side), resized to ``width`` pixels wide and mirrored
+    half the time: many distinct but alike images from one photo (the review app's test and benchmark)."""
+    from PIL import ImageOps
+
+    w, h = img.size
+    s = rng.uniform(*scale)
+    cw, ch = int(w * s), int(h * s)
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = img.crop((x, y, x + cw, y + ch)).resize((width, int(width * ch / cw)))
+    return ImageOps.mirror(crop) if rng.random() < 0.5 else crop

@@ -36,8 +36,10 @@ def _chromium() -> str:
 
 def write_photo_classes(root: Path, seed: int = 0) -> dict[str, list[Path]]:
     """Random crops of scikit-image's sample photos: 4 classes, 6 labeled, 4 unlabeled and 1 test each."""
-    from PIL import Image, ImageOps
+    from PIL import Image
     from skimage import data
+
+    from clipfuse.data.demo import random_crop
 
     photos = {"cat": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(), "rocket": data.rocket()}
     rng = np.random.default_rng(seed)
@@ -48,15 +50,8 @@ def write_photo_classes(root: Path, seed: int = 0) -> dict[str, list[Path]]:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                w, h = img.size
-                s = rng.uniform(0.55, 0.9)
-                cw, ch = int(w * s), int(h * s)
-                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                crop = img.crop((x, y, x + cw, y + ch)).resize((192, int(192 * ch / cw)))
-                if rng.random() < 0.5:
-                    crop = ImageOps.mirror(crop)
                 path = folder / f"{name}-{i}.jpg"
-                crop.save(path, quality=90)
+                random_crop(img, rng, width=192).save(path, quality=90)
                 out.setdefault(name, []).append(path)
     return out
 

@@ -406,6 +406,16 @@ def _gallery_args(split, label, labeled, predicted, min_confidence, max_confiden
                 disagree=disagree in ("1", "true", "on", "yes"), sort=sort)
 
 
+def _warm(ws) -> None:
+    """Build what the first pages need while the user opens them: the gallery's table and the neighbour
+    graph (minutes for a 300,000-image store the first time; then saved beside the store)."""
+    try:
+        ws.gallery(limit=1)
+        ws.store.ann_index(ws.version().fingerprint)
+    except Exception:  # noqa: BLE001 - an empty or untrained store: the pages say what is missing
+        pass
+
+
 def _ascii_name(name: str) -> str:
     return "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name) or "image"
 
@@ -421,6 +431,7 @@ def serve(ws, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = 
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(24)
     app = create_app(ws, host=host, port=port, token=token, heads=heads, folds=folds)
+    threading.Thread(target=_warm, args=(ws,), name="clipfuse-serve-warm", daemon=True).start()
     shown = host
     if host in ("0.0.0.0", "::", ""):  # every interface: a link other machines can open names this one
         import socket
