@@ -151,7 +151,7 @@ def main(argv=None) -> None:
             given = start_labels(y, 3, seed)
             runs = {"suggest": stack_run(X, y, given, args.rounds, batch, heads, seed, "suggest"),
                     "random": stack_run(X, y, given, args.rounds, batch, heads, seed, "random"),
-                    "oracle (labels the stack's errors)": stack_run(X, y, given, args.rounds, batch, heads, seed,
+                    "the stack's errors (knows the truth)": stack_run(X, y, given, args.rounds, batch, heads, seed,
                                                                     "oracle"),
                     "rule (LabelSpreading)": spreading_run(X, y, given, args.rounds, batch, seed, "rule"),
                     "random (LabelSpreading)": spreading_run(X, y, given, args.rounds, batch, seed, "random")}
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
               f"(seeds {', '.join(f'{g:+.3f}' for g in rule)})")
         # The gain is bounded by what random picks leave to gain (1 - accuracy): the share of the
         # random arm's remaining errors that the picks removed compares arms of different accuracy.
-        oracle = [s[-1] - r[-1] for s, r in zip(arms["oracle (labels the stack's errors)"], arms["random"])]
+        oracle = [s[-1] - r[-1] for s, r in zip(arms["the stack's errors (knows the truth)"], arms["random"])]
         print(f"{name:8} gain of labeling the stack's own errors (knowing the truth): {statistics.mean(oracle):+.3f} "
               "(hard cases alone teach less than suggest's mix)")
         print(f"{name:8} errors left by random picks that the picks removed: suggest "
