@@ -196,7 +196,7 @@ def plot(curves, args) -> None:
         for arm, c in arms.items():
             m = np.mean(np.array(c), axis=0)
             ax.plot([3 * (10 if name == "digits" else 48) + batch * r for r in range(len(m))], m, marker="o",
-                    label=arm, linestyle="--" if "LabelSpreading" in arm else (":" if "oracle" in arm else "-"))
+                    label=arm, linestyle="--" if "LabelSpreading" in arm else (":" if "knows the truth" in arm else "-"))
         ax.set_title(f"{name}: accuracy on unlabeled images ({len(next(iter(arms.values())))} seeds)", fontsize=10)
         ax.set_xlabel("labels")
         ax.set_ylabel("accuracy")
