@@ -64,6 +64,9 @@ def test_every_page_renders(served):
         assert r.status_code == 200, (url, r.text[:300])
     page = client.get("/").text
     assert "Validation confusion matrix" in page and "fused" in page
+    o, report = ws.overview(), ws.evaluate(out=ws.db.parent / "eval")
+    assert o.scores == report.validation and sum(map(sum, o.confusion)) == report.n_val
+    assert list(o.scores) == ["probe", "knn", "fused"]
     assert "<script src=\"/static/app.js\"" in page and "http" not in page.split("<body")[0].replace(
         'name="viewport"', "")  # nothing from a CDN
     image = client.get(f"/image/{some}").text

@@ -94,47 +94,67 @@ class Reviewing:
 
         from clipfuse.classify import score_predictions
 
-        from .heads import load_trained
-
-        notices = self._start()
         info = self.info()
+        notices = info.notices  # what follows warns into the same list
         if not info.versions:
             return OverviewResult(info=info, version=None, classes=self.store.classes(), trained=False,
                                   notices=notices)
         v = self.version(version)
         out = OverviewResult(info=info, version=v.fingerprint, classes=self.store.classes(), trained=False,
-                             predicted=self.store.predictions(v.fingerprint) is not None, notices=notices)
-        try:
-            trained = load_trained(self.store, v, notify=self._notify)
-        except FileNotFoundError:
+                             predicted=self.store.table_versions(v.fingerprint)[3] is not None, notices=notices)
+        saved = self._validation(v)
+        if saved is None:
             return out
-        ensemble = trained.ensemble
-        y_val = ensemble.val_labels_
-        scores = {h: score_predictions(y_val, P) for h, P in ensemble.val_proba_.items()}
-        order = [h for h in ensemble.head_names_ if h in scores] + ["fused"]
-        n = len(trained.classes)
+        y_val, proba = saved["labels"], saved["proba"]
+        scores = {h: score_predictions(y_val, P) for h, P in proba.items()}
+        order = [h for h in saved["heads"] if h in scores] + ["fused"]
+        n = len(saved["classes"])
         confusion = np.zeros((n, n), dtype=np.int64)
-        np.add.at(confusion, (y_val, ensemble.val_proba_["fused"].argmax(1)), 1)
+        np.add.at(confusion, (y_val, proba["fused"].argmax(1)), 1)
         out.trained, out.scores = True, {h: scores[h] for h in order}
-        out.weights, out.confusion = dict(ensemble.weights_), confusion.tolist()
-        out.trained_classes, out.n_val = list(trained.classes), int(len(y_val))
+        out.weights, out.confusion = dict(saved["weights"]), confusion.tolist()
+        out.trained_classes, out.n_val = list(saved["classes"]), int(len(y_val))
         return out
 
     def confusion_ids(self, true: str, predicted: str, *, version: str | None = None) -> list[str]:
         """Ids of the validation images of class ``true`` that the fusion predicted as ``predicted``."""
-        import numpy as np
-
-        from .heads import load_trained
-
         v = self.version(version)
-        trained = load_trained(self.store, v, notify=self._notify)
-        classes = trained.classes
+        saved = self._validation(v)
+        if saved is None:
+            raise FileNotFoundError(f"no trained heads for version {v.short}; run `clipfuse train-heads` first.")
+        classes = saved["classes"]
         for name, option in ((true, "true"), (predicted, "predicted")):
             if name not in classes:
                 raise OptionError(option, f"no class {name!r} among the trained classes ({', '.join(classes[:8])}...).")
-        ens = trained.ensemble
-        cell = (ens.val_labels_ == classes.index(true)) & (ens.val_proba_["fused"].argmax(1) == classes.index(predicted))
-        return [str(trained.fit_ids[i]) for i in np.asarray(ens.val_idx_)[cell]]
+        cell = (saved["labels"] == classes.index(true)) & (saved["proba"]["fused"].argmax(1) == classes.index(predicted))
+        return [str(i) for i in saved["fit_ids"][saved["rows"][cell]]]
+
+    def _validation(self, v) -> dict | None:
+        """The saved heads' validation predictions, read from their folder alone (no vectors, unlike
+        ``load_trained``) and kept until the heads change: labels, proba per head and fused, rows, fit_ids,
+        classes, heads, weights. None before train-heads."""
+        import json
+
+        import numpy as np
+        from safetensors.numpy import load_file
+
+        from .heads import ENSEMBLE_FILE, FIT_IDS_FILE, current_heads
+
+        folder = current_heads(self.store, v)
+        if folder is None or not (folder / ENSEMBLE_FILE).exists():
+            return None
+        key = (str(Path(folder).resolve()), (folder / ENSEMBLE_FILE).stat().st_mtime_ns)
+        cache = self.__dict__.setdefault("_validation_cache", {})
+        if cache.get(v.fingerprint, (None,))[0] == key:
+            return cache[v.fingerprint][1]
+        meta = json.loads((folder / ENSEMBLE_FILE).read_text())
+        arrays = load_file(str(folder / "ensemble.safetensors"))
+        proba = {k[len("_val."):]: v_ for k, v_ in arrays.items() if k.startswith("_val.")}
+        saved = {"labels": arrays["_val_labels"], "rows": arrays["_val_rows"], "proba": proba,
+                 "fit_ids": np.load(folder / FIT_IDS_FILE, allow_pickle=False), "classes": list(meta["classes"]),
+                 "heads": list(meta.get("heads", {})), "weights": meta.get("weights", {})}
+        cache[v.fingerprint] = (key, saved)
+        return saved
 
     # ---- the gallery ---------------------------------------------------------------------------------
     def gallery(self, *, version: str | None = None, split: str | None = None, label: str | None = None,
