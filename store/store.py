@@ -390,10 +390,10 @@ class Store:
 
     @_storage_errors
     def table_versions(self, fingerprint: str | None = None) -> tuple:
-        """The commit numbers of the images, labels and classes tables and of the version's predictions
-        table (None for a table not written yet): a key that changes whenever what a reader derived
-        from them would."""
-        names = [IMAGES, LABELS, CLASSES, self._predictions_table_name(fingerprint, None)]
+        """The commit numbers of the images, labels and classes tables, the version's predictions table,
+        and the versions and errors tables (None for a table not written yet): a key that changes
+        whenever what a reader derived from them would."""
+        names = [IMAGES, LABELS, CLASSES, self._predictions_table_name(fingerprint, None), VERSIONS, ERRORS]
         present = self._table_names()
         return tuple(self.db.open_table(n).version if n in present else None for n in names)
 

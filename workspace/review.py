@@ -94,8 +94,15 @@ class Reviewing:
 
         from clipfuse.classify import score_predictions
 
-        info = self.info()
-        notices = info.notices  # what follows warns into the same list
+        key = self.store.table_versions() if not self.store.is_empty else None
+        cached = self.__dict__.get("_info_cache")
+        if key is not None and cached is not None and cached[0] == key:  # info reads every image row: once per state
+            info = cached[1]
+            notices = self._start()
+        else:
+            info = self.info()
+            notices = info.notices  # what follows warns into the same list
+            self.__dict__["_info_cache"] = (key, info)
         if not info.versions:
             return OverviewResult(info=info, version=None, classes=self.store.classes(), trained=False,
                                   notices=notices)
