@@ -236,15 +236,7 @@ class Labeling:
 
         from clipfuse.classify.quality import near_duplicates, rank_label_issues
 
-        from .heads import load_trained
-
-        notices = self._start()
-        if n < 1:
-            raise OptionError("-n", f"must be at least 1, got {n}.")
-        if not 0.0 < duplicate_threshold <= 1.0:
-            raise OptionError("--duplicate-threshold", f"must be in (0, 1], got {duplicate_threshold}.")
-        v = self.version(version)
-        trained = load_trained(self.store, v, notify=self._notify)
+        notices, v, trained = self._trained_for_review(n, duplicate_threshold, version)
         held = trained.ensemble.held_out_proba()
         if held is None:
             raise ValueError(f"the heads of version {v.short} were trained before clipfuse kept their out-of-fold "
@@ -289,6 +281,18 @@ class Labeling:
         return SuspectsResult(version=v.fingerprint, suspects=found, flagged=int(flagged.sum()),
                               judged=len(ids), conflicts=conflicts, leaks=leaks, notices=notices)
 
+    def _trained_for_review(self, n: int, duplicate_threshold: float, version: str | None):
+        """``(notices, version, trained heads)`` for suspects and suggest, after checking their options."""
+        from .heads import load_trained
+
+        notices = self._start()
+        if n < 1:
+            raise OptionError("-n", f"must be at least 1, got {n}.")
+        if not 0.0 < duplicate_threshold <= 1.0:  # NaN fails this too
+            raise OptionError("--duplicate-threshold", f"must be in (0, 1], got {duplicate_threshold}.")
+        v = self.version(version)
+        return notices, v, load_trained(self.store, v, notify=self._notify)
+
     def _first_paths(self) -> dict[str, str]:
         """The first path the store holds for each image id."""
         path_of = {}
@@ -319,15 +323,7 @@ class Labeling:
 
         from clipfuse.classify.quality import suggest_batch
 
-        from .heads import load_trained
-
-        notices = self._start()
-        if n < 1:
-            raise OptionError("-n", f"must be at least 1, got {n}.")
-        if not 0.0 < duplicate_threshold <= 1.0:
-            raise OptionError("--duplicate-threshold", f"must be in (0, 1], got {duplicate_threshold}.")
-        v = self.version(version)
-        trained = load_trained(self.store, v, notify=self._notify)
+        notices, v, trained = self._trained_for_review(n, duplicate_threshold, version)
         es = trained.es
         fused, per_head = trained.predict()
         candidates = np.flatnonzero((es.labels < 0) & (es.splits != "test"))
