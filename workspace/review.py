@@ -298,7 +298,6 @@ class Reviewing:
         """Everything the review app shows of one image: paths, labels, probabilities, neighbours, history."""
         import numpy as np
         import polars as pl
-        import pyarrow.compute as pc
 
         notices = self._start()
         image_id = _check_id(image_id)
@@ -310,13 +309,11 @@ class Reviewing:
             if not rows:
                 raise LookupError(f"no image with id {image_id!r} in the store.")
             row = {"paths": sorted(r["path"] for r in rows), "split": rows[0]["split"], "width": rows[0]["width"],
-                   "height": rows[0]["height"], "folder": next((r["label"] for r in rows if r["label"]), None)}
+                   "height": rows[0]["height"], "folder": _folder_label(rows)}
         else:
             row = hit.row(0, named=True)
-        history_table = self.store.label_history()
-        history_table = history_table.filter(pc.equal(history_table["id"], image_id))
         history = [{"id": h["id"], "path": row["paths"][0], "label": h["label"], "source": h["source"],
-                    "given": h["given"], "at": h["at"]} for h in history_table.to_pylist()]
+                    "given": h["given"], "at": h["at"]} for h in self._history_of(image_id).to_pylist()]
         if history:
             label, source = history[-1]["label"], history[-1]["source"]
         else:
@@ -347,17 +344,21 @@ class Reviewing:
 
     def label_of(self, image_id: str) -> str | None:
         """The image's label now: the last one set by a person, else its folder's (None: no label)."""
-        import pyarrow.compute as pc
-
         image_id = _check_id(image_id)
-        history = self.store.label_history()
-        mine = history.filter(pc.equal(history["id"], image_id))
+        mine = self._history_of(image_id)
         if mine.num_rows:
             return mine["label"][-1].as_py()
         rows = self.store.images([image_id]).to_pylist()
         if not rows:
             raise LookupError(f"no image with id {image_id!r} in the store.")
-        return next((r["label"] for r in rows if r["split"] in ("labeled", "test") and r["label"]), None)
+        return _folder_label(rows)
+
+    def _history_of(self, image_id: str):
+        """The label changes of one image, oldest first (an Arrow table)."""
+        import pyarrow.compute as pc
+
+        history = self.store.label_history()
+        return history.filter(pc.equal(history["id"], image_id))
 
     def similar(self, image_id: str, *, k: int = 12, version: str | None = None) -> list[Neighbor]:
         """The ``k`` images nearest a stored image (itself left out), from the version's neighbour graph.
@@ -472,6 +473,11 @@ class Reviewing:
             except OSError:
                 pass
         return cache_root() / hashlib.sha256(str(self.store.uri).encode()).hexdigest()[:16] / "_thumbs"
+
+
+def _folder_label(rows: list[dict]) -> str | None:
+    """The label an image's folders give it: that of its first labeled or test row that has one."""
+    return next((r["label"] for r in rows if r["split"] in ("labeled", "test") and r["label"]), None)
 
 
 def _is_content_hash(value: str) -> bool:
