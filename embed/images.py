@@ -68,8 +68,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 draft_size: int | None = None) -> Image.Image:
     """Decode bytes to an upright RGB image.
+
+    With ``draft_size``, a JPEG at least twice that size on both sides is decoded at 1/2, 1/4 or
+    1/8 scale by the JPEG decoder itself (Pillow's ``draft``), never below ``draft_size`` on either
+    side: several times faster for photos much larger than the model's input, with slightly
+    different pixels (so it is part of a version's fingerprint). Other formats decode in full.
 
     Raises
     ------
@@ -84,11 +90,19 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            full = None
+            if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
+                full = img.size
+                img.draft(img.mode if img.mode in ("L", "CMYK") else "RGB", (draft_size, draft_size))
             img.load()
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            if full is not None and img.getexif().get(0x0112) in (5, 6, 7, 8):  # exif_transpose turns it
+                full = full[::-1]
+            img = to_rgb(ImageOps.exif_transpose(img))
+            if full is not None:
+                img.info["clipfuse_full_size"] = full
+            return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image too large (decompression-bomb limit of {max_pixels} pixels): {e}") from e
     except UnidentifiedImageError as e:
@@ -104,13 +118,14 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
-               storage_options: dict | None = None) -> tuple[ImageRecord, Image.Image | None]:
+               max_bytes: int | None = DEFAULT_MAX_FILE_BYTES, storage_options: dict | None = None,
+               draft_size: int | None = None) -> tuple[ImageRecord, Image.Image | None]:
     """Read, hash and decode one file (or object: ``s3://...``, read with ``storage_options``).
 
     Never raises for a bad file: the returned record carries the reason in ``error``
     and the image is ``None``. Only regular files (or symlinks to them) of at most
     ``max_bytes`` are read: a FIFO, a device or a runaway file is an error, never a hang.
+    ``draft_size``: see :func:`decode_image`; the record keeps the file's full width and height.
 
     Returns
     -------
@@ -122,7 +137,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     record, data = read_image_bytes(path, max_bytes=max_bytes, storage_options=storage_options)
     if data is None:
         return record, None
-    return record, decode_record(record, data, max_pixels=max_pixels)
+    return record, decode_record(record, data, max_pixels=max_pixels, draft_size=draft_size)
 
 
 def read_image_bytes(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
@@ -155,12 +170,18 @@ def read_image_bytes(path: str | os.PathLike, *, max_bytes: int | None = DEFAULT
     return record, data
 
 
-def decode_record(record: ImageRecord, data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image | None:
-    """The second half of :func:`read_image`: decode, setting ``record.error`` (and returning None) on failure."""
+def decode_record(record: ImageRecord, data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  draft_size: int | None = None) -> Image.Image | None:
+    """The second half of :func:`read_image`: decode, setting ``record.error`` (and returning None) on failure.
+
+    The record gets the image's full (upright) size, also when ``draft_size`` decoded it smaller."""
     try:
-        img = decode_image(data, max_pixels=max_pixels)
+        img = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     except ValueError as e:
         record.error = str(e)
         return None
     record.width, record.height = img.size
+    full = img.info.get("clipfuse_full_size")
+    if full is not None:
+        record.width, record.height = full
     return img

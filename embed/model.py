@@ -19,6 +19,7 @@ from .checkpoints import tensors_only
 from clipfuse.data import DEFAULT_MAX_FILE_BYTES
 
 from .images import DEFAULT_MAX_PIXELS
+from .int8 import int8_engine, quantize_int8
 from .pipeline import iter_image_batches
 
 RANDOM_WEIGHTS_SEED = 0  # random weights are seeded so that their fingerprint is stable
@@ -32,7 +33,8 @@ class EmbedderConfig:
     pretrained: str | None = None  # open_clip tag or weights file; None: the model's own (DEFAULT_PRETRAINED for
     #                                the default model, timm's hub weights, the weights bundled with effnet-lite0)
     device: str = "auto"  # 'auto' picks cuda when present, else cpu
-    precision: str = "fp32"  # fp32 everywhere; fp16 / bf16 on GPU only
+    precision: str = "fp32"  # fp32 everywhere; fp16 / bf16 on GPU only; int8 on CPU only (a version of its own)
+    decode: str = "full"  # 'draft': JPEGs much larger than the model's input decode at 1/2, 1/4 or 1/8 scale
     batch_size: int = 32  # images per forward pass
     workers: int | None = None  # decode/resize worker processes; None: 1 on CPU, up to 8 on GPU
     allow_random_weights: bool = False  # continue with random weights when pretrained ones can't load
@@ -53,11 +55,19 @@ class ModelInfo:
     preprocess: str
     dim: int
     random_weights: bool = False
+    precision: str = "fp32"  # of the weights that ran: 'fp32' (fp16 / bf16 autocast too) or 'int8'
+    decode: str = "full"  # how JPEGs were decoded: 'full' or 'draft' (reduced-size DCT decoding)
     fingerprint: str = field(init=False)
 
     def __post_init__(self):
-        parts = json.dumps([self.model, self.weights_hash, self.preprocess])
-        object.__setattr__(self, "fingerprint", hashlib.sha256(parts.encode()).hexdigest()[:16])
+        parts = [self.model, self.weights_hash, self.preprocess]
+        # Components added later enter only when they differ from what every earlier version did, so the
+        # fingerprints of existing stores stay as they were.
+        if self.precision != "fp32":
+            parts.append(f"precision:{self.precision}")
+        if self.decode != "full":
+            parts.append(f"decode:{self.decode}")
+        object.__setattr__(self, "fingerprint", hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,20 +90,34 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DECODES = ("full", "draft")
+
+
 def check_device(device: str, precision: str = "fp32") -> torch.device:
     """The torch device a ``--device`` / ``--precision`` pair runs on.
+
+    ``auto`` with int8 is the CPU: int8 runs there only.
 
     Raises
     ------
     ValueError
         For an unknown device, CUDA asked for where there is none, an unknown precision,
-        or fp16 / bf16 off a GPU; the message says what to pass instead.
+        fp16 / bf16 off a GPU, or int8 on a GPU or on a CPU torch has no int8 kernels for;
+        the message says what to pass instead.
     """
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be fp32, fp16, bf16 or int8, got {precision!r}.")
+    if precision == "int8":
+        resolved = torch.device("cpu") if device == "auto" else _resolve_device(device)
+        if resolved.type != "cpu":
+            raise ValueError(f"precision 'int8' runs on the CPU only (torch's int8 kernels), and device {device!r} "
+                             "is a GPU; use --device cpu, or --precision fp16 / bf16 on the GPU.")
+        int8_engine()
+        return resolved
     resolved = _resolve_device(device)
     if precision != "fp32" and resolved.type != "cuda":
-        raise ValueError(f"precision {precision!r} needs a GPU; use --precision fp32 on CPU.")
+        raise ValueError(f"precision {precision!r} needs a GPU; use --precision fp32 or int8 on CPU.")
     return resolved
 
 
@@ -154,7 +178,8 @@ def _hub_offline_when_unreachable():
 def _create_open_clip(config: EmbedderConfig, device: torch.device):
     import open_clip
 
-    kwargs = dict(device=device, precision=config.precision, cache_dir=config.cache_dir)
+    kwargs = dict(device=device, precision="fp32" if config.precision == "int8" else config.precision,
+                  cache_dir=config.cache_dir)
     name = parse_model_name(config.model)
     has_schema = name.schema is not None
     if not has_schema and config.model.replace("/", "-") not in open_clip.list_models():
@@ -262,13 +287,32 @@ class Embedder:
             return self.config.workers
         return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 1
 
+    @property
+    def draft_size(self) -> int | None:
+        """Shortest side a JPEG must keep when decoded at reduced size (None: decoded in full).
+
+        The largest size the preprocessing resizes to (256 for a 224 crop at crop_pct 0.875), so
+        the reduced image is never smaller than what the model's resize makes of it.
+        """
+        if self.config.decode != "draft":
+            return None
+        return max([*_resize_sizes(self.preprocess), *self.image_size])
+
     def iter_batches(self, paths: list[str], *, storage_options: dict | None = None):
         """Read and preprocess files (or objects: ``s3://...``, read with ``storage_options``) in worker
         processes; yield :class:`ImageBatch` es in order."""
         return iter_image_batches(paths, self.preprocess, batch_size=self.config.batch_size,
                                   workers=self.workers if paths else 0, max_pixels=self.config.max_image_pixels,
                                   max_bytes=self.config.max_file_bytes,
-                                  pin_memory=self.device.type == "cuda", storage_options=storage_options)
+                                  pin_memory=self.device.type == "cuda", storage_options=storage_options,
+                                  draft_size=self.draft_size)
+
+    def read_image(self, path: str, *, storage_options: dict | None = None):
+        """``(record, image)`` of one file, decoded the way this model's version decodes (see :func:`read_image`)."""
+        from .images import read_image
+
+        return read_image(path, max_pixels=self.config.max_image_pixels, max_bytes=self.config.max_file_bytes,
+                          storage_options=storage_options, draft_size=self.draft_size)
 
     def _autocast(self):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.precision)
@@ -322,6 +366,16 @@ class Embedder:
         return np.concatenate(out)
 
 
+def _resize_sizes(preprocess) -> list[int]:
+    """Sizes the ``Resize`` steps of a torchvision preprocessing resize to (none found: [])."""
+    sizes = []
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if "Resize" in type(t).__name__ and size is not None:
+            sizes += [int(v) for v in (size if isinstance(size, (tuple, list)) else [size])]
+    return sizes
+
+
 def _image_size(model) -> tuple[int, int]:
     """Input (height, width) of an image-only backbone or of a CLIP model's image tower."""
     size = getattr(model, "image_size", None) or getattr(model.visual, "image_size", 224)
@@ -350,6 +404,8 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
     config = config or EmbedderConfig()
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}.")
+    if config.decode not in DECODES:
+        raise ValueError(f"decode must be full or draft, got {config.decode!r}.")
     device = check_device(config.device, config.precision)
     if is_image_only(config.model):
         model, preprocess, random_weights = _create_image_backbone(config, device)
@@ -361,6 +417,9 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
         except Exception:  # image-only configs or tokenizers that need a hub download
             tokenizer = None
     model.eval()
+    weights_hash = hash_state_dict(model.state_dict())  # of the weights loaded: int8 is recorded as precision
+    if config.precision == "int8":
+        model = quantize_int8(model, config.model)
     with torch.no_grad():
         probe = model.encode_image(torch.zeros(1, 3, *_image_size(model), device=device))
     if not torch.isfinite(probe).all():
@@ -371,9 +430,11 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
         model=config.model,
         pretrained=None if random_weights or parse_model_name(config.model).schema is not None
         else _resolved_pretrained(config),
-        weights_hash=hash_state_dict(model.state_dict()),
+        weights_hash=weights_hash,
         preprocess=repr(preprocess),
         dim=int(dim),
         random_weights=random_weights,
+        precision="int8" if config.precision == "int8" else "fp32",
+        decode=config.decode,
     )
     return Embedder(config, model, preprocess, tokenizer, device, info)

@@ -30,8 +30,10 @@ class ImageFileDataset(Dataset):
     """Reads, hashes, decodes and preprocesses one file per item; never raises for a bad file."""
 
     def __init__(self, paths: list[str], preprocess: Callable, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 max_bytes: int | None = DEFAULT_MAX_FILE_BYTES, storage_options: dict | None = None):
+                 max_bytes: int | None = DEFAULT_MAX_FILE_BYTES, storage_options: dict | None = None,
+                 draft_size: int | None = None):
         self.paths = paths
+        self.draft_size = draft_size
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
@@ -42,7 +44,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[ImageRecord, torch.Tensor | None]:
         record, img = read_image(self.paths[i], max_pixels=self.max_pixels, max_bytes=self.max_bytes,
-                                 storage_options=self.storage_options)
+                                 storage_options=self.storage_options, draft_size=self.draft_size)
         return record, preprocess_image(record, img, self.preprocess)
 
 
@@ -74,14 +76,16 @@ def iter_image_batches(
     max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     pin_memory: bool = False,
     storage_options: dict | None = None,
+    draft_size: int | None = None,
 ) -> Iterator[ImageBatch]:
     """Yield :class:`ImageBatch` es in the order of ``paths``.
 
     With ``workers > 0`` files are read and preprocessed in that many worker
     processes, a few batches ahead of the consumer, so decoding overlaps the model.
+    ``draft_size``: JPEGs decode at reduced size (see :func:`clipfuse.embed.decode_image`).
     """
     dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, max_bytes=max_bytes,
-                               storage_options=storage_options)
+                               storage_options=storage_options, draft_size=draft_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

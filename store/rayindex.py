@@ -35,7 +35,7 @@ class RayConfig:
     workers: int | None = None  # embedding actors; None: one per GPU (gpus_per_worker each), or 1 without GPUs
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU actors)
     cpus_per_worker: float = 1.0  # CPUs each actor reserves (its torch threads)
-    precision: str = "fp32"  # of the actors' forward passes: fp16 / bf16 need GPU workers
+    precision: str = "fp32"  # of the actors' forward passes: fp16 / bf16 need GPU workers, int8 CPU ones
 
 
 def _import_ray():
@@ -146,7 +146,10 @@ def plan_workers(config: RayConfig) -> tuple[int, float]:
     if per > 0 and gpus < per:
         raise ValueError(f"--gpus-per-worker {per:g} asked for, but the Ray cluster has {gpus:g} GPU(s); use "
                          "--gpus-per-worker 0 for CPU workers, or add GPU nodes.")
-    if config.precision != "fp32" and per == 0:
+    if config.precision == "int8" and per > 0:
+        raise ValueError(f"--precision int8 runs on CPU workers only, and this run gives each worker {per:g} GPU(s); "
+                         "add --gpus-per-worker 0, or use --precision fp16 / bf16 on GPU workers.")
+    if config.precision in ("fp16", "bf16") and per == 0:
         raise ValueError(f"--precision {config.precision} needs GPU workers, and this run has none (the cluster has "
                          f"{gpus:g} GPUs{', and --gpus-per-worker is 0' if gpus else ''}); use --precision fp32.")
     if config.workers is not None:
@@ -183,7 +186,7 @@ def _put_record(out: dict, record: ImageRecord) -> None:
         out[name].append(("" if value is None else value) if name in ("id", "error") else value)
 
 
-def _decode_stage(batch: dict, *, preprocess, max_pixels, shape) -> dict:
+def _decode_stage(batch: dict, *, preprocess, max_pixels, shape, draft_size=None) -> dict:
     """Decode and preprocess the readable files into a (n, 3, H, W) float32 block."""
     from clipfuse.embed.images import decode_record
     from clipfuse.embed.pipeline import preprocess_image
@@ -197,7 +200,8 @@ def _decode_stage(batch: dict, *, preprocess, max_pixels, shape) -> dict:
             continue
         record = _record(batch, i)
         try:
-            px = preprocess_image(record, decode_record(record, batch["data"][i], max_pixels=max_pixels), preprocess)
+            px = preprocess_image(record, decode_record(record, batch["data"][i], max_pixels=max_pixels,
+                                                      draft_size=draft_size), preprocess)
         except Exception as e:  # never fail the task
             record.error, px = f"could not be decoded: {type(e).__name__}: {e}", None
         if px is None:
@@ -315,7 +319,7 @@ class ray_batches:
                                        "storage_options": with_env_credentials(storage_options)})
         ds = ds.map_batches(_decode_stage, batch_size=batch_size, batch_format="numpy", num_cpus=1,
                             fn_kwargs={"preprocess": embedder.preprocess, "max_pixels": base.max_image_pixels,
-                                       "shape": shape})
+                                       "shape": shape, "draft_size": embedder.draft_size})
         ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus,
                             num_cpus=config.cpus_per_worker,

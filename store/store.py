@@ -59,7 +59,10 @@ VERSIONS_SCHEMA = pa.schema([
     pa.field("source", pa.string()),  # 'index' or 'import:<what>'
     pa.field("created_at", pa.float64()),
     pa.field("activated_at", pa.float64()),  # set when a complete run makes it the active version
+    pa.field("precision", pa.string()),  # 'fp32' or 'int8'; null in stores made before it was recorded: fp32
+    pa.field("decode", pa.string()),  # 'full' or 'draft'; null in stores made before it was recorded: full
 ])
+_VERSION_COLUMNS_ADDED = ("precision", "decode")  # columns later than the first VERSIONS_SCHEMA
 LABELS_SCHEMA = pa.schema([  # every label change, kept: the last row of an id is its label
     pa.field("id", pa.string(), nullable=False),  # image content id
     pa.field("label", pa.string()),  # class name; null: "no label" (the image is not trained on)
@@ -443,6 +446,14 @@ class Store:
                 first["activated_at"] = r["activated_at"]
         return [EmbeddingVersion.from_row(r) for r in unique.values()]
 
+    def _versions_table(self):
+        """The versions table for writing, with the columns added since a store was made (old rows: null)."""
+        table = self._table(VERSIONS, VERSIONS_SCHEMA)
+        missing = [VERSIONS_SCHEMA.field(n) for n in _VERSION_COLUMNS_ADDED if n not in table.schema.names]
+        if missing:
+            table.add_columns(missing)
+        return table
+
     def _count_rows(self, version: EmbeddingVersion, names: set[str] | None = None) -> EmbeddingVersion:
         names = self._table_names() if names is None else names
         return version.with_rows(self.db.open_table(version.table).count_rows() if version.table in names else 0)
@@ -477,9 +488,10 @@ class Store:
             "preprocess": info.get("preprocess"), "dim": int(info["dim"]),
             "random_weights": bool(info.get("random_weights", False)), "source": source,
             "created_at": time.time(), "activated_at": None,
+            "precision": info.get("precision") or "fp32", "decode": info.get("decode") or "full",
         }
         self._table(row["table"], _embeddings_schema(row["dim"]))
-        self._table(VERSIONS, VERSIONS_SCHEMA).add(pa.Table.from_pylist([row], schema=VERSIONS_SCHEMA))
+        self._versions_table().add(pa.Table.from_pylist([row], schema=VERSIONS_SCHEMA))
         return EmbeddingVersion.from_row(row, rows=0)
 
     @_storage_errors

@@ -15,7 +15,7 @@ class EmbeddingVersion:
     (None when it was not counted).
     """
 
-    fingerprint: str  # 16 hex digits: model name + weights hash + preprocessing
+    fingerprint: str  # 16 hex digits: model name + weights hash + preprocessing (+ precision, decoding)
     table: str  # LanceDB table of the vectors
     model: str  # clipfuse model name; 'imported:<what>' when vectors came without a model
     pretrained: str | None = None  # open_clip tag or weights file, None for schema names
@@ -27,12 +27,16 @@ class EmbeddingVersion:
     created_at: float | None = None
     activated_at: float | None = None  # set when a complete run made it the active version
     rows: int | None = None  # vectors held
+    precision: str = "fp32"  # of the model that made the vectors: 'fp32' (fp16 / bf16 autocast too) or 'int8'
+    decode: str = "full"  # JPEG decoding: 'full', or 'draft' (large JPEGs at 1/2, 1/4 or 1/8 scale)
 
     @classmethod
     def from_row(cls, row: dict, rows: int | None = None) -> EmbeddingVersion:
         fields = {k: row.get(k) for k in cls.__dataclass_fields__ if k != "rows"}
         fields["random_weights"] = bool(fields["random_weights"])
         fields["dim"] = int(fields["dim"])
+        fields["precision"] = fields["precision"] or "fp32"  # stores made before these were recorded
+        fields["decode"] = fields["decode"] or "full"
         return cls(**fields, rows=rows if rows is not None else row.get("rows"))
 
     @property
@@ -69,8 +73,9 @@ class EmbeddingVersion:
         return replace(self, rows=rows)
 
     def describe(self) -> str:
-        """``3f2a9c0d1e5b (ViT-B-32, 1200 images)``"""
-        return f"{self.short} ({self.model}" + (f", {self.rows} images)" if self.rows is not None else ")")
+        """``3f2a9c0d1e5b (ViT-B-32, 1200 images)``; ``(ViT-B-32 int8, ...)`` for an int8 version"""
+        model = self.model + (f" {self.precision}" if self.precision != "fp32" else "")
+        return f"{self.short} ({model}" + (f", {self.rows} images)" if self.rows is not None else ")")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,8 @@ from clipfuse.store import EmbeddingVersion, Store
 
 from .results import Notice, OptionError
 
+DEFAULT_DECODE = "full"  # of new versions: see bench/index_throughput.py --decode
+
 
 @contextlib.contextmanager
 def quiet_libraries():
@@ -46,13 +48,17 @@ def check_device(device: str, precision: str = "fp32", *, model_loads: bool = Tr
         raise OptionError("--device" if "device" in str(e) else "--precision", str(e)) from e
 
 
-def embedder_config(store: Store | None, *, model=None, pretrained=None, device="auto", precision="fp32",
-                    batch_size=32, workers=None, allow_random_weights=False, max_file_bytes=None):
+def embedder_config(store: Store | None, *, model=None, pretrained=None, device="auto", precision=None,
+                    decode=None, batch_size=32, workers=None, allow_random_weights=False, max_file_bytes=None):
     """Config of the model to run: the one asked for, else the store's active one (or, after a first
-    run was killed before it finished, the version it was writing), else the default."""
+    run was killed before it finished, the version it was writing), else the default.
+
+    ``precision`` / ``decode`` None: the store's model keeps its version's own (so a re-index adds to that
+    version); another model gets fp32 and :data:`DEFAULT_DECODE`."""
     from clipfuse.embed import EmbedderConfig
 
     random_weights = False
+    own = None
     if model is None and store is not None and not store.is_empty:
         try:
             active = store.get_version(count_rows=False)
@@ -62,10 +68,15 @@ def embedder_config(store: Store | None, *, model=None, pretrained=None, device=
             model = version_model(store, active)
             pretrained = pretrained or active.pretrained
             random_weights = active.random_weights and pretrained is None  # the same random model again
+            own = active
+    if precision is None:
+        precision = own.precision if own is not None and own.precision == "int8" else "fp32"
+    if decode is None:
+        decode = own.decode if own is not None else DEFAULT_DECODE
     extra = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}
     return EmbedderConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, device=device, precision=precision,
-                          batch_size=batch_size, workers=workers, allow_random_weights=allow_random_weights,
-                          random_weights=random_weights, **extra)
+                          decode=decode, batch_size=batch_size, workers=workers,
+                          allow_random_weights=allow_random_weights, random_weights=random_weights, **extra)
 
 
 def load_embedder(config, *, notify: Callable[[Notice], None], progress=None):
@@ -139,17 +150,28 @@ def as_version_model(embedder, version: EmbeddingVersion):
     return embedder
 
 
-def version_embedder(version: EmbeddingVersion, config, device: str, *, notify, progress=None, store=None):
-    """The model that made ``version`` (or the one ``config`` names); fails if it has another fingerprint."""
+def version_embedder(version: EmbeddingVersion, config, device: str, *, notify, progress=None, store=None,
+                     trainable: bool = False):
+    """The model that made ``version`` (or the one ``config`` names); fails if it has another fingerprint.
+
+    The version's own model runs at the version's precision and decodes as it did (an int8 version's
+    queries are embedded in int8, on the CPU). ``trainable``: the fp32 weights an int8 version was
+    quantized from (finetuning trains those), checked against the version all the same."""
     from clipfuse.embed import EmbedderConfig
 
     own = config is None
     config = config or EmbedderConfig(model=version_model(store, version), pretrained=version.pretrained,
                                       device=device, random_weights=version.random_weights)
+    # a --model that names the version's model runs it as the version did
+    int8 = version.precision == "int8" and not trainable
+    config = dataclasses.replace(config, precision="int8" if int8 else config.precision, decode=version.decode,
+                                 device="cpu" if int8 and config.device == "auto" else config.device)
     embedder = load_embedder(config, notify=notify, progress=progress)
     if own:
         embedder = as_version_model(embedder, version)
-    if embedder.fingerprint != version.fingerprint:
+    made = embedder.info if embedder.info.precision == version.precision else \
+        dataclasses.replace(embedder.info, precision=version.precision)  # the same weights, quantized
+    if made.fingerprint != version.fingerprint:
         raise ValueError(
             f"model {config.model!r} (fingerprint {embedder.fingerprint}, {embedder.dim}-d) did not make embedding "
             f"version {version.fingerprint} ({version.model}, {version.dim}-d): its vectors are not "

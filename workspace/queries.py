@@ -50,10 +50,10 @@ def resolve_query(store: Store, version: EmbeddingVersion, query: str | None, te
         if version.imported:
             raise ValueError(f"{query} is not in imported version {version.fingerprint} and the version has no "
                              "model to embed it with; re-import with --model.")
-        img = decode_record(record, data)
+        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress, store=store)
+        img = decode_record(record, data, draft_size=embedder.draft_size)  # decoded as the version decodes
         if img is None:
             raise OptionError(QUERY_OPTION, f"can't read query image {query!r}: {record.error}.")
-        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress, store=store)
         return embedder.encode_images([img]), f"{query} (embedded now)"
     path = Path(query)
     if path.exists() and not path.is_dir():
@@ -70,12 +70,10 @@ def resolve_query(store: Store, version: EmbeddingVersion, query: str | None, te
         if version.imported:
             raise ValueError(f"{path} is not in imported version {version.fingerprint} and the version has no "
                              "model to embed it with; re-import with --model.")
-        from clipfuse.embed import read_image
-
-        record, img = read_image(str(path))
+        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress, store=store)
+        record, img = embedder.read_image(str(path))  # decoded as the version decodes
         if img is None:
             raise OptionError(QUERY_OPTION, f"can't read query image {str(path)!r}: {record.error}.")
-        embedder = version_embedder(version, model_config, device, notify=notify, progress=progress, store=store)
         return embedder.encode_images([img]), f"{path} (embedded now)"
     try:  # an id, which may look like a path ("train/0001")
         return store.vectors_for([query], version.fingerprint), f"id {query}"

@@ -104,7 +104,8 @@ class Tuning:
                        f"confidence >= {pseudo_min_confidence})")
             train, n_pseudo = train + pseudo, len(pseudo)
         words = _heads.class_words(class_words, es.classes, notify=self._notify)
-        embedder = version_embedder(v, None, device, notify=self._notify, progress=progress, store=self.store)
+        embedder = version_embedder(v, None, device, notify=self._notify, progress=progress, store=self.store,
+                                    trainable=True)  # an int8 version's fp32 weights
         folder_config = model_config(v.model, embedder.model)  # fails now rather than after training
         text = class_text_embeddings(embedder, es.classes, words) if embedder.has_text else None
         unlabeled = [r["path"] for r in images if r["split"] == "unlabeled"]
@@ -118,7 +119,8 @@ class Tuning:
         result = run_finetune(embedder, train, val, text, config, n_classes=len(es.classes), unlabeled=unlabeled,
                               prompts=prompts, progress=report)
         meta = {"kind": "finetuned", "base_model": v.model, "base_pretrained": v.pretrained,
-                "base_fingerprint": v.fingerprint, "base_random_weights": v.random_weights,
+                "base_fingerprint": embedder.fingerprint, "base_random_weights": v.random_weights,
+                "base_decode": v.decode, "base_version": v.fingerprint,
                 "classes": es.classes, "class_words": words, "config": dataclasses.asdict(config),
                 "history": result.history, "start": result.start_name, "start_accuracy": result.start_accuracy,
                 "best_epoch": result.best_epoch, "val_ids": [str(es.ids[i]) for i in val_idx],
@@ -161,7 +163,8 @@ class Tuning:
                              "folder.")
         out = Path(out) if out is not None else checkpoint.with_name(checkpoint.name + "-wiseft")
         embedder = load_embedder(EmbedderConfig(model=meta["base_model"], pretrained=meta["base_pretrained"],
-                                                device=device, random_weights=meta["base_random_weights"]),
+                                                device=device, random_weights=meta["base_random_weights"],
+                                                decode=meta.get("base_decode", "full")),
                                  notify=self._notify, progress=progress)
         if embedder.fingerprint != meta["base_fingerprint"]:
             raise ValueError(f"model {meta['base_model']!r} no longer loads as the model that was finetuned "
@@ -213,11 +216,14 @@ class Tuning:
                             best_alpha=result["best_alpha"], best_accuracy=result["best_accuracy"],
                             start_name=start_name, val_images=len(val_ids), curve=Path(curve), notices=notices)
 
-    def reembed(self, model_checkpoint, *, device: str = "auto", batch_size: int = 32, workers: int | None = None,
+    def reembed(self, model_checkpoint, *, device: str = "auto", precision: str | None = None,
+                decode: str | None = None, batch_size: int = 32, workers: int | None = None,
                 commit_every: int = 512, max_file_size: int = 512, progress: Progress | None = None) -> IndexResult:
         """Embed every image of the store with a finetuned model folder, as a new embedding version.
 
         The previous version stays active until the new one is complete; a killed run resumes.
+        ``precision`` / ``decode`` default to the active version's (int8 stays int8, fp16 / bf16 are asked
+        for each run).
         """
         from clipfuse.data import ImageFile, ImageFolders
         from clipfuse.data.remote import is_uri, listed_objects
@@ -230,9 +236,14 @@ class Tuning:
             raise OptionError("--model-checkpoint", f"{str(model_checkpoint)!r} is not a folder; pass a model "
                                                     "folder from `clipfuse finetune` or `wise-ft`.")
         meta = read_model_folder(model_checkpoint)[0]  # fails clearly on a folder that isn't one
-        check_device(device)
-        active = self.version().fingerprint
+        if decode is not None and decode not in ("full", "draft"):
+            raise OptionError("--decode", f"must be full or draft, got {decode!r}.")
+        active_version = self.version()
+        active = active_version.fingerprint
+        precision = precision or ("int8" if active_version.precision == "int8" else "fp32")
+        check_device(device, precision)
         embedder = load_embedder(EmbedderConfig(model=model_name_of(model_checkpoint), device=device,
+                                                precision=precision, decode=decode or active_version.decode,
                                                 batch_size=batch_size, workers=workers,
                                                 max_file_bytes=max_file_size * MIB),
                                  notify=self._notify, progress=progress)
@@ -241,7 +252,7 @@ class Tuning:
                                 f"{embedder.fingerprint}): other machines load this version's model from it",
                                 kind="model-copy"))
         # the version this one replaces: the active one, or (re-running a finished reembed) the one it came from
-        previous = active if active != embedder.fingerprint else meta.get("base_fingerprint")
+        previous = active if active != embedder.fingerprint else meta.get("base_version", meta.get("base_fingerprint"))
         with self.store.writer("clipfuse reembed"):  # the rows read are the rows re-embedded, whoever wrote before
             rows = self.store.images().select(["path", "split", "label"]).to_pylist()
             # only files that exist: rows of imported vectors ("id:..." paths) or of files gone since indexing

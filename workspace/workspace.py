@@ -170,7 +170,8 @@ class Workspace(Labeling, Reviewing, Tuning):
 
     # ---- index -------------------------------------------------------------------------------------
     def index(self, labeled_dir=None, *, unlabeled=None, test=None, model: str | None = None,
-              pretrained: str | None = None, device: str = "auto", precision: str = "fp32", batch_size: int = 32,
+              pretrained: str | None = None, device: str = "auto", precision: str | None = None,
+              decode: str | None = None, batch_size: int = 32,
               workers: int | None = None, allow_random_weights: bool = False, commit_every: int = 512,
               max_file_size: int = 512, ray: str | None = None, ray_workers: int | None = None,
               gpus_per_worker: float | None = None, progress: Progress | None = None) -> IndexResult:
@@ -179,6 +180,10 @@ class Workspace(Labeling, Reviewing, Tuning):
         ``labeled_dir`` has one sub-folder per class; ``unlabeled`` and ``test`` are
         folders of images (``test`` may have class sub-folders); any of them may be a folder on
         object storage (``s3://bucket/train``). ``max_file_size`` is in MiB.
+
+        ``precision`` (fp32, int8 on CPU, fp16 / bf16 on GPU) and ``decode`` (full, draft) default to the
+        store version's own when the store's model runs, else fp32 and full; int8 and draft make versions of
+        their own.
 
         ``ray`` (``"local"``, ``"auto"`` or a cluster address) embeds on a Ray cluster: an actor pool
         of ``ray_workers`` model replicas with ``gpus_per_worker`` GPUs each; this process lists the
@@ -200,15 +205,20 @@ class Workspace(Labeling, Reviewing, Tuning):
                 raise OptionError(option, f"{str(folder)!r} is not a folder of images.")
         if commit_every < 1:
             raise OptionError("--commit-every", f"must be at least 1, got {commit_every}.")
+        if decode is not None and decode not in ("full", "draft"):
+            raise OptionError("--decode", f"must be full or draft, got {decode!r}.")
+        store = self.store
+        if precision is None and model is None and not store.is_empty:  # the store's model: its version's own
+            precision = embedder_config(store).precision
         ray_config = None
         if ray is not None:
-            ray_config = self._ray_config(ray, ray_workers, gpus_per_worker, device, precision)
-            device, precision = "cpu", "fp32"  # this process loads the model only to fingerprint it
+            ray_config = self._ray_config(ray, ray_workers, gpus_per_worker, device, precision or "fp32")
+            # this process loads the model only to fingerprint it (int8 is part of the fingerprint)
+            device, precision = "cpu", ("int8" if precision == "int8" else "fp32")
         elif ray_workers is not None or gpus_per_worker is not None:
             raise OptionError("--ray-workers" if ray_workers is not None else "--gpus-per-worker",
                               "is an option of Ray runs; add --ray local|auto|ADDRESS.")
-        check_device(device, precision)
-        store = self.store
+        check_device(device, precision or "fp32")
 
         def scan():
             return scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
@@ -217,8 +227,8 @@ class Workspace(Labeling, Reviewing, Tuning):
 
         scan()  # a layout mistake fails now, before the model loads
         config = embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision,
-                                 batch_size=batch_size, workers=workers, allow_random_weights=allow_random_weights,
-                                 max_file_bytes=max_file_size * MIB)
+                                 decode=decode, batch_size=batch_size, workers=workers,
+                                 allow_random_weights=allow_random_weights, max_file_bytes=max_file_size * MIB)
         with contextlib.ExitStack() as stack:
             if ray_config is not None:  # connected first: a cluster that can't be reached fails before the model loads
                 from clipfuse.store.rayindex import check_cluster, connect, disconnect, plan_workers
@@ -264,6 +274,8 @@ class Workspace(Labeling, Reviewing, Tuning):
             raise OptionError("--ray-workers", f"must be at least 1, got {ray_workers}.")
         if gpus_per_worker is not None and gpus_per_worker < 0:
             raise OptionError("--gpus-per-worker", f"must be 0 or more, got {gpus_per_worker}.")
+        if precision == "int8" and gpus_per_worker is None:
+            gpus_per_worker = 0.0  # int8 runs on CPU workers
         return RayConfig(address=str(ray).strip(), workers=ray_workers, gpus_per_worker=gpus_per_worker,
                          precision=precision)
 
