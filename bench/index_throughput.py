@@ -12,7 +12,15 @@ Runs are interleaved (model, index, model, ...) so that drift of a noisy machine
 alike; the model figure is the mean of the model runs around the index runs. The pipeline's
 job is to lose nothing around the model, so the target is index / model >= 0.90.
 
+With ``--precision int8`` and/or ``--decode draft`` a second configuration (the variant) is measured
+the same way, interleaved with the first (fp32, full decoding) on the same files, and compared:
+index images/s of the variant / the baseline, the mean cosine of each image's two vectors and the
+top-10 neighbour overlap (per image, the share of its 10 nearest neighbours both give). The CPU's
+vector-instruction flags are printed with it: int8 is fastest with AVX-512 VNNI.
+
     python bench/index_throughput.py --n 256 --batch-size 32
+    python bench/index_throughput.py --precision int8
+    python bench/index_throughput.py --decode draft --width 2048 --height 1536 --model effnet-lite0
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import torch
 from PIL import Image
 
 from clipfuse.data import scan_folders
-from clipfuse.embed import EmbedderConfig, create_embedder, read_image
+from clipfuse.embed import EmbedderConfig, create_embedder
 from clipfuse.store import Store, index_images
 
 TARGET_RATIO = 0.90
@@ -52,7 +60,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=640, help="photo width in pixels")
     p.add_argument("--height", type=int, default=480, help="photo height in pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated photos")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="int8: compare int8 with fp32 (speed, cosine, neighbour overlap)")
+    p.add_argument("--decode", default="full", choices=["full", "draft"],
+                   help="draft: compare reduced-size JPEG decoding with full decoding")
     return p.parse_args(argv)
+
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+
+
+def cpu_description() -> str:
+    """Model name and the vector flags that decide int8 speed, from /proc/cpuinfo."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU (no /proc/cpuinfo)"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return f"{name}; flags: {' '.join(f for f in CPU_FLAGS if f in flags) or 'none of ' + ', '.join(CPU_FLAGS)}"
+
+
+def top_k_overlap(A: np.ndarray, B: np.ndarray, k: int = 10) -> float:
+    """Mean share of each row's k nearest neighbours (cosine, itself left out) that A and B agree on."""
+    def top(X):
+        S = X @ X.T
+        np.fill_diagonal(S, -np.inf)
+        return np.argpartition(-S, k, axis=1)[:, :k]
+    ta, tb = top(A), top(B)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ta, tb)]))
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -87,7 +123,7 @@ def write_photos(folder: Path, n: int, *, width: int, height: int, seed: int) ->
 
 def preprocess_all(embedder, paths: list[str], batch_size: int) -> list[torch.Tensor]:
     """Decode and preprocess every file up front, stacked in batches of ``batch_size``."""
-    tensors = [embedder.preprocess(read_image(p)[1]) for p in paths]
+    tensors = [embedder.preprocess(embedder.read_image(p)[1]) for p in paths]  # decoded as the index decodes
     return [torch.stack(tensors[s:s + batch_size]) for s in range(0, len(tensors), batch_size)]
 
 
@@ -142,15 +178,26 @@ def time_index(embedder, files, classes, workdir: Path, name: str) -> tuple[floa
     return summary.embedded / seconds, cpu.foreign, summary.embedded, seconds
 
 
+def _rates(label: str) -> dict:
+    return {"label": label, "model": [], "index": [], "foreign": []}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = EmbedderConfig(model=args.model, random_weights=True,
-                            batch_size=args.batch_size, workers=args.workers, device="cpu")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="RANDOM WEIGHTS")
-        embedder = create_embedder(config)
+
+    def load(precision: str, decode: str):
+        config = EmbedderConfig(model=args.model, random_weights=True, batch_size=args.batch_size,
+                                workers=args.workers, device="cpu", precision=precision, decode=decode)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="RANDOM WEIGHTS")
+            return create_embedder(config)
+
+    configs = [("fp32, full decoding", load("fp32", "full"))]
+    if (args.precision, args.decode) != ("fp32", "full"):
+        configs.append((f"{args.precision}, {args.decode} decoding", load(args.precision, args.decode)))
+    print(f"cpu: {cpu_description()}; {os.cpu_count()} cores")
 
     with tempfile.TemporaryDirectory(prefix="clipfuse-bench-") as tmp:
         tmp = Path(tmp)
@@ -162,50 +209,69 @@ def main(argv=None) -> None:
         paths = [f.path for f in folders.files]
         print(f"wrote {len(paths)} JPEGs {args.width}x{args.height} q90, {size / len(paths) / 1024:.0f} KiB each, "
               f"in {time.perf_counter() - started:.1f} s")
-        batches = preprocess_all(embedder, paths, args.batch_size)
+        # model-only input: each configuration's own decoding and preprocessing, made up front
+        batches = [preprocess_all(e, paths, args.batch_size) for _, e in configs]
+        first = configs[0][1]
+        print(f"model {args.model} ({'random' if first.info.random_weights else 'pretrained'} weights), device cpu, "
+              f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, DataLoader workers "
+              f"{first.workers}")
+        for (_, e), b in zip(configs, batches):  # warm-up: a forward batch, a small index run (imports, fork)
+            e.encode_pixels(b[0])
+            time_index(e, folders.files[:args.batch_size], folders.classes, tmp, f"warmup-{e.fingerprint}")
 
-        print(f"model {args.model} ({'random' if embedder.info.random_weights else 'pretrained'} weights), device cpu, batch size {args.batch_size}, "
-              f"torch threads {torch.get_num_threads()}, DataLoader workers {embedder.workers}, "
-              f"cpu cores {os.cpu_count()}")
-        # Warm-up: one forward batch, and one small index run (imports, LanceDB, worker fork).
-        embedder.encode_pixels(batches[0])
-        time_index(embedder, folders.files[:args.batch_size], folders.classes, tmp, "store-warmup")
+        results = [_rates(label) for label, _ in configs]
 
-        model_rates, index_rates, foreign = [], [], []
+        def run_model(c: int, i: int) -> None:
+            rate, load = time_model(configs[c][1], batches[c])
+            results[c]["model"].append(rate)
+            results[c]["foreign"].append(load)
+            print(f"  [{results[c]['label']}] model run {i}: {rate:6.2f} img/s   (foreign CPU load {load:4.0%})")
 
-        def run_model(i: int) -> None:
-            rate, load = time_model(embedder, batches)
-            model_rates.append(rate)
-            foreign.append(load)
-            print(f"  model run {i}: {rate:6.2f} img/s   (foreign CPU load {load:4.0%})")
-
-        run_model(1)
+        stores = {}
+        for c in range(len(configs)):
+            run_model(c, 1)
         for r in range(args.rounds):
-            rate, load, embedded, seconds = time_index(embedder, folders.files, folders.classes, tmp, f"store-{r}")
-            index_rates.append(rate)
-            foreign.append(load)
-            print(f"  index run {r + 1}: {rate:6.2f} img/s   (foreign CPU load {load:4.0%}; "
-                  f"{embedded} embedded in {seconds:.2f} s)")
-            run_model(r + 2)
+            for c, (label, e) in enumerate(configs):
+                rate, load, embedded, seconds = time_index(e, folders.files, folders.classes, tmp, f"store-{c}-{r}")
+                stores[c] = tmp / f"store-{c}-{r}"
+                results[c]["index"].append(rate)
+                results[c]["foreign"].append(load)
+                print(f"  [{label}] index run {r + 1}: {rate:6.2f} img/s   (foreign CPU load {load:4.0%}; "
+                      f"{embedded} embedded in {seconds:.2f} s)")
+                run_model(c, r + 2)
 
-    model, index = statistics.mean(model_rates), statistics.mean(index_rates)
-    ratio = index / model
-    # Each index run against the mean of the model runs just before and after it.
-    paired = [index_rates[r] / statistics.mean(model_rates[r:r + 2]) for r in range(args.rounds)]
-    print(f"model forward (encode_pixels, mean of {len(model_rates)}): {model:6.2f} img/s")
-    print(f"end-to-end index_images (mean of {len(index_rates)}):     {index:6.2f} img/s")
-    print(f"ratio index / model: {ratio:.3f}  (per round: {', '.join(f'{x:.3f}' for x in paired)}; "
-          f"target >= {TARGET_RATIO:.2f}: {'met' if ratio >= TARGET_RATIO else 'NOT met'})")
-    # foreign = [model 1, index 1, model 2, index 2, model 3, ...]: round r is foreign[2r:2r+3].
-    clean = [r for r in range(args.rounds) if max(foreign[2 * r:2 * r + 3]) <= QUIET_LOAD]
-    if len(clean) < args.rounds:
-        print(f"WARNING: other processes used up to {max(foreign):.0%} of the CPU during timed runs; "
-              f"rounds with more than {QUIET_LOAD:.0%} foreign load are disturbed.")
-        if clean:
-            print(f"ratio over the {len(clean)} undisturbed round(s): "
-                  f"{statistics.mean(paired[r] for r in clean):.3f}")
-        else:
-            print("no undisturbed round: re-run on a quiet machine.")
+        vectors = [_store_vectors(stores[c]) for c in range(len(configs))]
+
+    for res in results:
+        model, index = statistics.mean(res["model"]), statistics.mean(res["index"])
+        paired = [res["index"][r] / statistics.mean(res["model"][r:r + 2]) for r in range(args.rounds)]
+        print(f"[{res['label']}] model forward (encode_pixels, mean of {len(res['model'])}): {model:6.2f} img/s; "
+              f"end-to-end index_images (mean of {len(res['index'])}): {index:6.2f} img/s")
+        print(f"[{res['label']}] ratio index / model: {index / model:.3f}  (per round: "
+              f"{', '.join(f'{x:.3f}' for x in paired)}; target >= {TARGET_RATIO:.2f}: "
+              f"{'met' if index / model >= TARGET_RATIO else 'NOT met'})")
+        if max(res["foreign"]) > QUIET_LOAD:
+            print(f"WARNING [{res['label']}]: other processes used up to {max(res['foreign']):.0%} of the CPU during "
+                  f"timed runs (more than {QUIET_LOAD:.0%} counts as disturbed): re-run on a quiet machine.")
+    if len(configs) == 2:
+        base, variant = results
+        speed = statistics.mean(variant["index"]) / statistics.mean(base["index"])
+        model_speed = statistics.mean(variant["model"]) / statistics.mean(base["model"])
+        per_round = [v / b for v, b in zip(variant["index"], base["index"])]
+        A, B = vectors
+        cos = float(np.mean(np.sum(A * B, axis=1)))
+        print(f"{variant['label']} / {base['label']}: index {speed:.2f}x (per round: "
+              f"{', '.join(f'{x:.2f}' for x in per_round)}), model only {model_speed:.2f}x; mean cosine to the "
+              f"baseline's vectors {cos:.5f} (min {float(np.min(np.sum(A * B, axis=1))):.5f}); top-10 neighbour "
+              f"overlap {top_k_overlap(A, B):.3f}")
+
+
+def _store_vectors(db: Path) -> np.ndarray:
+    """The vectors of a bench store, sorted by image id (the same images in every store)."""
+    store = Store(db)
+    es = store.load_embeddings(store.get_version().fingerprint)
+    order = np.argsort(np.asarray(es.ids))
+    return np.asarray(es.X)[order]
 
 
 if __name__ == "__main__":
