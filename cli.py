@@ -96,7 +96,8 @@ DecodeOpt = Annotated[Optional[Decode], typer.Option(
     "Default: the store version's own, else full.", show_default=False)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", min=0, help="Decode/resize worker processes (default: 1 on CPU, up to 8 on GPU).")]
+    "--workers", min=0, help="Decode/resize worker processes (default: 0 on CPU: threads read each batch between "
+    "forward passes; up to 8 on GPU).")]
 RandomOpt = Annotated[bool, typer.Option(
     "--allow-random-weights", help="If pretrained weights can't be loaded, continue with random ones "
     "(a smoke test: results mean nothing).")]
@@ -374,13 +375,13 @@ def info(
             classes.add_row(name, str(n))
         console.print(classes)
     versions = Table(title="embedding versions")
-    for col in ("active", "fingerprint", "model", "pretrained", "dim", "rows", "source"):
+    for col in ("active", "fingerprint", "model", "pretrained", "precision", "decode", "dim", "rows", "source"):
         versions.add_column(col)
     for v in result.versions:
-        model_name = v.model + (" [red](random weights)[/]" if v.random_weights else "") \
+        model_name = escape(v.model) + (" [red](random weights)[/]" if v.random_weights else "") \
             + (" (image-only)" if v.image_only else "")
         versions.add_row("*" if v.fingerprint == result.active else "", v.fingerprint, model_name,
-                         v.pretrained or "", str(v.dim), str(v.rows), v.source or "")
+                         escape(v.pretrained or ""), v.precision, v.decode, str(v.dim), str(v.rows), v.source or "")
     console.print(versions)
     for e in result.ensembles:
         accuracy = "" if e["fused_accuracy"] is None else f", fused validation accuracy {e['fused_accuracy']:.3f}"

@@ -188,7 +188,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     def load(precision: str, decode: str):
-        config = EmbedderConfig(model=args.model, random_weights=True, batch_size=args.batch_size,
+        config = EmbedderConfig(model=args.model, random_weights=args.model != "effnet-lite0",  # its real weights
+                                batch_size=args.batch_size,
                                 workers=args.workers, device="cpu", precision=precision, decode=decode)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="RANDOM WEIGHTS")
@@ -213,8 +214,9 @@ def main(argv=None) -> None:
         batches = [preprocess_all(e, paths, args.batch_size) for _, e in configs]
         first = configs[0][1]
         print(f"model {args.model} ({'random' if first.info.random_weights else 'pretrained'} weights), device cpu, "
-              f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, DataLoader workers "
-              f"{first.workers}")
+              f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}, "
+              + (f"DataLoader workers {first.workers}" if first.workers else
+                 f"no DataLoader workers: {first.decode_threads} threads read each batch between forward passes"))
         for (_, e), b in zip(configs, batches):  # warm-up: a forward batch, a small index run (imports, fork)
             e.encode_pixels(b[0])
             time_index(e, folders.files[:args.batch_size], folders.classes, tmp, f"warmup-{e.fingerprint}")

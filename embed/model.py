@@ -36,7 +36,8 @@ class EmbedderConfig:
     precision: str = "fp32"  # fp32 everywhere; fp16 / bf16 on GPU only; int8 on CPU only (a version of its own)
     decode: str = "full"  # 'draft': JPEGs much larger than the model's input decode at 1/2, 1/4 or 1/8 scale
     batch_size: int = 32  # images per forward pass
-    workers: int | None = None  # decode/resize worker processes; None: 1 on CPU, up to 8 on GPU
+    workers: int | None = None  # decode/resize worker processes; None: 0 on CPU (threads between forward passes),
+    #                             up to 8 on GPU
     allow_random_weights: bool = False  # continue with random weights when pretrained ones can't load
     random_weights: bool = False  # build the seeded random model without loading anything (smoke tests,
     #                               re-opening a version that was made with random weights)
@@ -285,7 +286,13 @@ class Embedder:
     def workers(self) -> int:
         if self.config.workers is not None:
             return self.config.workers
-        return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 1
+        return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+
+    @property
+    def decode_threads(self) -> int:
+        """Threads that read a batch between forward passes when there are no worker processes: every core
+        (torch's own threads are idle meanwhile)."""
+        return max(1, torch.get_num_threads()) if self.workers == 0 else 1
 
     @property
     def draft_size(self) -> int | None:
@@ -305,7 +312,7 @@ class Embedder:
                                   workers=self.workers if paths else 0, max_pixels=self.config.max_image_pixels,
                                   max_bytes=self.config.max_file_bytes,
                                   pin_memory=self.device.type == "cuda", storage_options=storage_options,
-                                  draft_size=self.draft_size)
+                                  draft_size=self.draft_size, threads=self.decode_threads)
 
     def read_image(self, path: str, *, storage_options: dict | None = None):
         """``(record, image)`` of one file, decoded the way this model's version decodes (see :func:`read_image`)."""

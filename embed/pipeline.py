@@ -77,15 +77,23 @@ def iter_image_batches(
     pin_memory: bool = False,
     storage_options: dict | None = None,
     draft_size: int | None = None,
+    threads: int = 1,
 ) -> Iterator[ImageBatch]:
     """Yield :class:`ImageBatch` es in the order of ``paths``.
 
     With ``workers > 0`` files are read and preprocessed in that many worker
-    processes, a few batches ahead of the consumer, so decoding overlaps the model.
+    processes, a few batches ahead of the consumer, so decoding overlaps the model
+    (right when the model runs elsewhere: a GPU). With ``workers == 0`` each batch is read
+    when the consumer asks for it, by ``threads`` threads (Pillow and torch release the GIL):
+    on a CPU that runs the model on every core, decoding then takes turns with the model
+    instead of taking a core from it mid-forward.
     ``draft_size``: JPEGs decode at reduced size (see :func:`clipfuse.embed.decode_image`).
     """
     dataset = ImageFileDataset(paths, preprocess, max_pixels=max_pixels, max_bytes=max_bytes,
                                storage_options=storage_options, draft_size=draft_size)
+    if workers == 0:
+        yield from _batches_in_threads(dataset, batch_size, threads)
+        return
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -103,3 +111,17 @@ def iter_image_batches(
         warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
         batches = iter(loader)
     yield from batches
+
+
+def _batches_in_threads(dataset: ImageFileDataset, batch_size: int, threads: int) -> Iterator[ImageBatch]:
+    """Each batch read and preprocessed when asked for, its files shared out over ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads <= 1:
+        for start in range(0, len(dataset), batch_size):
+            yield collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="clipfuse-decode") as pool:
+        for start in range(0, len(dataset), batch_size):
+            yield collate_images(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size,
+                                                                                     len(dataset))))))

@@ -424,10 +424,11 @@ def mixed_files(tmp_path) -> tuple[list[str], list[bool]]:
     return paths, good
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_iter_image_batches_keeps_order_and_skips_bad(mixed_files, workers):
+@pytest.mark.parametrize("workers,threads", [(0, 1), (0, 3), (1, 1)])
+def test_iter_image_batches_keeps_order_and_skips_bad(mixed_files, workers, threads):
     paths, good = mixed_files
-    batches = list(iter_image_batches(paths, _to_tensor, batch_size=3, workers=workers, max_pixels=64 * 48))
+    batches = list(iter_image_batches(paths, _to_tensor, batch_size=3, workers=workers, max_pixels=64 * 48,
+                                      threads=threads))
     assert [len(b.records) for b in batches] == [3, 3, 2]
     records = [r for b in batches for r in b.records]
     assert [r.path for r in records] == paths
@@ -444,6 +445,13 @@ def test_iter_image_batches_keeps_order_and_skips_bad(mixed_files, workers):
 
 def test_iter_image_batches_empty_list():
     assert list(iter_image_batches([], _to_tensor, workers=0)) == []
+    assert list(iter_image_batches([], _to_tensor, workers=0, threads=2)) == []
+
+
+def test_cpu_embedder_reads_batches_in_threads_between_forward_passes(tiny_model):
+    e = create_embedder(EmbedderConfig(model=tiny_model, device="cpu"))
+    assert e.workers == 0 and e.decode_threads == max(1, torch.get_num_threads())
+    assert create_embedder(EmbedderConfig(model=tiny_model, device="cpu", workers=2)).decode_threads == 1
 
 
 def test_preprocess_failure_becomes_record_error(tmp_path):

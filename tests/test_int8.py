@@ -228,3 +228,26 @@ def test_unknown_decode_is_refused(tiny_model, shapes):
         create_embedder(EmbedderConfig(model=tiny_model, device="cpu", decode="fast"))
     with pytest.raises(OptionError, match="full or draft"):
         clipfuse.open(shapes / "s.lance").index(shapes / "labeled", model=tiny_model, decode="fast")
+
+
+def test_cli_index_int8_then_info_and_a_text_query(shapes, tiny_model):
+    from typer.testing import CliRunner
+
+    from clipfuse.cli import app
+
+    runner = CliRunner()
+    db = str(shapes / "cli.lance")
+    r = runner.invoke(app, ["index", str(shapes / "labeled"), "--db", db, "--model", tiny_model, "--precision", "int8",
+                            "--decode", "draft"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", "--db", db], catch_exceptions=False)
+    assert r.exit_code == 0 and "int8" in r.output and "draft" in r.output
+    (v,) = Store(db).versions()
+    assert (v.precision, v.decode) == ("int8", "draft")
+    r = runner.invoke(app, ["neighbors", "--text", "a red circle", "--db", db, "--k", "2"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["neighbors", "--text", "a red circle", "--db", db, "--device", "cuda"],
+                      catch_exceptions=False)
+    assert r.exit_code == 2  # no GPU here; with one, int8's own "runs on the CPU only" (tested above)
+    r = runner.invoke(app, ["index", str(shapes / "labeled"), "--db", db, "--precision", "fp8"])
+    assert r.exit_code == 2 and "fp8" in r.output

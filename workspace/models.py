@@ -71,6 +71,9 @@ def embedder_config(store: Store | None, *, model=None, pretrained=None, device=
             own = active
     if precision is None:
         precision = own.precision if own is not None and own.precision == "int8" else "fp32"
+    if decode is None and own is None and model is not None and store is not None and not store.is_empty:
+        same = [v for v in store.versions() if v.model == model]  # --model naming a model the store has
+        own = same[-1] if same else None
     if decode is None:
         decode = own.decode if own is not None else DEFAULT_DECODE
     extra = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}
