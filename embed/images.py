@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -84,25 +85,21 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     """
     if not data:
         raise ValueError("empty file (0 bytes)")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            full = None
-            if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
-                full = img.size
-                img.draft(img.mode if img.mode in ("L", "CMYK") else "RGB", (draft_size, draft_size))
-            img.load()
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            if full is not None and img.getexif().get(0x0112) in (5, 6, 7, 8):  # exif_transpose turns it
-                full = full[::-1]
-            img = to_rgb(ImageOps.exif_transpose(img))
-            if full is not None:
-                img.info["clipfuse_full_size"] = full
-            return img
+        img = _open(data, max_pixels)
+        full = None
+        if draft_size and img.format in ("JPEG", "MPO") and min(img.size) >= 2 * draft_size:
+            full = img.size
+            img.draft(img.mode if img.mode in ("L", "CMYK") else "RGB", (draft_size, draft_size))
+        img.load()
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        if full is not None and img.getexif().get(0x0112) in (5, 6, 7, 8):  # exif_transpose turns it
+            full = full[::-1]
+        img = to_rgb(ImageOps.exif_transpose(img))
+        if full is not None:
+            img.info["clipfuse_full_size"] = full
+        return img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"image too large (decompression-bomb limit of {max_pixels} pixels): {e}") from e
     except UnidentifiedImageError as e:
@@ -113,8 +110,30 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise ValueError(f"{reason}: {msg}") from e
     except (SyntaxError, ValueError, TypeError, IndexError, struct.error) as e:
         raise ValueError(f"corrupt image: {type(e).__name__}: {e}") from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (the header only) with ``max_pixels`` as the decompression-bomb limit.
+
+    Pillow reads its limit from a module global and reports it as a warning, so the swap of both is
+    done under a lock: batches are decoded by several threads at once. The pixels are decoded
+    after, outside the lock.
+    """
+    with _OPEN_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:  # whatever the global says meanwhile
+        raise Image.DecompressionBombError(f"{img.size[0]} x {img.size[1]} = {img.size[0] * img.size[1]} pixels")
+    return img
 
 
 def read_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,

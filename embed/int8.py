@@ -57,11 +57,17 @@ class SelfAttention(torch.nn.Module):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, **kwargs):
         if need_weights:
             raise ValueError("int8 attention returns no attention weights (need_weights=True)")
+        same = query is key and key is value
+        if query.dim() == 2:  # unbatched (L, E), as nn.MultiheadAttention takes it
+            out, _ = self.forward(*(t.unsqueeze(1 - int(self.batch_first)) for t in (query, key, value)),
+                                  key_padding_mask=None if key_padding_mask is None else key_padding_mask[None],
+                                  attn_mask=attn_mask)
+            return out.squeeze(1 - int(self.batch_first)), None
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, length, d = query.shape
         h = self.num_heads
-        if query is key and key is value:
+        if same:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:  # cross attention: each input through its third of the projection
             q = self.in_proj(query)[..., :d]
@@ -100,6 +106,10 @@ def quantize_int8(model: torch.nn.Module, name: str) -> torch.nn.Module:
     there is nothing to calibrate. Convolutions, norms and the attention products stay fp32. The
     fastest of the int8 paths measured here that keeps cosine >= 0.995 to fp32 (bench/int8_backends.py).
 
+    The model is changed in place (no second copy of the weights).
+    Linear layers of open_clip's ``AttentionPool2d`` (the ResNet CLIPs' pooling, which reads its
+    projections' weights directly) stay fp32.
+
     Raises
     ------
     ValueError
@@ -109,21 +119,27 @@ def quantize_int8(model: torch.nn.Module, name: str) -> torch.nn.Module:
     int8_engine()
     image_path = model.trunk if hasattr(model, "trunk") else getattr(model, "visual", model)
     skip = {id(m) for m in _classifiers(image_path)}  # a backbone's ImageNet classifier: not on the image path
+    for pool in image_path.modules():  # AttentionPool2d reads its projections' weights itself: they stay fp32
+        if type(pool).__name__ == "AttentionPool2d":
+            skip |= {id(m) for m in pool.modules()}
     total = sum(p.numel() for p in image_path.parameters())
     modules = list(image_path.modules())
     linear = sum(m.weight.numel() for m in modules if isinstance(m, torch.nn.Linear) and id(m) not in skip)
     linear += sum(m.in_proj_weight.numel() for m in modules
-                  if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None)
+                  if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None and id(m) not in skip)
     if linear < 0.25 * total:
         raise ValueError(f"--precision int8 makes the Linear layers of a model int8, and {name} has "
                          f"{linear / max(total, 1):.0%} of its image weights in Linear layers (a convolutional "
                          "network): int8 would not make it faster. Use --precision fp32 for it.")
     _replace_attention(model)
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
+    kept = {name for name, m in model.named_modules() if type(m).__name__ == "AttentionPool2d"}
+    spec = {name: default_dynamic_qconfig for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(name.startswith(k + ".") for k in kept)}
     with warnings.catch_warnings():  # torch marks its eager int8 API as moving to torchao; it is what runs here
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        quantized = quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     for m in quantized.modules():  # open_clip reads its cast dtype off a Linear weight, which int8 ones lack
         for method in ("get_cast_dtype", "get_weight_dtype"):
             if callable(getattr(type(m), method, None)):
@@ -137,7 +153,8 @@ def _float32() -> torch.dtype:
 
 def _replace_attention(module: torch.nn.Module) -> None:
     for child_name, child in module.named_children():
-        if isinstance(child, torch.nn.MultiheadAttention) and child._qkv_same_embed_dim:
+        if (isinstance(child, torch.nn.MultiheadAttention) and child._qkv_same_embed_dim and child.bias_k is None
+                and child.bias_v is None and not child.add_zero_attn):
             setattr(module, child_name, SelfAttention(child))
         else:
             _replace_attention(child)

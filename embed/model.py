@@ -427,8 +427,14 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
     weights_hash = hash_state_dict(model.state_dict())  # of the weights loaded: int8 is recorded as precision
     if config.precision == "int8":
         model = quantize_int8(model, config.model)
-    with torch.no_grad():
-        probe = model.encode_image(torch.zeros(1, 3, *_image_size(model), device=device))
+    try:
+        with torch.no_grad():
+            probe = model.encode_image(torch.zeros(1, 3, *_image_size(model), device=device))
+    except (TypeError, RuntimeError, AttributeError) as e:
+        if config.precision != "int8":
+            raise
+        raise ValueError(f"--precision int8 does not work for {config.model}: a layer of it reads int8 weights as "
+                         f"fp32 ({type(e).__name__}: {e}). Use --precision fp32 for it.") from e
     if not torch.isfinite(probe).all():
         raise ValueError(f"model {config.model!r} turns an image into NaN or infinite values: its weights are broken "
                          "(e.g. a WiSE-FT mix of NaN). Load other weights.")

@@ -251,3 +251,37 @@ def test_cli_index_int8_then_info_and_a_text_query(shapes, tiny_model):
     assert r.exit_code == 2  # no GPU here; with one, int8's own "runs on the CPU only" (tested above)
     r = runner.invoke(app, ["index", str(shapes / "labeled"), "--db", db, "--precision", "fp8"])
     assert r.exit_code == 2 and "fp8" in r.output
+
+
+def test_attention_that_self_attention_cannot_mirror_is_left_to_torch():
+    from clipfuse.embed.int8 import _replace_attention
+
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 2, add_bias_kv=True),
+                                torch.nn.MultiheadAttention(16, 2, add_zero_attn=True),
+                                torch.nn.MultiheadAttention(16, 2, kdim=8, vdim=8),
+                                torch.nn.MultiheadAttention(16, 2))
+    _replace_attention(model)
+    assert [type(m).__name__ for m in model] == ["MultiheadAttention"] * 3 + ["SelfAttention"]
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(5, 16)  # unbatched, as torch takes it
+    torch.testing.assert_close(SelfAttention(mha)(x, x, x)[0], mha(x, x, x, need_weights=False)[0],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_resnet_clip_int8_is_refused_not_crashed():
+    # its attention pool reads its projections' weights itself, so it stays fp32, and the rest is convolutions
+    with pytest.raises(ValueError, match="convolutional"):
+        create_embedder(EmbedderConfig(model="RN50", random_weights=True, device="cpu", precision="int8"))
+
+
+def test_a_query_of_an_int8_version_on_a_gpu_device_names_the_version(shapes, tiny_model, monkeypatch):
+    ws = clipfuse.open(shapes / "store.lance")
+    ws.index(shapes / "labeled", model=tiny_model, precision="int8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(OptionError, match="is int8, which runs on the CPU only") as e:
+        ws.neighbors(text="a red circle", device="cuda")
+    assert e.value.option == "--device"
+    with pytest.raises(OptionError, match="int8, which runs on the CPU only"):
+        ws.index(shapes / "labeled", device="cuda")  # the store's int8 version, inherited

@@ -111,12 +111,13 @@ def _train_transform(preprocess, augment: bool, size):
                                transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
 
 
-def _load_images(paths: list[str]):
+def _load_images(paths: list[str], draft_size: int | None = None):
+    """Decoded images, the way the version trained from decodes them (``draft_size``, see ``decode_image``)."""
     from clipfuse.embed import read_image
 
     images = []
     for path in paths:
-        record, img = read_image(path)
+        record, img = read_image(path, draft_size=draft_size)
         if img is None:
             raise ValueError(f"can't read training image {path!r}: {record.error}. Re-index to drop it.")
         images.append(img)
@@ -214,9 +215,9 @@ def finetune(embedder, train: list[tuple[str, int]], val: list[tuple[str, int]],
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     transform = _train_transform(embedder.preprocess, config.augment, embedder.image_size)
-    train_images = _load_images([p for p, _ in train])
+    train_images = _load_images([p for p, _ in train], embedder.draft_size)
     train_labels = torch.tensor([c for _, c in train])
-    val_pixels = torch.stack([embedder.preprocess(img) for img in _load_images([p for p, _ in val])]) \
+    val_pixels = torch.stack([embedder.preprocess(img) for img in _load_images([p for p, _ in val], embedder.draft_size)]) \
         if val else torch.zeros(0)
     val_labels = torch.tensor([c for _, c in val], dtype=torch.long)
     cached = None if config.augment else torch.stack([transform(img) for img in train_images])

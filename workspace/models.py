@@ -53,8 +53,9 @@ def embedder_config(store: Store | None, *, model=None, pretrained=None, device=
     """Config of the model to run: the one asked for, else the store's active one (or, after a first
     run was killed before it finished, the version it was writing), else the default.
 
-    ``precision`` / ``decode`` None: the store's model keeps its version's own (so a re-index adds to that
-    version); another model gets fp32 and :data:`DEFAULT_DECODE`."""
+    ``precision`` / ``decode`` None: the store's model (or a ``model`` and ``pretrained`` the store has a
+    version of, the newest such) keeps that version's own, so a re-index adds to it; another model gets
+    fp32 and :data:`DEFAULT_DECODE`."""
     from clipfuse.embed import EmbedderConfig
 
     random_weights = False
@@ -69,11 +70,12 @@ def embedder_config(store: Store | None, *, model=None, pretrained=None, device=
             pretrained = pretrained or active.pretrained
             random_weights = active.random_weights and pretrained is None  # the same random model again
             own = active
+    if own is None and model is not None and store is not None and not store.is_empty:
+        # --model naming a model (and weights) the store has a version of: that version's precision and decoding
+        same = [v for v in store.versions() if v.model == model and (pretrained is None or v.pretrained == pretrained)]
+        own = same[-1] if same else None
     if precision is None:
         precision = own.precision if own is not None and own.precision == "int8" else "fp32"
-    if decode is None and own is None and model is not None and store is not None and not store.is_empty:
-        same = [v for v in store.versions() if v.model == model]  # --model naming a model the store has
-        own = same[-1] if same else None
     if decode is None:
         decode = own.decode if own is not None else DEFAULT_DECODE
     extra = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}
@@ -167,13 +169,15 @@ def version_embedder(version: EmbeddingVersion, config, device: str, *, notify, 
                                       device=device, random_weights=version.random_weights)
     # a --model that names the version's model runs it as the version did
     int8 = version.precision == "int8" and not trainable
+    if int8 and config.device not in ("auto", "cpu"):
+        raise OptionError("--device", f"embedding version {version.short} is int8, which runs on the CPU only; "
+                                      "use --device cpu (or auto) for it.")
     config = dataclasses.replace(config, precision="int8" if int8 else config.precision, decode=version.decode,
                                  device="cpu" if int8 and config.device == "auto" else config.device)
     embedder = load_embedder(config, notify=notify, progress=progress)
     if own:
         embedder = as_version_model(embedder, version)
-    made = embedder.info if embedder.info.precision == version.precision else \
-        dataclasses.replace(embedder.info, precision=version.precision)  # the same weights, quantized
+    made = dataclasses.replace(embedder.info, precision=version.precision) if trainable else embedder.info
     if made.fingerprint != version.fingerprint:
         raise ValueError(
             f"model {config.model!r} (fingerprint {embedder.fingerprint}, {embedder.dim}-d) did not make embedding "

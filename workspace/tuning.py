@@ -176,7 +176,7 @@ class Tuning:
         paths = {r["id"]: r["path"] for r in self.store.images().select(["id", "path"]).to_pylist()}
         val_ids, val_labels, images = [], [], []
         for id_, label in zip(meta["val_ids"], meta["val_labels"]):
-            img = read_image(paths[id_])[1] if id_ in paths else None
+            img = embedder.read_image(paths[id_])[1] if id_ in paths else None  # decoded as the base version
             if img is not None:  # deleted or unreadable since finetuning: skipped
                 val_ids.append(id_)
                 val_labels.append(label)

@@ -208,8 +208,13 @@ class Workspace(Labeling, Reviewing, Tuning):
         if decode is not None and decode not in ("full", "draft"):
             raise OptionError("--decode", f"must be full or draft, got {decode!r}.")
         store = self.store
-        if precision is None and model is None and not store.is_empty:  # the store's model: its version's own
-            precision = embedder_config(store).precision
+        if precision is None and not store.is_empty:  # the store's model: its version's own
+            precision = embedder_config(store, model=model, pretrained=pretrained).precision
+            if precision == "int8" and (device not in ("auto", "cpu") or ray is not None and gpus_per_worker):
+                raise OptionError("--device" if ray is None else "--gpus-per-worker",
+                                  "the store's version of this model is int8, which runs on the CPU only; use "
+                                  "--device cpu (--gpus-per-worker 0 with --ray), or --precision fp32 / fp16 / bf16 "
+                                  "for a version of its own.")
         ray_config = None
         if ray is not None:
             ray_config = self._ray_config(ray, ray_workers, gpus_per_worker, device, precision or "fp32")
