@@ -143,7 +143,7 @@ class Tuning:
         """
         import torch
 
-        from clipfuse.embed import EmbedderConfig, read_image
+        from clipfuse.embed import EmbedderConfig
         from clipfuse.train import (encode, load_state, model_config, parse_alphas, plot_alpha_curve,
                                     read_model_folder, save_model_folder, sweep)
 
