@@ -150,7 +150,7 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
             counts = np.bincount(y_index[labeled], minlength=n_classes).astype(np.float32)
             Y[labeled, y_index[labeled]] = 1.0 / counts[y_index[labeled]]
             alpha = np.float32(self.alpha)
-            Wt = _ThreadedMatrix(W, min(os.cpu_count() or 1, 8) if len(X) > 50_000 else 1)
+            Wt = _ThreadedMatrix(W, min(os.cpu_count() or 1, 8) if len(X) > EXACT_MAX_ROWS else 1)
             try:
                 Zp, self.n_iter_ = _conjugate_gradient(lambda P: P - alpha * (Wt @ P), Y[perm],
                                                        max_iter=self.max_iter, tol=self.tol)
