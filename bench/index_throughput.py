@@ -5,7 +5,7 @@ and one torch thread count:
 
 (a) model: ``embedder.encode_pixels`` on already-preprocessed tensors (the ceiling), and
 (b) index: ``clipfuse.store.index_images`` over the JPEG folder into a fresh store
-    (read + hash + decode + resize in the DataLoader worker, forward, LanceDB commits,
+    (read + hash + decode + resize, by threads between forward passes on CPU, forward, LanceDB commits,
     activation and compaction), images/s = embedded / wall time of the call.
 
 Runs are interleaved (model, index, model, ...) so that drift of a noisy machine hits both
