@@ -118,10 +118,9 @@ def quantize_int8(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """
     int8_engine()
     image_path = model.trunk if hasattr(model, "trunk") else getattr(model, "visual", model)
-    skip = {id(m) for m in _classifiers(image_path)}  # a backbone's ImageNet classifier: not on the image path
-    for pool in image_path.modules():  # AttentionPool2d reads its projections' weights itself: they stay fp32
-        if type(pool).__name__ == "AttentionPool2d":
-            skip |= {id(m) for m in pool.modules()}
+    # open_clip's AttentionPool2d reads its projections' weights itself: they stay fp32
+    kept = {id(m) for pool in model.modules() if type(pool).__name__ == "AttentionPool2d" for m in pool.modules()}
+    skip = kept | {id(m) for m in _classifiers(image_path)}  # a backbone's ImageNet classifier: not on the path
     total = sum(p.numel() for p in image_path.parameters())
     modules = list(image_path.modules())
     linear = sum(m.weight.numel() for m in modules if isinstance(m, torch.nn.Linear) and id(m) not in skip)
@@ -134,9 +133,8 @@ def quantize_int8(model: torch.nn.Module, name: str) -> torch.nn.Module:
     _replace_attention(model)
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
-    kept = {name for name, m in model.named_modules() if type(m).__name__ == "AttentionPool2d"}
     spec = {name: default_dynamic_qconfig for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not any(name.startswith(k + ".") for k in kept)}
+            if isinstance(m, torch.nn.Linear) and id(m) not in kept}
     with warnings.catch_warnings():  # torch marks its eager int8 API as moving to torchao; it is what runs here
         warnings.simplefilter("ignore")
         quantized = quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)

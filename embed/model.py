@@ -14,7 +14,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .names import DEFAULT_MODEL, PretrainedWeightsError, default_pretrained, is_image_only, parse_model_name
+from .names import (DECODES, DEFAULT_MODEL, PRECISIONS, PretrainedWeightsError, default_pretrained, is_image_only,
+                    parse_model_name, version_precision)
 from .checkpoints import tensors_only
 from clipfuse.data import DEFAULT_MAX_FILE_BYTES
 
@@ -91,8 +92,6 @@ def _resolve_device(device: str) -> torch.device:
     return resolved
 
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DECODES = ("full", "draft")
 
 
 def check_device(device: str, precision: str = "fp32") -> torch.device:
@@ -447,7 +446,7 @@ def create_embedder(config: EmbedderConfig | None = None) -> Embedder:
         preprocess=repr(preprocess),
         dim=int(dim),
         random_weights=random_weights,
-        precision="int8" if config.precision == "int8" else "fp32",
+        precision=version_precision(config.precision),
         decode=config.decode,
     )
     return Embedder(config, model, preprocess, tokenizer, device, info)

@@ -13,6 +13,14 @@ EFFNET_LITE0 = "effnet-lite0"  # timm's tf_efficientnet_lite0 with the weights o
 EFFNET_LITE0_ARCH = "tf_efficientnet_lite0"
 IMPORTED_PREFIX = "imported:"  # vectors brought in without a model that loads here
 SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip's (and timm's) name schemas
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DECODES = ("full", "draft")  # how JPEGs are decoded: in full, or at reduced size (Pillow's draft)
+
+
+def version_precision(precision: str) -> str:
+    """The precision a run records on its version: 'int8', or 'fp32' (fp16 / bf16 autocast make the fp32
+    version's vectors)."""
+    return "int8" if precision == "int8" else "fp32"
 
 
 class PretrainedWeightsError(RuntimeError):

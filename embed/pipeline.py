@@ -115,13 +115,11 @@ def iter_image_batches(
 
 def _batches_in_threads(dataset: ImageFileDataset, batch_size: int, threads: int) -> Iterator[ImageBatch]:
     """Each batch read and preprocessed when asked for, its files shared out over ``threads`` threads."""
+    import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
-    if threads <= 1:
+    with ThreadPoolExecutor(threads, thread_name_prefix="clipfuse-decode") if threads > 1 \
+            else contextlib.nullcontext() as pool:
+        read = map if pool is None else pool.map
         for start in range(0, len(dataset), batch_size):
-            yield collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="clipfuse-decode") as pool:
-        for start in range(0, len(dataset), batch_size):
-            yield collate_images(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size,
-                                                                                     len(dataset))))))
+            yield collate_images(list(read(dataset.__getitem__, range(start, min(start + batch_size, len(dataset))))))

@@ -48,6 +48,14 @@ def check_device(device: str, precision: str = "fp32", *, model_loads: bool = Tr
         raise OptionError("--device" if "device" in str(e) else "--precision", str(e)) from e
 
 
+def check_decode(decode: str | None) -> None:
+    """Refuse a ``--decode`` that is not one of :data:`clipfuse.embed.names.DECODES` (None: the default)."""
+    from clipfuse.embed.names import DECODES
+
+    if decode is not None and decode not in DECODES:
+        raise OptionError("--decode", f"must be {' or '.join(DECODES)}, got {decode!r}.")
+
+
 def embedder_config(store: Store | None, *, model=None, pretrained=None, device="auto", precision=None,
                     decode=None, batch_size=32, workers=None, allow_random_weights=False, max_file_bytes=None):
     """Config of the model to run: the one asked for, else the store's active one (or, after a first
@@ -75,7 +83,7 @@ def embedder_config(store: Store | None, *, model=None, pretrained=None, device=
         same = [v for v in store.versions() if v.model == model and (pretrained is None or v.pretrained == pretrained)]
         own = same[-1] if same else None
     if precision is None:
-        precision = own.precision if own is not None and own.precision == "int8" else "fp32"
+        precision = own.precision if own is not None else "fp32"  # a version records fp32 or int8
     if decode is None:
         decode = own.decode if own is not None else DEFAULT_DECODE
     extra = {} if max_file_bytes is None else {"max_file_bytes": max_file_bytes}

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .models import check_device, load_embedder, publish_model_folder, version_embedder
+from .models import check_decode, check_device, load_embedder, publish_model_folder, version_embedder
 from .results import FinetuneResult, IndexResult, Notice, OptionError, Progress, WiseFtResult
 
 MIB = 2**20
@@ -236,11 +236,10 @@ class Tuning:
             raise OptionError("--model-checkpoint", f"{str(model_checkpoint)!r} is not a folder; pass a model "
                                                     "folder from `clipfuse finetune` or `wise-ft`.")
         meta = read_model_folder(model_checkpoint)[0]  # fails clearly on a folder that isn't one
-        if decode is not None and decode not in ("full", "draft"):
-            raise OptionError("--decode", f"must be full or draft, got {decode!r}.")
+        check_decode(decode)
         active_version = self.version()
         active = active_version.fingerprint
-        precision = precision or ("int8" if active_version.precision == "int8" else "fp32")
+        precision = precision or active_version.precision  # a version records fp32 or int8
         check_device(device, precision)
         embedder = load_embedder(EmbedderConfig(model=model_name_of(model_checkpoint), device=device,
                                                 precision=precision, decode=decode or active_version.decode,

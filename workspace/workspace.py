@@ -11,11 +11,13 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+from clipfuse.embed.names import version_precision
 from clipfuse.store import EmbeddingVersion, Store
 
 from . import crossversion
 from . import heads as _heads
-from .models import check_device, embedder_config, load_embedder, named_as_store_version, version_embedder, version_model
+from .models import (check_decode, check_device, embedder_config, load_embedder, named_as_store_version,
+                     version_embedder, version_model)
 from .queries import describe_neighbors, resolve_query
 from .labeling import Labeling
 from .review import Reviewing
@@ -205,25 +207,27 @@ class Workspace(Labeling, Reviewing, Tuning):
                 raise OptionError(option, f"{str(folder)!r} is not a folder of images.")
         if commit_every < 1:
             raise OptionError("--commit-every", f"must be at least 1, got {commit_every}.")
-        if decode is not None and decode not in ("full", "draft"):
-            raise OptionError("--decode", f"must be full or draft, got {decode!r}.")
+        check_decode(decode)
         store = self.store
-        if precision is None and not store.is_empty:  # the store's model: its version's own
-            precision = embedder_config(store, model=model, pretrained=pretrained).precision
-            if precision == "int8" and (device not in ("auto", "cpu") or ray is not None and gpus_per_worker):
-                raise OptionError("--device" if ray is None else "--gpus-per-worker",
-                                  "the store's version of this model is int8, which runs on the CPU only; use "
-                                  "--device cpu (--gpus-per-worker 0 with --ray), or --precision fp32 / fp16 / bf16 "
-                                  "for a version of its own.")
+        # what the model runs as: asked for, else the store version's own (only resolved here: nothing loads)
+        config = embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision,
+                                 decode=decode, batch_size=batch_size, workers=workers,
+                                 allow_random_weights=allow_random_weights, max_file_bytes=max_file_size * MIB)
+        if precision is None and config.precision == "int8" and (
+                device not in ("auto", "cpu") or ray is not None and gpus_per_worker):
+            raise OptionError("--device" if ray is None else "--gpus-per-worker",
+                              "the store's version of this model is int8, which runs on the CPU only; use "
+                              "--device cpu (--gpus-per-worker 0 with --ray), or --precision fp32 / fp16 / bf16 "
+                              "for a version of its own.")
         ray_config = None
         if ray is not None:
-            ray_config = self._ray_config(ray, ray_workers, gpus_per_worker, device, precision or "fp32")
+            ray_config = self._ray_config(ray, ray_workers, gpus_per_worker, device, config.precision)
             # this process loads the model only to fingerprint it (int8 is part of the fingerprint)
-            device, precision = "cpu", ("int8" if precision == "int8" else "fp32")
+            config = dataclasses.replace(config, device="cpu", precision=version_precision(config.precision))
         elif ray_workers is not None or gpus_per_worker is not None:
             raise OptionError("--ray-workers" if ray_workers is not None else "--gpus-per-worker",
                               "is an option of Ray runs; add --ray local|auto|ADDRESS.")
-        check_device(device, precision or "fp32")
+        check_device(config.device, config.precision)
 
         def scan():
             return scan_folders(labeled_dir, unlabeled=unlabeled, test=test,
@@ -231,9 +235,6 @@ class Workspace(Labeling, Reviewing, Tuning):
                                 storage_options=store.folder_storage_options)
 
         scan()  # a layout mistake fails now, before the model loads
-        config = embedder_config(store, model=model, pretrained=pretrained, device=device, precision=precision,
-                                 decode=decode, batch_size=batch_size, workers=workers,
-                                 allow_random_weights=allow_random_weights, max_file_bytes=max_file_size * MIB)
         with contextlib.ExitStack() as stack:
             if ray_config is not None:  # connected first: a cluster that can't be reached fails before the model loads
                 from clipfuse.store.rayindex import check_cluster, connect, disconnect, plan_workers
