@@ -433,10 +433,24 @@ def test_ensemble_input_errors():
     X = l2_normalize(np.random.default_rng(0).standard_normal((20, 4)))
     with pytest.raises(ValueError, match="No labeled rows"):
         create_ensemble(["probe"], 2).fit(X, np.full(20, -1))
-    with pytest.raises(ValueError, match="No validation rows"):
-        create_ensemble(["probe"], 2).fit(X, np.r_[0, 1, np.full(18, -1)])
     with pytest.raises(ValueError, match="n_classes is 2"):
         create_ensemble(["probe"], 2).fit(X, np.r_[0, 0, 5, 5, np.full(16, -1)])
+
+
+def test_ensemble_fits_one_label_per_class_with_the_graph_head_alone():
+    # nothing can be held out: no folds, no validation rows, and the fusion is the graph head
+    X, y = make_blobs(n_samples=300, centers=3, n_features=8, cluster_std=1.0, random_state=0)
+    X = l2_normalize(X.astype(np.float32))
+    y_semi = np.full(300, -1)
+    for c in range(3):
+        y_semi[np.flatnonzero(y == c)[0]] = c
+    ens = create_ensemble(["probe", "propagation"], 3).fit(X, y_semi)
+    assert len(ens.val_idx_) == 0 and ens.val_scores_ == {}
+    assert ens.fusion_rule_ == "graph-head"
+    assert ens.weights_ == {"probe": 0.0, "propagation": 1.0}
+    fused, per_head = ens.predict_proba(X, fit_rows=np.arange(300))
+    np.testing.assert_array_equal(fused.argmax(1), per_head["propagation"].argmax(1))
+    assert np.mean(fused.argmax(1) == y) > 0.9
 
 
 def test_softmax_regression_matches_scikit_learn_logistic_regression():
