@@ -878,10 +878,16 @@ def export(
     target_precision: Annotated[Optional[float], typer.Option(
         "--target-precision", min=0.0, max=1.0, help="Pick --min-confidence from validation: the lowest threshold "
         "whose kept validation images are right this often (e.g. 0.95); it is printed.", show_default=False)] = None,
+    ood_threshold: Annotated[Optional[float], typer.Option(
+        "--ood-threshold", min=0.0, max=1.0, help="Write the abstain label for images whose OOD score (0-1: the "
+        "share of the pool that looks less out of distribution) is above this.", show_default=False)] = None,
+    ood_fraction: Annotated[Optional[float], typer.Option(
+        "--ood-fraction", min=0.0, max=1.0, help="Write the abstain label for this share of the exported images, "
+        "the most out of distribution (e.g. 0.05); not with --ood-threshold.", show_default=False)] = None,
     abstain_label: Annotated[str, typer.Option(
         "--abstain-label", help="Label written where clipfuse abstains.")] = "unknown",
 ):
-    """Write the predictions as a CSV: path, id, label, confidence [, one column per class].
+    """Write the predictions as a CSV: path, id, label, confidence, ood [, one column per class].
 
     One row per image file of the chosen split, in path order, ready for a Kaggle-style
     submission (`--format kaggle`: id,label). Run `clipfuse predict` first. Text cells
@@ -897,18 +903,28 @@ def export(
         clipfuse export all.csv --split all --probs --force
 
         clipfuse export sure.csv --target-precision 0.95
+
+        clipfuse export known.csv --ood-fraction 0.05 --min-confidence 0.5
     """
     r = _workspace(db, storage_option).export(
         path, version=version, versions=versions, split=split.value, probs=probs, force=force, raw_cells=raw_cells,
         format=format.value, min_confidence=min_confidence, abstain_label=abstain_label,
-        target_precision=target_precision)
+        target_precision=target_precision, ood_threshold=ood_threshold, ood_fraction=ood_fraction)
     out = err_console if r.streamed else console  # a CSV streamed to stdout gets no summary line mixed in
     if r.threshold_coverage is not None:
         out.print(f"threshold {r.threshold:.4f} for precision {target_precision:g}: on validation it keeps "
                   f"{r.threshold_coverage:.1%} of the images, right {r.threshold_precision:.1%} of the time")
+    rules = []
+    if r.threshold is not None:
+        rules.append(f"{r.abstained_confidence} below confidence {r.threshold:.4f}")
+    if ood_threshold is not None:
+        rules.append(f"{r.abstained_ood} with ood above {ood_threshold:.4f}")
+    elif ood_fraction is not None:
+        rules.append(f"the {r.abstained_ood} most out of distribution"
+                     + (f" (ood from {r.ood_threshold:.4f})" if r.ood_threshold is not None else ""))
+    both = f": {r.abstained} in all" if len(rules) > 1 else ""
     out.print(f"wrote {r.rows} rows ({r.split}) to {escape(str(path))}"
-              + (f"; {r.abstained} below confidence {r.threshold:.4f} as {abstain_label!r}" if r.threshold is not None
-                 else ""), highlight=False)
+              + (f"; {' and '.join(rules)}{both} as {abstain_label!r}" if rules else ""), highlight=False)
 
 
 # ---- finetuning ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from clipfuse.classify.metrics import (
     score_predictions,
 )
 from clipfuse.classify.neighbors import KMeansVoteHead, KnnCacheHead
+from clipfuse.classify.ood import ood_scores
 from clipfuse.classify.propagation import LabelPropagationHead
 from clipfuse.classify.selftrain import MeanTeacherHead, PseudoLabelHead, select_pseudo_labels
 
@@ -33,6 +34,6 @@ __all__ = [
     "LabelPropagationHead", "LinearProbeHead", "MeanTeacherHead", "PseudoLabelHead",
     "ViewRows", "WeightedFusion", "ZeroShotHead", "class_similarity", "confused_pairs", "create_ensemble", "create_ensemble_from_config", "create_head", "create_heads_from_config",
     "expected_calibration_error", "get_head_class", "head_proba", "knn_graph", "list_heads",
-    "load_ensemble", "plot_class_similarity", "plot_confusion", "register_head",
+    "load_ensemble", "ood_scores", "plot_class_similarity", "plot_confusion", "register_head",
     "save_ensemble", "score_predictions", "select_pseudo_labels",
 ]

@@ -235,7 +235,8 @@ def test_train_predict_evaluate_export(three_splits):
     result = invoke("export", csv, "--db", db)
     assert result.exit_code == 0, result.output
     df = pl.read_csv(csv)
-    assert df.columns == ["path", "id", "label", "confidence"] and df.height == 18
+    assert df.columns == ["path", "id", "label", "confidence", "ood"] and df.height == 18
+    assert df["ood"].null_count() == 0 and df["ood"].min() >= 0 and df["ood"].max() <= 1
     assert set(df["label"]) <= {"blue", "green", "red"}
     assert all("/unlabeled/" in p for p in df["path"])
     refused = invoke("export", csv, "--db", db, "--split", "test", "--probs")

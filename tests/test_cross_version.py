@@ -151,6 +151,7 @@ def test_a_version_missing_some_images_is_filled_from_the_others(views):
     late_rows = [k for k, i in enumerate(d["id"]) if i in late]
     assert all(third_probe[k] is None for k in late_rows)
     assert sum(p is None for p in third_probe) == len(late_rows)
+    assert all(0.0 <= v <= 1.0 for v in d["ood"])  # the first version holds every image: each has an OOD score
     assert ws.predict(versions=[ws.fps[0], third], per_head=True).images == N  # a second write of those columns
     with pytest.raises(OptionError, match="lack 200 of the images; add a head of version " + ws.fps[0][:12]) as e:
         ws.predict(versions=[ws.fps[0], third], heads=f"{third[:12]}/probe")  # nothing would answer the late ones

@@ -129,7 +129,7 @@ def test_train_predict_evaluate_export_through_the_api(ws):
     exported = ws.export(ws.root / "test.csv", split="test", probs=True)
     assert isinstance(exported, ExportResult) and exported.rows == 9 and exported.missing == 0
     rows = list(csv.DictReader(open(ws.root / "test.csv", encoding="utf-8")))
-    assert list(rows[0]) == ["path", "id", "label", "confidence", "p_blue", "p_green", "p_red"]
+    assert list(rows[0]) == ["path", "id", "label", "confidence", "ood", "p_blue", "p_green", "p_red"]
     with pytest.raises(FileExistsError, match="--force"):
         ws.export(ws.root / "test.csv", split="test")
 

@@ -93,7 +93,8 @@ def _train_and_score(ws, fingerprint: str, truth: dict, trainings: list, accurac
     es = trained.es
     # every row is a fitted row here: heads answer with what they learned for it
     fused, per_head = trained.ensemble.predict_proba(es.X, fit_rows=np.arange(len(es.ids)))
-    ws.store.write_predictions(_heads.predictions_table(es, fused, {}, es.classes), fingerprint)
+    ws.store.write_predictions(_heads.predictions_table(es, fused, {}, es.classes,
+                                                        ood=_heads.ood_column(trained, fused)), fingerprint)
     id_of = {r["path"]: r["id"] for r in ws.store.images().select(["path", "id"]).to_pylist()}
     row_of = {id_: i for i, id_ in enumerate(es.ids)}
     class_index = {c: i for i, c in enumerate(es.classes)}

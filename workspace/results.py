@@ -265,9 +265,13 @@ class ExportResult(_Result):
     missing: int  # images of the split with no prediction yet
     streamed: bool  # written into a stream (stdout, a FIFO) rather than a file
     threshold: Optional[float] = None  # confidence below which the abstain label was written
-    abstained: int = 0  # rows given the abstain label
+    abstained: int = 0  # rows given the abstain label (by either rule)
     threshold_coverage: Optional[float] = None  # with target_precision: share of validation kept at the threshold
     threshold_precision: Optional[float] = None  # and their accuracy
+    abstained_confidence: int = 0  # rows below the confidence threshold
+    ood_threshold: Optional[float] = None  # OOD score above which (ood_fraction: from which) rows abstained
+    ood_fraction: Optional[float] = None  # the share of the most out-of-distribution rows asked for
+    abstained_ood: int = 0  # rows the OOD rule gave the abstain label
 
 
 @dataclass

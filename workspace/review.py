@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from .results import Neighbor, OptionError, _Result
 
-GALLERY_SORTS = ("confidence", "-confidence", "margin", "path")  # margin: the least sure first
+GALLERY_SORTS = ("confidence", "-confidence", "margin", "ood", "path")  # margin: the least sure first; ood: the
+# most out of distribution first (images without an OOD score last)
 THUMB_SIZES = (128, 256, 512, 1024)
 MAX_PAGE = 500
 
@@ -174,7 +175,8 @@ class Reviewing:
         a label now, ``predicted`` is the fused prediction;
         ``disagree`` keeps images whose heads' top classes differ from the fused one (needs
         ``predict(per_head=True)``); ``ids`` keeps only those images. ``sort`` is one of
-        ``confidence`` (lowest first), ``-confidence``, ``margin`` (least sure first) or ``path``.
+        ``confidence`` (lowest first), ``-confidence``, ``margin`` (least sure first), ``ood`` (most out of
+        distribution first) or ``path``.
         The joined table is built once per change of the store and kept, so pages of a 300,000-image
         store are answered from memory.
         """
@@ -275,22 +277,28 @@ class Reviewing:
             pred = pl.DataFrame({"id": predictions["id"].to_pylist(), "predicted": predictions["label"].to_pylist(),
                                  "confidence": predictions["confidence"].to_numpy().astype(np.float64),
                                  "margin": (top2[:, 1] - top2[:, 0]).astype(np.float64),
+                                 "ood": (predictions["ood"].to_numpy().astype(np.float64)
+                                         if "ood" in predictions.column_names else np.full(len(P), np.nan)),
                                  "heads_agree": agree if per_head else [None] * len(P)},
                                 schema_overrides={"heads_agree": pl.Boolean})
+            pred = pred.with_columns(pl.col("ood").fill_nan(None))  # older tables and rows without a score
             per_id = per_id.join(pred, on="id", how="left")
         else:
             per_id = per_id.with_columns(pl.lit(None, pl.Utf8).alias("predicted"), pl.lit(None, pl.Float64).alias("confidence"),
-                                         pl.lit(None, pl.Float64).alias("margin"), pl.lit(None, pl.Boolean).alias("heads_agree"))
+                                         pl.lit(None, pl.Float64).alias("margin"),
+                                         pl.lit(None, pl.Float64).alias("ood"),
+                                         pl.lit(None, pl.Boolean).alias("heads_agree"))
         embedded = pl.DataFrame({"id": sorted(self.store.embedded_ids(v.fingerprint))}, schema={"id": pl.Utf8})
         per_id = per_id.join(embedded, on="id", how="semi")  # the version's images (not its error rows)
-        frame = per_id.select(["id", "path", "split", "label", "predicted", "confidence", "margin", "heads_agree",
-                               "paths", "folder", "set_source", "width", "height"])
+        frame = per_id.select(["id", "path", "split", "label", "predicted", "confidence", "margin", "ood",
+                               "heads_agree", "paths", "folder", "set_source", "width", "height"])
         # sorted once per sort key: a page is then a filter (which keeps the order) and a slice
         by_sort = {"path": frame.sort("path")}
         if has_pred:
             by_sort["margin"] = frame.sort(["margin", "path"], nulls_last=True)
             by_sort["confidence"] = frame.sort(["confidence", "path"], nulls_last=True)
             by_sort["-confidence"] = frame.sort(["confidence", "path"], descending=[True, False], nulls_last=True)
+            by_sort["ood"] = frame.sort(["ood", "path"], descending=[True, False], nulls_last=True)
         return by_sort, has_pred, per_head
 
     # ---- one image -----------------------------------------------------------------------------------
