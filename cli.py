@@ -695,15 +695,23 @@ def _scores_table(title: str, scores: dict, weights: dict | None = None, seconds
 
 def _print_training(result) -> None:
     title = f"validation ({result.n_val} held-out labels; heads trained on {result.n_train})"
-    if result.versions:
+    if not result.n_val:
+        pass  # one label per class: nothing held out, nothing to tabulate
+    elif result.versions:
         _print_cross_training(result, title)
     else:
         console.print(_scores_table(title, result.scores, result.weights, result.fit_seconds))
     for head, why in result.unavailable.items():
         console.print(f"[yellow]{escape(head)} skipped:[/] {escape(why)}", highlight=False, soft_wrap=True)
     best = result.best_head
+    if best is None:
+        console.print(f"trained {len(result.heads)} heads into {result.folder} on {result.n_train} labels, one per "
+                      "class: none could be held out, so the fused predictions are the graph head's (Poisson "
+                      "learning); label a second image of some classes for held-out scores and a learned fusion")
+        return
     console.print(f"trained {len(result.heads)} heads into {result.folder}: fused validation accuracy "
-                  f"{result.fused_accuracy:.3f} (best single head: {best} {result.scores[best]['accuracy']:.3f})")
+                  f"{result.fused_accuracy:.3f} (best single head: {best} {result.scores[best]['accuracy']:.3f}; "
+                  f"fusion rule {result.fusion_rule})")
 
 
 def _print_cross_training(result, title: str) -> None:
@@ -827,16 +835,20 @@ def evaluate(
         clipfuse evaluate --versions 3f2a9c0d,8b1e4f27
     """
     r = _workspace(db, storage_option).evaluate(version=version, versions=versions, out=out, top_confusions=top_confusions)
-    console.print(_scores_table(f"validation ({r.n_val} held-out labels)", r.validation, r.weights))
+    if r.n_val:
+        console.print(_scores_table(f"validation ({r.n_val} held-out labels)", r.validation, r.weights))
     if r.test is not None:
         console.print(_scores_table(f"test ({r.n_test} labeled test images, fused predictions)", {"fused": r.test}))
-    per_class = Table(title="per-class validation accuracy (fused)")
-    per_class.add_column("class")
-    per_class.add_column("accuracy", justify="right")
-    per_class.add_column("n", justify="right")
-    for c, acc, n in zip(r.classes, r.validation["fused"]["per_class_accuracy"], r.val_counts):
-        per_class.add_row(c, "-" if math.isnan(acc) else f"{acc:.3f}", str(n))
-    console.print(per_class)
+    if r.n_val:
+        per_class = Table(title="per-class validation accuracy (fused)")
+        per_class.add_column("class")
+        per_class.add_column("accuracy", justify="right")
+        per_class.add_column("n", justify="right")
+        for c, acc, n in zip(r.classes, r.validation["fused"]["per_class_accuracy"], r.val_counts):
+            per_class.add_row(escape(c), "-" if math.isnan(acc) else f"{acc:.3f}", str(n))
+        console.print(per_class)
+    _print_fusion_choice(r.fusion)
+    _print_priors(r.priors)
     if r.confusions:
         pairs = Table(title="most-confused class pairs (validation, fused)")
         for col in ("class a", "class b", "a as b", "b as a", "similarity", "example"):
@@ -851,8 +863,33 @@ def evaluate(
         before = "-" if cal.get("ece_before") is None else f"{cal['ece_before']:.3f}"
         console.print(f"calibration (fused, validation): ECE {before} before temperature scaling, "
                       f"{cal['ece_after']:.3f} after (temperature {cal['temperature']:.2f}, fitted out of fold)")
-    console.print(f"fused validation accuracy {r.validation['fused']['accuracy']:.3f}; wrote "
-                  + ", ".join(p.name for p in r.files) + f" to {out}")
+    head = (f"fused validation accuracy {r.validation['fused']['accuracy']:.3f}" if r.n_val
+            else "no held-out labels to score")
+    console.print(head + "; wrote " + ", ".join(p.name for p in r.files) + f" to {out}")
+
+
+def _print_fusion_choice(fusion: dict) -> None:
+    """How the fusion rule was chosen: each rule's nested cross-validated score over every label."""
+    rule, scores = fusion.get("rule"), fusion.get("rule_scores") or {}
+    if rule == "graph-head":
+        console.print("fusion: the graph head alone (no label could be held out to choose by)")
+    elif scores:
+        parts = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in scores.items())
+        n = next(iter(scores.values()))["rows"]
+        console.print(f"fusion: {rule} (nested cross-validated accuracy over {n} labels, each fused by rules "
+                      f"fitted without it: {parts})")
+
+
+def _print_priors(priors: dict, top: int = 5) -> None:
+    """The pool's estimated class proportions beside the labels', largest differences first."""
+    if not priors:
+        return
+    labels, pool = priors["labels"], priors["pool"]
+    moved = sorted(pool, key=lambda c: -abs(pool[c] - labels[c]))[:top]
+    applied = "applied to the predictions" if priors.get("applied") else "not applied (pool_priors off)"
+    console.print(f"class proportions: the pool's (estimated by EM) differ from the labels' by {priors['total_variation']:.3f} "
+                  f"(total variation), {applied}; most changed: "
+                  + ", ".join(f"{escape(c)} {labels[c]:.3f} -> {pool[c]:.3f}" for c in moved))
 
 
 @app.command()

@@ -14,6 +14,7 @@ from scipy.optimize import minimize
 from clipfuse.classify.base import create_head, fit_temperature, prepared_rows, softmax, take_rows
 from clipfuse.classify.linear import HeadUnavailableError
 from clipfuse.classify.metrics import score_predictions
+from clipfuse.classify.priors import adjust_priors, estimate_priors
 from clipfuse.data.files import write_text_atomic, write_with
 from clipfuse.data.split import split_labeled
 
@@ -44,11 +45,17 @@ class WeightedFusion:
         Index of the head the prior favours.
     """
 
-    def __init__(self, l2: float = 0.03):
+    def __init__(self, l2: float = 0.03, rule: str = "weighted"):
         self.l2 = l2
+        self.rule = rule
 
     def fit(self, log_probs: np.ndarray, y: np.ndarray) -> WeightedFusion:
-        """Learn the weights from ``log_probs`` of shape (n_samples, n_heads, n_classes)."""
+        """Learn the weights from ``log_probs`` of shape (n_samples, n_heads, n_classes).
+
+        ``rule`` ``"best-head"`` keeps only the best head (at its temperature), ``"average"``
+        gives every head the same vote at its own temperature; ``"weighted"`` learns them."""
+        if self.rule not in FUSION_RULES:
+            raise ValueError(f"rule must be one of {', '.join(FUSION_RULES)}; got {self.rule!r}.")
         L = np.asarray(log_probs, dtype=np.float64)
         n, n_heads, _ = L.shape
         rows = np.arange(n)
@@ -59,6 +66,9 @@ class WeightedFusion:
         self.best_head_ = int(np.argmin(nll))
         prior = np.zeros(n_heads)
         prior[self.best_head_] = temps[self.best_head_]
+        if self.rule != "weighted":
+            self.weights_ = prior if self.rule == "best-head" else temps / n_heads
+            return self
 
         def objective(w):
             P = softmax(np.einsum("nhc,h->nc", L, w))
@@ -84,6 +94,109 @@ class WeightedFusion:
     def predict_proba(self, log_probs: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         w = self.weights_ if weights is None else weights
         return softmax(np.einsum("nhc,h->nc", np.asarray(log_probs, dtype=np.float64), w))
+
+
+FUSION_RULES = ("weighted", "best-head", "average")
+_L2_ROWS = 120  # rows at which fusion_l2 is the pull (the digits demo's training labels); it grows as 1/rows
+
+
+@dataclass(frozen=True)
+class FusionChoice:
+    """What :func:`choose_fusion` decided.
+
+    Attributes
+    ----------
+    fusion : WeightedFusion
+        The chosen rule fitted on every usable row.
+    rule : str
+        ``weighted``, ``best-head``, ``average``, or ``graph-head`` (no row could be scored).
+    scores : dict of rule -> {"accuracy", "nll", "rows"}
+        Each rule's score over the usable rows, each row fused by the rule fitted without its group.
+    nested : ndarray of shape (n_rows, n_classes)
+        The chosen rule's prediction of every row, fitted without that row's group.
+    """
+
+    fusion: WeightedFusion
+    rule: str
+    scores: dict
+    nested: np.ndarray
+
+
+def choose_fusion(log_probs: np.ndarray, y: np.ndarray, group: np.ndarray, usable: np.ndarray, *, l2: float,
+                  fallback: int | None = None) -> FusionChoice:
+    """Pick how to fuse the heads by a cross-validated score over every label.
+
+    Each candidate rule (:data:`FUSION_RULES`: learned weights, the best head alone, the
+    calibrated average) is fitted on the usable rows of all groups but one and predicts that
+    group; the rule with the best accuracy over all usable rows wins (ties: the lower log
+    loss). With few labels the learned weights can't be told from noise and a simpler rule
+    wins, so the fused output is not measurably worse than its best head. The weights' pull
+    toward the best head is ``l2 * 120 / rows``: a prior of fixed strength, which the
+    evidence outweighs as labels grow.
+
+    Parameters
+    ----------
+    log_probs : ndarray of shape (n_rows, n_heads, n_classes)
+        Each head's held-out log-probabilities of the labeled rows.
+    y : ndarray of shape (n_rows,)
+    group : ndarray of shape (n_rows,)
+        The fold of each row (the heads that predicted it did not see the labels of its group).
+    usable : ndarray of bool, shape (n_rows,)
+        Rows whose prediction says something (the heads kept a label of its class).
+    fallback : int, optional
+        The head used alone when no row is usable (one label per class); None: the average.
+    """
+    L = np.asarray(log_probs, dtype=np.float64)
+    n, n_heads, n_classes = L.shape
+    rows = np.flatnonzero(usable)
+    if len(rows) == 0 or len(np.unique(y[rows])) < 2:
+        fusion = WeightedFusion(l2, "average")
+        fusion.temperatures_, fusion.best_head_ = np.ones(n_heads), 0 if fallback is None else fallback
+        fusion.weights_ = np.ones(n_heads) / n_heads
+        rule = "average"
+        if fallback is not None:
+            fusion.weights_ = np.eye(n_heads)[fallback]
+            fusion.rule, rule = "best-head", "graph-head"
+        return FusionChoice(fusion, rule, {}, fusion.predict_proba(L))
+    l2 = l2 * _L2_ROWS / len(rows)
+    scores, nested = {}, {}
+    for rule in FUSION_RULES:
+        out = np.empty((n, n_classes))
+        for g in np.unique(group):
+            fit_rows = rows[group[rows] != g]
+            at = group == g
+            if len(fit_rows) == 0 or len(np.unique(y[fit_rows])) < 2:
+                fit_rows = rows  # a single group: scored in sample
+            out[at] = WeightedFusion(l2, rule).fit(L[fit_rows], y[fit_rows]).predict_proba(L[at])
+        p_true = out[rows, y[rows]]
+        scores[rule] = {"accuracy": float(np.mean(np.argmax(out[rows], axis=1) == y[rows])),
+                        "nll": float(-np.mean(np.log(np.maximum(p_true, 1e-12)))), "rows": int(len(rows))}
+        nested[rule] = out
+    best = max(FUSION_RULES, key=lambda r: (scores[r]["accuracy"], -scores[r]["nll"]))
+    return FusionChoice(WeightedFusion(l2, best).fit(L[rows], y[rows]), best, scores, nested[best])
+
+
+_PRIOR_SAMPLE = 20_000  # unlabeled rows the pool's class proportions are estimated from
+
+
+def _label_priors(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class proportions of the labels; a class without labels gets a small share, not zero."""
+    counts = np.bincount(y[y >= 0], minlength=n_classes).astype(np.float64)
+    counts = np.maximum(counts, 0.5 * counts[counts > 0].min())
+    return counts / counts.sum()
+
+
+def _class_kept(y: np.ndarray, train_idx: np.ndarray, folds: np.ndarray, n_folds: int) -> np.ndarray:
+    """For each training row: whether its class kept a label in the fit that predicted it out of fold."""
+    if n_folds == 0:
+        return np.zeros(len(train_idx), dtype=bool)
+    labels = y[train_idx]
+    kept = np.zeros(len(train_idx), dtype=bool)
+    for f in range(n_folds):
+        at = folds == f
+        others = set(np.unique(labels[~at]).tolist())
+        kept[at] = np.isin(labels[at], list(others))
+    return kept
 
 
 def head_proba(head, X: np.ndarray, n_classes: int, fit_rows: np.ndarray | None = None) -> np.ndarray:
@@ -193,9 +306,17 @@ class Ensemble:
     refit : bool, default=True
     fusion_l2 : float, default=0.03
         Pull of the fusion weights toward the best single head, see :class:`WeightedFusion`.
+    pool_priors : bool, default=True
+        Move the fused predictions of the pool from the labels' class proportions to the
+        pool's, estimated by EM (:func:`~clipfuse.classify.priors.estimate_priors`). The
+        held-out scores stay unmoved: held-out labels have the labels' proportions.
 
     Attributes
     ----------
+    label_priors_ : ndarray of shape (n_classes,)
+        Class proportions of the labels (what the fused probabilities are calibrated under).
+    pool_priors_ : ndarray of shape (n_classes,)
+        Estimated class proportions of the unlabeled rows (``label_priors_`` when none).
     view_rows_ : dict of view -> ndarray of int
         With ``views``: the shared rows each view held at fit time.
     view_scores_ : dict of view -> dict
@@ -204,7 +325,8 @@ class Ensemble:
     """
 
     def __init__(self, heads: dict, n_classes: int, *, views: dict[str, str] | None = None, val_fraction: float = 0.2,
-                 seed: int = 0, n_folds: int = 3, refit: bool = True, fusion_l2: float = 0.03):
+                 seed: int = 0, n_folds: int = 3, refit: bool = True, fusion_l2: float = 0.03,
+                 pool_priors: bool = True):
         self.heads = dict(heads)
         self.n_classes = n_classes
         self.views = None if views is None else dict(views)
@@ -213,6 +335,7 @@ class Ensemble:
         self.n_folds = n_folds
         self.refit = refit
         self.fusion_l2 = fusion_l2
+        self.pool_priors = pool_priors
 
     def _view_of(self, name: str):
         return None if self.views is None else self.views[name]
@@ -263,15 +386,13 @@ class Ensemble:
             )
         views = self._check_views(X, len(y))
         train_idx, val_idx = split_labeled(y, val_fraction=self.val_fraction, seed=self.seed)
-        if len(val_idx) == 0:
-            raise ValueError(
-                "No validation rows: every class has a single labeled image. Label at least two "
-                "images of some classes so heads and fusion can be scored."
-            )
-        if len(train_idx) < self.n_folds:
-            raise ValueError(f"{len(train_idx)} training label(s) can't fill {self.n_folds} folds; label more "
+        # one label per class: nothing can be held out, so there are no folds and no validation rows;
+        # each head is fitted once on every label and the fusion falls back to its label-free rule
+        n_folds = self.n_folds if len(val_idx) else 0
+        if n_folds and len(train_idx) < n_folds:
+            raise ValueError(f"{len(train_idx)} training label(s) can't fill {n_folds} folds; label more "
                              "images or lower the number of folds.")
-        folds = _fold_ids(y, train_idx, self.n_folds, self.seed)
+        folds = _fold_ids(y, train_idx, max(n_folds, 1), self.seed)
         y_train = np.full_like(y, -1)
         y_train[train_idx] = y[train_idx]
         self.train_idx_, self.val_idx_, self.val_labels_ = train_idx, val_idx, y[val_idx]
@@ -280,7 +401,7 @@ class Ensemble:
         self.fit_seconds_: dict[str, float] = {}
         oof: dict[str, np.ndarray] = {}
         val_proba: dict[str, np.ndarray] = {}
-        total = self.n_folds + 1 + int(self.refit)
+        total = n_folds + 1 + int(self.refit and n_folds > 0)
         C = self.n_classes
         for view, vr in views.items():
             # position of each shared row in this view (-1: the view lacks it)
@@ -299,9 +420,9 @@ class Ensemble:
                         continue
                     try:
                         out = _uniform(len(train_idx), C)
-                        for f in range(self.n_folds):
+                        for f in range(n_folds):
                             if progress:
-                                progress(name, f"fold {f + 1}/{self.n_folds}", f, total)
+                                progress(name, f"fold {f + 1}/{n_folds}", f, total)
                             at = np.flatnonzero(folds == f)
                             held = pos[train_idx[at]]
                             held_ok = held >= 0
@@ -312,12 +433,12 @@ class Ensemble:
                             head.fit(vr.X, y_fold)
                             if held_ok.any():
                                 out[at[held_ok]] = head_proba(head, take_rows(vr.X, held[held_ok]), C, held[held_ok])
+                        if progress:
+                            progress(name, "train split" if n_folds else "all labels", n_folds, total)
+                        head.fit(vr.X, y_train[vr.rows])
                     except HeadUnavailableError as e:
                         self.unavailable_[name] = str(e)
                         continue
-                    if progress:
-                        progress(name, "train split", self.n_folds, total)
-                    head.fit(vr.X, y_train[vr.rows])
                     oof[name] = out
                     val_rows = pos[val_idx]
                     val_ok = val_rows >= 0
@@ -325,9 +446,9 @@ class Ensemble:
                     if val_ok.any():
                         val_proba[name][val_ok] = head_proba(head, take_rows(vr.X, val_rows[val_ok]), C,
                                                              val_rows[val_ok])
-                    if self.refit:
+                    if self.refit and n_folds:  # without folds the train split is every label already
                         if progress:
-                            progress(name, "all labels", self.n_folds + 1, total)
+                            progress(name, "all labels", n_folds + 1, total)
                         head.fit(vr.X, y[vr.rows])
                     self.fit_seconds_[name] = time.perf_counter() - start
         if not oof:
@@ -336,29 +457,77 @@ class Ensemble:
         self.heads = {h: self.heads[h] for h in self.head_names_}
         start = time.perf_counter()
         L_train = np.stack([_log(oof[h]) for h in self.head_names_], axis=1)
-        self.fusion_ = WeightedFusion(self.fusion_l2).fit(L_train, y[train_idx])
         L_val = np.stack([_log(val_proba[h]) for h in self.head_names_], axis=1)
         y_val = y[val_idx]
         self.oof_proba_ = oof
-        raw_oof = self.fusion_.predict_proba(L_train)
-        # temperature scaling of the fused output on the out-of-fold rows (the fusion's L2 pull toward the best
-        # head leaves it over- or under-confident); validation rows stay out of it, so its ECE there is honest
-        self.temperature_ = fit_temperature(_log(raw_oof), y[train_idx])
-        self.oof_fused_ = self._calibrate(raw_oof).astype(np.float32)  # rows train_idx_, out of fold
-        raw_val = self.fusion_.predict_proba(L_val)
+        # every label, each predicted by heads that did not see it: the training rows out of fold, the
+        # validation rows by the heads of the train split; rows whose class kept no label in their fold's fit
+        # say nothing about the heads and are left out
+        L_all = np.concatenate([L_train, L_val])
+        y_all = np.concatenate([y[train_idx], y_val])
+        group = np.concatenate([folds, np.full(len(val_idx), max(n_folds, 1))])
+        usable = np.concatenate([_class_kept(y, train_idx, folds, n_folds), np.ones(len(val_idx), bool)])
+        choice = choose_fusion(L_all, y_all, group, usable, l2=self.fusion_l2,
+                               fallback=self._label_free_head())
+        self.fusion_, self.fusion_rule_, self.rule_scores_ = choice.fusion, choice.rule, choice.scores
+        nested = choice.nested  # each row fused by a rule fitted without its group
+        n_train = len(train_idx)
+        # temperature scaling of the fused output, fitted on the training rows' nested predictions; the
+        # validation rows stay out of it, so its ECE there is honest
+        fit_on = np.flatnonzero(usable[:n_train])
+        self.temperature_ = fit_temperature(_log(nested[fit_on]), y_all[fit_on]) if len(fit_on) else 1.0
+        self.oof_fused_ = self._calibrate(nested[:n_train]).astype(np.float32)  # rows train_idx_, out of fold
+        raw_val = nested[n_train:]
         self.val_fused_raw_ = raw_val.astype(np.float32)  # before temperature scaling, for the ECE it changes
         self.val_proba_ = {**val_proba, "fused": self._calibrate(raw_val)}
-        self.val_scores_ = {h: score_predictions(y_val, P) for h, P in self.val_proba_.items()}
+        self.val_scores_ = ({h: score_predictions(y_val, P) for h, P in self.val_proba_.items()}
+                            if len(val_idx) else {})
         self.view_rows_ = {} if self.views is None else {view: vr.rows for view, vr in views.items()}
         self.view_scores_ = {}
         if self.views is not None:
             for view in views:
                 cols = [i for i, h in enumerate(self.head_names_) if self._view_of(h) == view]
-                if cols:
+                if cols and len(val_idx):
                     alone = WeightedFusion(self.fusion_l2).fit(L_train[:, cols], y[train_idx])
                     self.view_scores_[view] = score_predictions(y_val, alone.predict_proba(L_val[:, cols]))
+        self.label_priors_ = _label_priors(y, self.n_classes)
+        self.pool_priors_ = self._estimate_pool_priors(X, y)
         self.fit_seconds_["fusion"] = time.perf_counter() - start
         return self
+
+    def _estimate_pool_priors(self, X, y: np.ndarray) -> np.ndarray:
+        """EM estimate of the unlabeled rows' class proportions from the fused, calibrated predictions
+        of a seeded sample of them (at most ``_PRIOR_SAMPLE``; transductive heads answer with their
+        propagated labels)."""
+        unlabeled = np.flatnonzero(y < 0)
+        if len(unlabeled) == 0:
+            return self.label_priors_.copy()
+        if len(unlabeled) > _PRIOR_SAMPLE:
+            unlabeled = np.sort(np.random.default_rng(self.seed).choice(unlabeled, _PRIOR_SAMPLE, replace=False))
+        if self.views is None:
+            P, _ = self.predict_proba(take_rows(X, unlabeled), fit_rows=unlabeled, shift=False)
+        else:
+            local = np.full(len(y), -1, dtype=np.int64)
+            local[unlabeled] = np.arange(len(unlabeled))
+            sub = {}
+            for view, vr in self._check_views(X, len(y)).items():
+                keep = np.flatnonzero(local[vr.rows] >= 0)
+                sub[view] = ViewRows(take_rows(vr.X, keep), local[vr.rows[keep]], keep)
+            P, _ = self.predict_proba(sub, n_rows=len(unlabeled), shift=False)
+        return estimate_priors(P, self.label_priors_)
+
+    def prior_shift(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(labels' proportions, pool's proportions) when predictions are moved between them, else None."""
+        pool, labels = getattr(self, "pool_priors_", None), getattr(self, "label_priors_", None)
+        if not self.pool_priors or pool is None or labels is None:
+            return None
+        return labels, pool
+
+    def _label_free_head(self) -> int | None:
+        """The head the fusion uses alone when no label can be held out (one per class): the graph
+        head, the method built for the lowest label rates (Poisson learning at one label per class)."""
+        graph = [i for i, h in enumerate(self.head_names_) if h.rpartition("/")[2] == "propagation"]
+        return graph[0] if graph else None
 
     def _calibrate(self, P: np.ndarray) -> np.ndarray:
         """Fused probabilities at the temperature fitted on the out-of-fold rows (argmax unchanged)."""
@@ -382,7 +551,7 @@ class Ensemble:
         return dict(zip(self.head_names_, map(float, self.fusion_.weights_)))
 
     def predict_proba(self, X, *, fit_rows: np.ndarray | None = None, heads: list[str] | None = None,
-                      n_rows: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                      n_rows: int | None = None, shift: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Fused and per-head probabilities for ``X`` (n, dim).
 
         ``fit_rows[i]`` is the row of ``X[i]`` in the fitted matrix (-1 for new rows): it
@@ -390,7 +559,8 @@ class Ensemble:
         fusion to those heads (see :meth:`WeightedFusion.weights_for`). With ``views``,
         ``X`` maps each view to its :class:`ViewRows` (with ``fit_rows``) and ``n_rows``
         is the number of output rows; a head's rows that its view lacks are NaN in
-        ``per_head`` and left out of the fusion.
+        ``per_head`` and left out of the fusion. With ``shift`` (and ``pool_priors``) the
+        fused probabilities are moved to the pool's estimated class proportions.
 
         Returns
         -------
@@ -430,8 +600,9 @@ class Ensemble:
                     per_head[h] = P
         per_head = {h: per_head[h] for h in names}
         fused = np.empty((n_rows, C), dtype=np.float32)
+        priors = self.prior_shift() if shift else None
         if self.views is None:
-            self._fuse(fused, per_head, names, np.arange(n_rows))
+            self._fuse(fused, per_head, names, np.arange(n_rows), priors)
             return fused, per_head
         # rows a view lacks are fused from the views that hold them, with the weights of those
         # members (or their calibrated average when the missing members carried the weight)
@@ -443,19 +614,21 @@ class Ensemble:
             held = {view for view, p in zip(views, pattern) if p}
             members = [h for h in names if self._view_of(h) in held]
             if members:
-                self._fuse(fused, per_head, members, np.flatnonzero(which.ravel() == k))
+                self._fuse(fused, per_head, members, np.flatnonzero(which.ravel() == k), priors)
             else:
                 fused[which.ravel() == k] = 1.0 / C  # no chosen head's view holds these rows
         return fused, per_head
 
-    def _fuse(self, fused: np.ndarray, per_head: dict, names: list[str], rows: np.ndarray) -> None:
-        """Write the fusion of ``names`` for ``rows`` into ``fused``, in bounded blocks."""
+    def _fuse(self, fused: np.ndarray, per_head: dict, names: list[str], rows: np.ndarray, priors=None) -> None:
+        """Write the fusion of ``names`` for ``rows`` into ``fused``, in bounded blocks; ``priors``:
+        (from, to) class proportions to move the fused probabilities between."""
         w = self.fusion_.weights_for([self.head_names_.index(h) for h in names])
         everything = len(rows) == len(fused)
         for start in range(0, len(rows), 65_536):  # bounded temporaries at store scale
             at = slice(start, start + 65_536) if everything else rows[start:start + 65_536]
             L = np.stack([_log(per_head[h][at]) for h in names], axis=1)
-            fused[at] = self._calibrate(self.fusion_.predict_proba(L, w))
+            P = self._calibrate(self.fusion_.predict_proba(L, w))
+            fused[at] = P if priors is None else adjust_priors(P, *priors)
 
 
 def create_ensemble(names, n_classes: int, *, params: dict | None = None, **kwargs) -> Ensemble:
@@ -478,6 +651,7 @@ class HeadsConfig:
     n_folds: int = 3  # folds of the out-of-fold predictions the fusion learns from
     refit: bool = True  # refit the heads on every label once validated
     fusion_l2: float = 0.03  # pull of the fusion weights toward the best single head
+    pool_priors: bool = True  # move pool predictions to the pool's estimated class proportions
     graph: str = "auto"  # neighbour graph of label propagation: auto, exact, ivf, hnsw
     n_neighbors: int | str = "auto"  # neighbours per row in that graph
     probe_zero_shot_prior: bool = False  # regularise the linear probe toward the zero-shot weights
@@ -553,7 +727,7 @@ def create_ensemble_from_config(config: HeadsConfig, n_classes: int, class_embed
     configured head is made once per view, named ``<view>/<head>``.
     """
     kwargs = dict(val_fraction=config.val_fraction, seed=config.seed, n_folds=config.n_folds,
-                  refit=config.refit, fusion_l2=config.fusion_l2)
+                  refit=config.refit, fusion_l2=config.fusion_l2, pool_priors=config.pool_priors)
     if views is None:
         return Ensemble(create_heads_from_config(config, class_embeddings, finetuned_head, finetuned_bias),
                         n_classes, **kwargs)
@@ -612,6 +786,9 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
     if getattr(ensemble, "oof_fused_", None) is not None:
         arrays["_oof_fused"] = np.ascontiguousarray(ensemble.oof_fused_, dtype=np.float32)
         arrays["_train_labels"] = np.asarray(ensemble.train_labels_, dtype=np.int64)
+    for attr in ("label_priors_", "pool_priors_"):
+        if getattr(ensemble, attr, None) is not None:
+            arrays[f"_{attr}"] = np.asarray(getattr(ensemble, attr), dtype=np.float64)
     if getattr(ensemble, "val_fused_raw_", None) is not None:
         arrays["_val_fused_raw"] = np.ascontiguousarray(ensemble.val_fused_raw_, dtype=np.float32)
     meta = {
@@ -622,9 +799,12 @@ def save_ensemble(ensemble: Ensemble, folder: str | Path, *, extra: dict | None 
         "n_folds": ensemble.n_folds,
         "refit": ensemble.refit,
         "fusion_l2": ensemble.fusion_l2,
+        "pool_priors": ensemble.pool_priors,
         "views": ensemble.views,
         "view_scores": getattr(ensemble, "view_scores_", {}),
         "weights": ensemble.weights_,
+        "fusion_rule": getattr(ensemble, "fusion_rule_", "weighted"),
+        "rule_scores": getattr(ensemble, "rule_scores_", {}),
         "temperatures": dict(zip(ensemble.head_names_, map(float, ensemble.fusion_.temperatures_))),
         "calibration_temperature": float(getattr(ensemble, "temperature_", 1.0)),
         "unavailable": ensemble.unavailable_,
@@ -676,9 +856,13 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
             setattr(head, attr, value)
         heads[name] = head
     ens = Ensemble(heads, meta["n_classes"], views=views, val_fraction=meta["val_fraction"], seed=meta["seed"],
-                   n_folds=meta["n_folds"], refit=meta["refit"], fusion_l2=meta["fusion_l2"])
+                   n_folds=meta["n_folds"], refit=meta["refit"], fusion_l2=meta["fusion_l2"],
+                   pool_priors=meta.get("pool_priors", False))  # heads saved before the estimate: unmoved
     ens.head_names_ = list(heads)
-    ens.fusion_ = WeightedFusion(meta["fusion_l2"])
+    ens.fusion_rule_ = meta.get("fusion_rule", "weighted")  # heads saved before the choice: learned weights
+    ens.rule_scores_ = meta.get("rule_scores", {})
+    ens.fusion_ = WeightedFusion(meta["fusion_l2"], "weighted" if ens.fusion_rule_ == "graph-head"
+                                 else ens.fusion_rule_)
     ens.fusion_.weights_ = np.array([meta["weights"][h] for h in heads])
     ens.fusion_.temperatures_ = np.array([meta["temperatures"][h] for h in heads])
     ens.unavailable_ = meta["unavailable"]
@@ -690,6 +874,9 @@ def load_ensemble(folder: str | Path, *, external: dict | None = None) -> tuple[
         ens.oof_fused_, ens.train_labels_ = arrays["_oof_fused"], arrays["_train_labels"]
     ens.temperature_ = float(meta.get("calibration_temperature", 1.0))  # heads saved before it: uncalibrated
     ens.val_fused_raw_ = arrays.get("_val_fused_raw")
+    for attr in ("label_priors_", "pool_priors_"):
+        if f"_{attr}" in arrays:
+            setattr(ens, attr, arrays[f"_{attr}"])
     ens.view_rows_ = {k[len("_view_rows."):]: v for k, v in arrays.items() if k.startswith("_view_rows.")}
     ens.view_scores_ = meta.get("view_scores", {})
     return ens, meta

@@ -642,3 +642,59 @@ def test_pseudo_labels_do_not_starve_classes_when_label_counts_differ():
     assert (head.pseudo_counts_.sum(axis=0) > 0).sum() >= n_classes - 2  # and gets pseudo-labels
     probe = LinearProbeHead().fit(X, y_semi)
     assert np.mean(pred[unl] == y[unl]) > np.mean(probe.predict(X)[unl] == y[unl])  # self-training still helps
+
+
+def test_fusion_choice_falls_back_to_the_best_head_when_fusion_cannot_help():
+    # a steady head right on 3 rows in 4, and a fickle one: confidently right on folds 0 and 1, confidently
+    # wrong on folds 2 and 3. Learned weights and the average, scored fold by fold, do no better than the
+    # steady head alone and are worse calibrated: the choice is the steady head, alone
+    from clipfuse.classify.ensemble import _log, choose_fusion
+
+    rng = np.random.default_rng(0)
+    n, C = 80, 4
+    y = np.repeat(np.arange(C), n // C)
+    group = np.tile(np.arange(4), n // 4)
+    right = np.arange(n) % 8 < 6
+    steady = np.full((n, C), 0.1)
+    steady[np.arange(n), np.where(right, y, (y + rng.integers(1, C, n)) % C)] = 0.7
+    fickle = np.full((n, C), 0.02)
+    fickle[np.arange(n), np.where(group < 2, y, (y + 1) % C)] = 0.94
+    choice = choose_fusion(np.stack([_log(steady), _log(fickle)], 1), y, group, np.ones(n, bool), l2=0.03)
+    assert choice.rule == "best-head"
+    assert choice.fusion.best_head_ == 0 and choice.fusion.weights_[1] == 0.0
+    assert choice.scores["weighted"]["nll"] > choice.scores["best-head"]["nll"]
+    assert choice.scores["average"]["nll"] > choice.scores["best-head"]["nll"]
+    np.testing.assert_array_equal(choice.nested.argmax(1), steady.argmax(1))
+
+
+def test_poisson_learning_beats_laplace_learning_at_one_label_per_class():
+    # Laplace learning degenerates at very low label rates (the solution is nearly constant away from
+    # the labels); Poisson learning (Calder et al. 2020) does not
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = l2_normalize(X.astype(np.float32))
+    wins = []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        y_semi = np.full(len(y), -1)
+        for c in range(10):
+            y_semi[rng.choice(np.flatnonzero(y == c))] = c
+        unl = y_semi < 0
+        acc = {m: np.mean(LabelPropagationHead(method=m, n_neighbors=20).fit(X, y_semi).transduction_[unl] == y[unl])
+               for m in ("poisson", "laplace")}
+        wins.append(acc["poisson"] - acc["laplace"])
+    assert min(wins) > 0.0 and np.mean(wins) > 0.02, wins
+
+
+@pytest.mark.parametrize("param, value, match", [
+    ("n_neighbors", 0, "n_neighbors"), ("n_neighbors", -3, "n_neighbors"), ("n_neighbors", 2.5, "n_neighbors"),
+    ("n_neighbors", "many", "n_neighbors"), ("method", "heat", "method"), ("kernel", "rbf", "kernel"),
+    ("alpha", 1.5, "alpha"), ("alpha", -0.1, "alpha"), ("alpha", float("nan"), "alpha"),
+    ("gamma", 0.0, "gamma"), ("gamma", float("nan"), "gamma"), ("tol", -1e-3, "tol"), ("tol", float("inf"), "tol"),
+    ("max_iter", 0, "max_iter"),
+])
+def test_propagation_refuses_bad_option_values(param, value, match):
+    X = l2_normalize(np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match=match):
+        LabelPropagationHead(**{param: value}).fit(X, np.r_[0, 1, np.full(28, -1)])

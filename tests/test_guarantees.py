@@ -660,10 +660,19 @@ def test_degenerate_labels_say_what_is_missing(tmp_path, tiny_model):
     assert result.exit_code == 1 and "only one class ('red')" in plain(result) and "1.000" not in result.output
     db = tmp_path / "b.lance"
     assert invoke("index", tmp_path / "three", "--db", db, "--model", tiny_model).exit_code == 0
-    for args in (("finetune", "--out", tmp_path / "ft", "--epochs", 1), ("train-heads",)):
-        result = invoke(*args, "--db", db)
-        assert result.exit_code == 1 and "single labeled image" in plain(result) and "nan" not in result.output
+    result = invoke("finetune", "--out", tmp_path / "ft", "--epochs", 1, "--db", db)
+    assert result.exit_code == 1 and "single labeled image" in plain(result) and "nan" not in result.output
     assert not (tmp_path / "ft").exists()
+    # one label per class: train-heads runs, says nothing was held out, and evaluate says so too
+    result = invoke("train-heads", "--db", db, "--heads", "probe,knn,propagation")
+    assert result.exit_code == 0, result.output
+    assert "one per class" in plain(result) and "nan" not in result.output
+    assert invoke("predict", "--db", db).exit_code == 0
+    result = invoke("evaluate", "--db", db, "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert "no held-out labels" in plain(result) and "graph head alone" in plain(result)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["fusion"]["rule"] == "graph-head" and report["validation"]["fused"]["n"] == 0
 
 
 def test_import_reports_duplicates_keeps_paths_inside_the_root_and_ids_with_slashes_work(tmp_path):

@@ -188,7 +188,8 @@ class Writer:
             trained = self.ws.train_heads(heads=self.heads, folds=self.folds, progress=progress)
             status.stage, status.done, status.total = "predicting", 0, None
             predicted = self.ws.predict(per_head=True, progress=progress)
-            status.result = {"fused_accuracy": trained.fused_accuracy, "heads": trained.heads,
+            accuracy = trained.fused_accuracy  # NaN with one label per class: nothing held out
+            status.result = {"fused_accuracy": None if accuracy != accuracy else accuracy, "heads": trained.heads,
                              "images": predicted.images, "n_train": trained.n_train, "n_val": trained.n_val}
             status.state = "done"
         except Exception as e:  # noqa: BLE001 - shown on the page, the server goes on

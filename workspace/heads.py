@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from clipfuse.data import AtomicFolder, default_class_words, load_class_words, split_labeled
+from clipfuse.data import AtomicFolder, default_class_words, load_class_words
 from clipfuse.store import EmbeddingSet, EmbeddingVersion, Store
 
 from .results import Notice
@@ -169,10 +169,10 @@ def class_words(path, classes: list[str], *, notify: Callable[[Notice], None]) -
     return words
 
 
-def require_labels(store: Store, version: EmbeddingVersion, es: EmbeddingSet, *, val_fraction: float,
-                   seed: int) -> None:
-    """Fail, saying what is missing, unless the labels can train and score a classifier:
-    two classes or more, and at least one label that the seeded split holds out."""
+def require_labels(store: Store, version: EmbeddingVersion, es: EmbeddingSet) -> None:
+    """Fail, saying what is missing, unless the labels can train a classifier: two classes or more.
+    With a single label per class nothing is held out: the ensemble then picks its graph method by
+    a transductive rule and ``evaluate`` says that no held-out score exists."""
     n_labeled = int(np.sum(es.labels >= 0))
     if n_labeled == 0:
         others = [v for v in store.versions() if v.fingerprint != version.fingerprint and v.rows]
@@ -186,10 +186,6 @@ def require_labels(store: Store, version: EmbeddingVersion, es: EmbeddingSet, *,
                          f"{version.short}: telling classes apart needs labeled images of at least two. "
                          "Add another class folder (LABELED_DIR/<class>/<image>) and index it, "
                          "or label images of another class with `clipfuse label ID_OR_PATH CLASS`.")
-    if not split_labeled(es.labels, val_fraction=val_fraction, seed=seed)[1].size:
-        raise ValueError(f"every class has a single labeled image ({n_labeled} labels for {len(labeled_classes)} "
-                         "classes), so none can be held out for validation; label at least two images of some "
-                         "classes.")
 
 
 def finetuned_head(version: EmbeddingVersion, classes: list[str], model: str | None = None):
@@ -215,12 +211,34 @@ def finetuned_head(version: EmbeddingVersion, classes: list[str], model: str | N
 
 
 # ---- the predictions table ---------------------------------------------------------------------------
-def predictions_table(es: EmbeddingSet, fused: np.ndarray, per_head: dict[str, np.ndarray], classes: list[str]):
+def ood_column(trained: Trained, fused: np.ndarray) -> np.ndarray:
+    """The OOD score of every current row (see :func:`clipfuse.classify.ood_scores`), float32.
+
+    Over several versions the first version's vectors score the rows it holds; rows only
+    later versions hold are NaN (no score).
+    """
+    from clipfuse.classify import ood_scores
+
+    n_classes = fused.shape[1]
+    labels = np.where(trained.es.labels < n_classes, trained.es.labels, -1)  # classes added since: unknown to P
+    if trained.views is None:
+        return ood_scores(trained.es.X, fused, labels) if len(fused) else np.zeros(0, np.float32)
+    first = trained.views[trained.versions[0].short]
+    out = np.full(len(fused), np.nan, dtype=np.float32)
+    if len(first.rows):
+        out[first.rows] = ood_scores(first.X, fused[first.rows], labels[first.rows])
+    return out
+
+
+def predictions_table(es: EmbeddingSet, fused: np.ndarray, per_head: dict[str, np.ndarray], classes: list[str],
+                      ood: np.ndarray | None = None):
     """Rows of a version's predictions table.
 
-    Columns: ``id, split, label, label_index, confidence, known_label, probs`` (fused, one
-    value per trained class), and ``probs_<head>`` for each head in ``per_head`` (pass {}
-    to leave them out). ``classes`` are the trained classes, the columns of the probabilities.
+    Columns: ``id, split, label, label_index, confidence, ood`` (with ``ood``: the OOD score,
+    float32, null where NaN), ``known_label, probs`` (fused, one value per trained class),
+    and ``probs_<head>`` for each head in ``per_head`` (pass {} to leave them out).
+    ``classes`` are the trained classes, the columns of the probabilities. Tables written
+    before the ``ood`` column existed lack it; readers treat that as no score.
     """
     import pyarrow as pa
 
@@ -241,6 +259,8 @@ def predictions_table(es: EmbeddingSet, fused: np.ndarray, per_head: dict[str, n
         "label": pa.array([classes[i] for i in pred], pa.string()),
         "label_index": pa.array(pred.astype(np.int32)),
         "confidence": pa.array(fused.max(axis=1).astype(np.float32)),
+        # NaN -> null: no score (a row only later versions hold)
+        **({} if ood is None else {"ood": pa.array(np.asarray(ood, dtype=np.float32), from_pandas=True)}),
         "known_label": pa.array(known, pa.string()),
         "probs": probs(fused),
     }

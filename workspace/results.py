@@ -204,14 +204,18 @@ class TrainResult(_Result):
     versions: list[str] = field(default_factory=list)  # a cross-version ensemble: its versions' fingerprints
     version_scores: dict[str, dict] = field(default_factory=dict)  # version short -> its heads fused alone
     missing: dict[str, int] = field(default_factory=dict)  # version short -> images it lacks
+    fusion_rule: str = "weighted"  # weighted, best-head, average, graph-head (one label per class)
 
     @property
     def fused_accuracy(self) -> float:
-        return self.scores["fused"]["accuracy"]
+        """Held-out accuracy of the fused predictions; NaN when no label could be held out."""
+        return self.scores["fused"]["accuracy"] if "fused" in self.scores else float("nan")
 
     @property
-    def best_head(self) -> str:
-        return max(self.heads, key=lambda h: self.scores[h]["accuracy"])
+    def best_head(self) -> str | None:
+        """The head with the best held-out accuracy; None when no label could be held out."""
+        scored = [h for h in self.heads if h in self.scores]
+        return max(scored, key=lambda h: self.scores[h]["accuracy"]) if scored else None
 
 
 @dataclass
@@ -241,6 +245,8 @@ class EvaluateResult(_Result):
     confusions: list[dict] = field(default_factory=list)  # most-confused class pairs on validation (names, paths)
     versions: list[str] = field(default_factory=list)  # a cross-version ensemble: its versions' fingerprints
     calibration: dict = field(default_factory=dict)  # temperature, ece_before, ece_after (fused, on validation)
+    fusion: dict = field(default_factory=dict)  # rule (weighted, best-head, average, graph-head), rule_scores
+    priors: dict = field(default_factory=dict)  # labels / pool: class -> proportion; total_variation; applied
 
 
 @dataclass

@@ -93,8 +93,12 @@ class Tuning:
             raise OptionError("--train-text", f"--train-text needs a CLIP model; {v.model} is an image-only backbone.")
         self._refuse_model_folder_in_use(out)
         es = self.store.load_embeddings(v.fingerprint)
-        _heads.require_labels(self.store, v, es, val_fraction=0.2, seed=seed)
+        _heads.require_labels(self.store, v, es)
         train_idx, val_idx = split_labeled(es.labels, val_fraction=0.2, seed=seed)
+        if not len(val_idx):
+            raise ValueError(f"every class has a single labeled image ({len(train_idx)} labels), so none can be "
+                             "held out to pick the finetuned epoch; label at least two images of some classes "
+                             "(`clipfuse train-heads` works with one label per class).")
         images = self.store.images().select(["id", "path", "split"]).to_pylist()  # read once for the three lists
         train, val = self._labeled_items(images, es, train_idx), self._labeled_items(images, es, val_idx)
         n_pseudo = 0

@@ -472,7 +472,7 @@ class Workspace(Labeling, Reviewing, Tuning):
         if es.conflicts:
             self._warn(f"{len(es.conflicts)} image(s) are filed under two classes and count as unlabeled, "
                        f"e.g. id {es.conflicts[0]}")
-        _heads.require_labels(self.store, version, es, val_fraction=config.val_fraction, seed=config.seed)
+        _heads.require_labels(self.store, version, es)
         given = self._version_heads(version, es.classes, config, device=device, embedder=embedder, text=text)
         ensemble = create_ensemble_from_config(config, len(es.classes), given["class_embeddings"],
                                                given["finetuned_head"], given["finetuned_bias"])
@@ -498,7 +498,7 @@ class Workspace(Labeling, Reviewing, Tuning):
             self._warn(f"{len(union.conflicts)} image(s) are filed under two classes and count as unlabeled, "
                        f"e.g. id {union.conflicts[0]}")
         crossversion.require_view_labels(versions, sets, union)  # first: it names the version that lacks labels
-        _heads.require_labels(self.store, versions[0], union, val_fraction=config.val_fraction, seed=config.seed)
+        _heads.require_labels(self.store, versions[0], union)
         missing = crossversion.report_missing(versions, sets, len(union.ids), self._notify)
         given = {v.short: self._version_heads(v, union.classes, config, device=device, text=texts.get(v.fingerprint))
                  for v in versions}
@@ -611,6 +611,7 @@ class Workspace(Labeling, Reviewing, Tuning):
                            unavailable=dict(ensemble.unavailable_), n_train=len(ensemble.train_idx_),
                            n_val=len(ensemble.val_idx_), versions=[v.fingerprint for v in versions] if several else [],
                            version_scores=dict(ensemble.view_scores_) if several else {}, missing=missing or {},
+                           fusion_rule=getattr(ensemble, "fusion_rule_", "weighted"),
                            notices=notices)
 
     def _trained(self, version, versions) -> tuple[list[EmbeddingVersion], _heads.Trained]:
@@ -665,7 +666,8 @@ class Workspace(Labeling, Reviewing, Tuning):
     def predict(self, *, version: str | None = None, versions=None, heads: str | Iterable[str] | None = None,
                 per_head: bool = False, progress: Progress | None = None) -> PredictResult:
         """Run the trained heads and fusion over every image of the version (or of the ensemble
-        over ``versions``); write its predictions table.
+        over ``versions``); write its predictions table (with an OOD score per image, see
+        :func:`clipfuse.classify.ood_scores`).
 
         ``heads`` fuses a subset of the trained heads; ``per_head`` adds one probability
         column per head (``probs_<head>``) to the table.
@@ -679,7 +681,8 @@ class Workspace(Labeling, Reviewing, Tuning):
             if progress is not None:
                 progress(f"predicting {len(trained.es.ids)} images", 0, None)
             fused, probs = trained.predict(names)
-            table = _heads.predictions_table(trained.es, fused, probs if per_head else {}, trained.classes)
+            table = _heads.predictions_table(trained.es, fused, probs if per_head else {}, trained.classes,
+                                             ood=_heads.ood_column(trained, fused))
             name = self.store.write_predictions(table, used[0].fingerprint,
                                                 versions=[v.fingerprint for v in used] if len(used) > 1 else None)
         return PredictResult(version="+".join(v.fingerprint for v in used), table=name, images=len(trained.es.ids),
@@ -713,23 +716,32 @@ class Workspace(Labeling, Reviewing, Tuning):
         scores = {h: scores[h] for h in order}
         out.mkdir(parents=True, exist_ok=True)
         X_labeled, y_labeled = trained.labeled_vectors()
-        val_pred = ensemble.val_proba_["fused"].argmax(1)
-        files = [plot_confusion(y_val, val_pred, classes, out / "confusion_val.png"),
-                 plot_class_similarity(X_labeled, y_labeled, classes, out / "class_similarity.png")]
-        confusions = self._confusions(trained, y_val, val_pred, X_labeled, y_labeled, top_confusions)
-        files.append(self._write_confusions(out / "confusions.csv", confusions))
-        raw = getattr(ensemble, "val_fused_raw_", None)
-        calibration = {"temperature": float(getattr(ensemble, "temperature_", 1.0)),
-                       "ece_before": None if raw is None else expected_calibration_error(raw, y_val),
-                       "ece_after": expected_calibration_error(ensemble.val_proba_["fused"], y_val)}
-        curves = {"fused": (ensemble.val_proba_["fused"], y_val)}
-        curves.update({h: (P, y_val) for h, P in ensemble.val_proba_.items() if h != "fused"})
-        files.append(plot_risk_coverage(curves, out / "risk_coverage.png"))
+        files = [plot_class_similarity(X_labeled, y_labeled, classes, out / "class_similarity.png")]
+        confusions, calibration = [], {}
+        if len(y_val):
+            val_pred = ensemble.val_proba_["fused"].argmax(1)
+            files.insert(0, plot_confusion(y_val, val_pred, classes, out / "confusion_val.png"))
+            confusions = self._confusions(trained, y_val, val_pred, X_labeled, y_labeled, top_confusions)
+            files.append(self._write_confusions(out / "confusions.csv", confusions))
+            raw = getattr(ensemble, "val_fused_raw_", None)
+            calibration = {"temperature": float(getattr(ensemble, "temperature_", 1.0)),
+                           "ece_before": None if raw is None else expected_calibration_error(raw, y_val),
+                           "ece_after": expected_calibration_error(ensemble.val_proba_["fused"], y_val)}
+            curves = {"fused": (ensemble.val_proba_["fused"], y_val)}
+            curves.update({h: (P, y_val) for h, P in ensemble.val_proba_.items() if h != "fused"})
+            files.append(plot_risk_coverage(curves, out / "risk_coverage.png"))
+        else:
+            self._warn("no held-out labels: every class had a single label at train-heads time, so nothing could "
+                       "be scored. The fused predictions are the graph head's (Poisson learning), the method "
+                       "built for one label per class; label a second image of some classes for held-out scores.")
+        fusion = {"rule": getattr(ensemble, "fusion_rule_", "weighted"),
+                  "rule_scores": getattr(ensemble, "rule_scores_", {})}
+        priors = self._priors_report(ensemble, classes)
         report = {"fingerprint": used[0].fingerprint if len(used) == 1 else None,
                   "versions": [v.fingerprint for v in used], "classes": classes, "validation": scores,
                   "weights": ensemble.weights_, "unavailable": ensemble.unavailable_,
                   "version_scores": ensemble.view_scores_ if len(used) > 1 else {}, "confusions": confusions,
-                  "calibration": calibration}
+                  "calibration": calibration, "fusion": fusion, "priors": priors}
         test = (es.test_labels >= 0) & (es.test_labels < len(classes))  # classes added later: not scored
         later = int(np.sum(es.test_labels >= len(classes)))
         if later:
@@ -760,7 +772,18 @@ class Workspace(Labeling, Reviewing, Tuning):
                               val_counts=[int(np.sum(y_val == i)) for i in range(len(classes))], test=test_scores,
                               n_test=n_test, files=[metrics, *files], confusions=confusions,
                               versions=[v.fingerprint for v in used] if len(used) > 1 else [],
-                              calibration=calibration, notices=notices)
+                              calibration=calibration, fusion=fusion, priors=priors, notices=notices)
+
+    @staticmethod
+    def _priors_report(ensemble, classes: list[str]) -> dict:
+        """The labels' class proportions beside the pool's estimated ones, and how far apart they are."""
+        from clipfuse.classify.priors import total_variation
+
+        labels, pool = getattr(ensemble, "label_priors_", None), getattr(ensemble, "pool_priors_", None)
+        if labels is None or pool is None:
+            return {}
+        return {"labels": dict(zip(classes, map(float, labels))), "pool": dict(zip(classes, map(float, pool))),
+                "total_variation": total_variation(labels, pool), "applied": bool(ensemble.pool_priors)}
 
     def _confusions(self, trained, y_val, val_pred, X_labeled, y_labeled, top: int) -> list[dict]:
         """The most-confused class pairs on validation, with class names and example image paths."""
@@ -801,20 +824,25 @@ class Workspace(Labeling, Reviewing, Tuning):
     def export(self, path, *, version: str | None = None, versions=None, split: str = "unlabeled",
                probs: bool = False, force: bool = False, raw_cells: bool = False,
                format: str = "clipfuse", min_confidence: float | None = None, abstain_label: str = "unknown",
-               target_precision: float | None = None) -> ExportResult:
+               target_precision: float | None = None, ood_threshold: float | None = None,
+               ood_fraction: float | None = None) -> ExportResult:
         """Write the predictions of one split as a CSV, one row per image file, in path order.
 
         ``versions`` exports the predictions of the ensemble over those versions.
 
-        ``format="clipfuse"``: ``path, id, label, confidence`` (+ ``p_<class>`` with ``probs``).
+        ``format="clipfuse"``: ``path, id, label, confidence, ood`` (+ ``p_<class>`` with
+        ``probs``; ``ood`` is empty for predictions made before clipfuse scored it).
         ``format="kaggle"``: ``id,label`` with id = the file name without its extension.
         Text cells a spreadsheet would run as a formula get a leading ``'`` unless ``raw_cells``.
 
         Abstention: images whose (calibrated) confidence is below ``min_confidence`` get
         ``abstain_label`` instead of a class; ``target_precision`` picks that threshold from the
         validation labels: the lowest one at which the kept validation images are still right at
-        least that often.
+        least that often. ``ood_threshold`` gives it to images whose OOD score is above it,
+        ``ood_fraction`` to that share of the exported images with the highest OOD scores (one
+        of the two); an image abstains when either the confidence or the OOD rule says so.
         """
+        import numpy as np
         import polars as pl
 
         from clipfuse.data import is_stream, write_frame_csv
@@ -842,10 +870,21 @@ class Workspace(Labeling, Reviewing, Tuning):
             raise OptionError("--min-confidence", f"must be a number between 0 and 1, got {min_confidence}.")
         if target_precision is not None and not 0.0 < target_precision <= 1.0:
             raise OptionError("--target-precision", f"must be a number in (0, 1], got {target_precision}.")
-        abstaining = min_confidence is not None or target_precision is not None
+        if ood_threshold is not None and ood_fraction is not None:
+            raise OptionError("--ood-fraction", "picks the most out-of-distribution share itself; give it or "
+                                                "--ood-threshold, not both.")
+        if ood_threshold is not None and not 0.0 <= ood_threshold <= 1.0:  # NaN fails this too
+            raise OptionError("--ood-threshold", f"must be a number between 0 and 1 (OOD scores lie in [0, 1]), got "
+                                                 f"{ood_threshold}.")
+        if ood_fraction is not None and not 0.0 <= ood_fraction <= 1.0:
+            raise OptionError("--ood-fraction", f"must be a share between 0 and 1 of the exported images (e.g. 0.05), "
+                                                f"got {ood_fraction}.")
+        ood_option = "--ood-threshold" if ood_threshold is not None else "--ood-fraction" if ood_fraction is not None \
+            else None
+        abstaining = min_confidence is not None or target_precision is not None or ood_option is not None
         if abstain_label != "unknown" and not abstaining:
-            raise OptionError("--abstain-label", "names what images below a threshold get: give --min-confidence P "
-                                                 "or --target-precision X with it.")
+            raise OptionError("--abstain-label", "names what images below a threshold get: give --min-confidence P, "
+                                                 "--target-precision X, --ood-threshold T or --ood-fraction F with it.")
         if abstaining:
             name = str(abstain_label)
             if not name.strip() or name != name.strip() or name.strip() in self.store.classes():
@@ -872,7 +911,15 @@ class Workspace(Labeling, Reviewing, Tuning):
         classes = self.store.classes()[:width]  # the classes the heads were trained on (classes only get appended)
         if target_precision is not None:
             self._check_fresh_predictions(several, version, width)
-        pred = pl.from_arrow(predictions.select(["id", "label", "confidence", "probs"]))
+        has_ood = "ood" in predictions.column_names and predictions["ood"].null_count < predictions.num_rows
+        if ood_option is not None and not has_ood:
+            raise OptionError(ood_option, "these predictions have no OOD scores (they were made before clipfuse "
+                                          "scored them); run `clipfuse predict` again, then export.")
+        columns = ["id", "label", "confidence", "probs"] + (["ood"] if "ood" in predictions.column_names else [])
+        pred = pl.from_arrow(predictions.select(columns))
+        if "ood" not in pred.columns:  # an older table: no score
+            pred = pred.with_columns(pl.lit(None, pl.Float32).alias("ood"))
+        pred = pred.select(["id", "label", "confidence", "ood", "probs"])
         images = pl.from_arrow(self.store.images().select(["path", "id", "split"]))
         if split != "all":
             images = images.filter(pl.col("split") == split)
@@ -884,11 +931,18 @@ class Workspace(Labeling, Reviewing, Tuning):
             threshold = chosen[0]
         elif min_confidence is not None:
             threshold = min_confidence
-        abstained = 0
+        low = np.zeros(df.height, dtype=bool)
         if threshold is not None:
-            low = pl.col("confidence") < threshold
-            abstained = int(df.select(low.sum()).item())
-            df = df.with_columns(pl.when(low).then(pl.lit(abstain_label)).otherwise(pl.col("label")).alias("label"))
+            low = (df["confidence"] < threshold).to_numpy()
+        unusual, ood_cut = np.zeros(df.height, dtype=bool), ood_threshold
+        if ood_threshold is not None:
+            unusual = (df["ood"].fill_null(-1.0) > ood_threshold).to_numpy()  # no score: the OOD rule can't say
+        elif ood_fraction is not None:
+            unusual, ood_cut = self._most_unusual(df["ood"], ood_fraction)
+        abstained_confidence, abstained_ood, abstained = int(low.sum()), int(unusual.sum()), int((low | unusual).sum())
+        if threshold is not None or ood_option is not None:
+            df = df.with_columns(pl.when(pl.Series(low | unusual)).then(pl.lit(abstain_label))
+                                 .otherwise(pl.col("label")).alias("label"))
         if format == "kaggle":
             df = self._kaggle_frame(df)
             if not raw_cells:
@@ -910,7 +964,25 @@ class Workspace(Labeling, Reviewing, Tuning):
         return ExportResult(path=path, rows=df.height, split=split, format=format, missing=missing, streamed=stream,
                             threshold=threshold, abstained=abstained,
                             threshold_coverage=None if chosen is None else chosen[1],
-                            threshold_precision=None if chosen is None else chosen[2], notices=notices)
+                            threshold_precision=None if chosen is None else chosen[2],
+                            abstained_confidence=abstained_confidence, ood_threshold=ood_cut, ood_fraction=ood_fraction,
+                            abstained_ood=abstained_ood, notices=notices)
+
+    @staticmethod
+    def _most_unusual(ood, fraction: float):
+        """``(mask, cut)``: the ``round(fraction * rows)`` rows with the highest OOD score (ties in row
+        order, rows without a score never) and the lowest score among them (None when none is)."""
+        import math
+
+        import numpy as np
+
+        ood = ood.cast(float).fill_null(float("nan")).to_numpy()
+        scored = np.flatnonzero(~np.isnan(ood))
+        count = min(int(math.floor(fraction * len(ood) + 0.5)), len(scored))
+        picked = scored[np.argsort(-ood[scored], kind="stable")[:count]]
+        mask = np.zeros(len(ood), dtype=bool)
+        mask[picked] = True
+        return mask, (float(ood[picked].min()) if count else None)
 
     def _precision_threshold(self, several, version, target: float) -> tuple[float, float, float]:
         """(threshold, coverage, precision) on the saved validation predictions of the heads being exported."""

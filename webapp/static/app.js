@@ -51,7 +51,7 @@ function watchRetrain() {
     } else if (s.state === "failed") {
       status.textContent = `retrain failed: ${s.error}`;
     } else if (s.state === "done" && wasBusy) {
-      status.textContent = `retrained: fused ${(100 * s.result.fused_accuracy).toFixed(1)}% on ${s.result.n_val} held-out labels`;
+      status.textContent = s.result.fused_accuracy === null ? `retrained on ${s.result.n_train} labels (one per class: none held out)` : `retrained: fused ${(100 * s.result.fused_accuracy).toFixed(1)}% on ${s.result.n_val} held-out labels`;
       document.body.dataset.retrainState = "done";
       if (!document.getElementById("queue")) location.reload();  // new predictions on the page
     }
