@@ -886,7 +886,8 @@ def _print_priors(priors: dict, top: int = 5) -> None:
         return
     labels, pool = priors["labels"], priors["pool"]
     moved = sorted(pool, key=lambda c: -abs(pool[c] - labels[c]))[:top]
-    applied = "applied to the predictions" if priors.get("applied") else "not applied (pool_priors off)"
+    applied = ("applied to the predictions" if priors.get("applied") else
+               "not applied (too few held-out labels to calibrate on, or pool_priors off)")
     console.print(f"class proportions: the pool's (estimated by EM) differ from the labels' by {priors['total_variation']:.3f} "
                   f"(total variation), {applied}; most changed: "
                   + ", ".join(f"{escape(c)} {labels[c]:.3f} -> {pool[c]:.3f}" for c in moved))

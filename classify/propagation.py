@@ -31,7 +31,7 @@ from clipfuse.classify.graph import EXACT_MAX_ROWS, cluster_rows, knn_graph
 METHODS = ("spread", "poisson", "laplace")
 KERNELS = ("self-tuning", "cosine")
 CANDIDATE_NEIGHBORS = (5, 10, 20, 40)  # what n_neighbors="auto" chooses among on up to 20,000 rows
-LARGE_CANDIDATE_NEIGHBORS = (10, 20)  # and above: every candidate costs a solve per fold
+LARGE_NEIGHBORS = 20  # above that, label spreading on 20 neighbours: a candidate costs a store-wide solve per fold
 _INNER_FOLDS = 3
 _POISSON_SHIFT = 1e-3
 _DEFAULT = ("poisson", 10)  # no label can be held out (one per class): Poisson learning on graphlearning's k
@@ -236,15 +236,18 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
     probabilities. When no
     label can be held out (one per class) the choice is Poisson learning on 10
     neighbours, graphlearning's default, designed for that regime. On more than 20,000
-    rows only label spreading on 10 or 20 neighbours is tried (each candidate costs a
-    solve per fold). ``selection_`` records every candidate's score.
+    rows it is label spreading on 20 neighbours, with no search: each candidate would
+    cost a store-wide solve per fold, and the ensemble fits the head five times (on
+    300,000 x 512 a search over two k tripled the stack's time). ``selection_`` records
+    every candidate's score.
 
     A new row gets the similarity-weighted soft labels of its nearest fitted rows.
 
     Parameters
     ----------
     n_neighbors : int or "auto", default="auto"
-        Neighbours per row in the graph; ``"auto"`` chooses among 5, 10, 20 and 40.
+        Neighbours per row in the graph; ``"auto"`` chooses among 5, 10, 20 and 40 (20 above
+        20,000 rows).
     method : {"auto", "spread", "laplace", "poisson"}, default="auto"
     kernel : {"self-tuning", "cosine"}, default="self-tuning"
         Edge weights: ``exp(-4 d² / d_k²)`` with each row's own bandwidth (graphlearning's
@@ -319,7 +322,7 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         large = n > EXACT_MAX_ROWS
         methods = [self.method] if self.method != "auto" else (["spread"] if large else list(METHODS))
         ks = ([int(self.n_neighbors)] if self.n_neighbors != "auto"
-              else list(LARGE_CANDIDATE_NEIGHBORS if large else CANDIDATE_NEIGHBORS))
+              else [LARGE_NEIGHBORS] if large else list(CANDIDATE_NEIGHBORS))
         ks = list(dict.fromkeys(max(1, min(k, n - 1)) for k in ks))
         # the earlier candidate wins ties: 10 neighbours and label spreading first
         ks.sort(key=lambda k: (k != 10, k))
@@ -347,7 +350,7 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         candidates = self._candidates(len(X))
         folds = inner_folds(y_index, _INNER_FOLDS, self.random_state)
         held = np.flatnonzero(folds >= 0)
-        if len(held) == 0 and len(candidates) > 1:  # one label per class: nothing to choose by
+        if len(held) == 0:  # one label per class: nothing to choose by
             method = _DEFAULT[0] if self.method == "auto" else self.method
             k = _DEFAULT[1] if self.n_neighbors == "auto" else int(self.n_neighbors)
             candidates = [(method, min(k, len(X) - 1))]
@@ -355,9 +358,12 @@ class LabelPropagationHead(ClassifierMixin, BaseEstimator):
         indices, sims = self._graph(X, max(k for _, k in candidates), digest)
         solve = dict(alpha=self.alpha, max_iter=self.max_iter, tol=self.tol)
         best = None  # ((held-out accuracy, -NLL), method, k, temperature)
+        # one candidate on a large store: its held-out solves would only fit a temperature, which the
+        # ensemble's fusion fits again per head; three store-wide solves per fit saved
+        skip = len(held) == 0 or (len(candidates) == 1 and len(X) > EXACT_MAX_ROWS)
         for method, k in candidates:
             G = self._weights(X, indices, sims, k, digest)
-            if len(held) == 0:
+            if skip:
                 best = ((0.0, 0.0), method, k, 1.0)
                 break
             oof = np.zeros((len(X), n_classes), dtype=np.float32)

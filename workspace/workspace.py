@@ -783,7 +783,7 @@ class Workspace(Labeling, Reviewing, Tuning):
         if labels is None or pool is None:
             return {}
         return {"labels": dict(zip(classes, map(float, labels))), "pool": dict(zip(classes, map(float, pool))),
-                "total_variation": total_variation(labels, pool), "applied": bool(ensemble.pool_priors)}
+                "total_variation": total_variation(labels, pool), "applied": ensemble.prior_shift() is not None}
 
     def _confusions(self, trained, y_val, val_pred, X_labeled, y_labeled, top: int) -> list[dict]:
         """The most-confused class pairs on validation, with class names and example image paths."""
