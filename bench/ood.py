@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark's data generator
 import classify_scale  # noqa: E402
+from semi_supervised import make_imbalanced  # noqa: E402  (the same pool as the accuracy bench)
 
 from clipfuse.classify import ood_scores  # noqa: E402
 from clipfuse.classify.ood import knn_distance, percentile_ranks, reference_rows  # noqa: E402
@@ -47,29 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ensemble", action="store_true", help="P from clipfuse's default ensemble, not LogisticRegression")
     p.add_argument("--time-n", type=int, default=300_000, help="rows of the timing run (0: skip it)")
     return p.parse_args(argv)
-
-
-def make_imbalanced(n_in: int = 9000, dim: int = 64, n_classes: int = 48, modes: int = 3, noise: float = 1.2,
-                    ood_fraction: float = 0.10, n_ood_centres: int = 12, min_size: int = 20, seed: int = 0,
-                    spread: float = 0.8):
-    """Zipf-sized classes plus distractors around centres of their own; returns X, y (-1 on distractors), ood."""
-    rng = np.random.default_rng(seed)
-    shared = rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim)
-    k = n_classes + n_ood_centres
-    centres = shared + spread * rng.standard_normal((k, dim)).astype(np.float32) / np.sqrt(dim)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    subs = centres[:, None, :] + 0.8 * rng.standard_normal((k, modes, dim)).astype(np.float32) / np.sqrt(dim)
-    subs /= np.linalg.norm(subs, axis=2, keepdims=True)
-    share = 1.0 / np.arange(1, n_classes + 1)
-    sizes = np.maximum(min_size, np.round(n_in * share / share.sum())).astype(int)
-    n_ood = int(round(ood_fraction * sizes.sum() / (1.0 - ood_fraction)))
-    source = np.concatenate([np.repeat(np.arange(n_classes), sizes), n_classes + rng.integers(0, n_ood_centres, n_ood)])
-    rng.shuffle(source)
-    mode = rng.integers(0, modes, len(source))
-    X = subs[source, mode] + (noise / np.sqrt(dim)) * rng.standard_normal((len(source), dim), dtype=np.float32)
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    ood = source >= n_classes
-    return X.astype(np.float32), np.where(ood, -1, source), ood
 
 
 def load(name: str, seed: int):
