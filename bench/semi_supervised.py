@@ -297,14 +297,15 @@ def _auroc(positive: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(positive, score))
 
 
-def ood_report(classify, ens, data: Dataset, fused: np.ndarray, y_semi: np.ndarray) -> dict:
-    """OOD AUROC of ``classify.ood_scores`` and the prior estimate's total variation (imbalanced)."""
+def ood_report(classify, ens, data: Dataset, fused: np.ndarray, y_semi: np.ndarray, raw: np.ndarray) -> dict:
+    """OOD AUROC of ``classify.ood_scores`` on ``raw`` (the fused probabilities before the prior move)
+    and the prior estimate's total variation (imbalanced)."""
     unl = y_semi < 0
     out = {"msp_auroc": _auroc(data.ood[unl], 1.0 - fused[unl].max(axis=1)), "ood_auroc": None, "ood_note": "–"}
     scorer = getattr(classify, "ood_scores", None)
     if scorer is not None:
         try:
-            score = np.asarray(scorer(data.X, fused, y_semi), dtype=np.float64)
+            score = np.asarray(scorer(data.X, raw, y_semi), dtype=np.float64)
             out["ood_auroc"], out["ood_note"] = _auroc(data.ood[unl], score[unl]), ""
         except Exception as exc:  # a half-finished ood_scores in the working tree
             out["ood_note"] = f"ood_scores failed: {_reason(exc)}"
@@ -326,7 +327,12 @@ def run_clipfuse(classify, data: Dataset, y_semi: np.ndarray, seed: int, label: 
     try:
         ens = classify.create_ensemble_from_config(classify.HeadsConfig(seed=seed), data.n_classes)
         ens.fit(data.X, y_semi)
-        fused, per_head = ens.predict_proba(data.X, fit_rows=np.arange(len(data.X)))
+        if hasattr(ens, "to_pool_priors"):  # the OOD score reads the probabilities before the prior move, as predict does
+            raw, per_head = ens.predict_proba(data.X, fit_rows=np.arange(len(data.X)), shift=False)
+            fused = ens.to_pool_priors(raw)
+        else:
+            fused, per_head = ens.predict_proba(data.X, fit_rows=np.arange(len(data.X)))
+            raw = fused
     except Exception as exc:
         out["error"] = _reason(exc)
         out["seconds"] = time.perf_counter() - t
@@ -340,7 +346,7 @@ def run_clipfuse(classify, data: Dataset, y_semi: np.ndarray, seed: int, label: 
     out["head_seconds"] = {k: float(v) for k, v in dict(getattr(ens, "fit_seconds_", {}) or {}).items()}
     out["unavailable"] = sorted(getattr(ens, "unavailable_", {}) or {})
     if data.ood.any():
-        out.update(ood_report(classify, ens, data, fused, y_semi))
+        out.update(ood_report(classify, ens, data, fused, y_semi, raw))
     return out
 
 

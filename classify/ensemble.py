@@ -536,6 +536,12 @@ class Ensemble:
         hard = np.bincount(P.argmax(axis=1), minlength=self.n_classes) / len(P)
         return estimate_priors(P, self.label_priors_), hard
 
+    def to_pool_priors(self, P: np.ndarray) -> np.ndarray:
+        """Fused probabilities predicted with ``shift=False`` moved to the pool's estimated class
+        proportions, as ``predict_proba`` moves them (unchanged when the estimate is not applied)."""
+        priors = self.prior_shift()
+        return P if priors is None else adjust_priors(P, *priors).astype(np.float32)
+
     def prior_shift(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(labels' proportions, pool's proportions) when predictions are moved between them, else None
         (``pool_priors`` off, or the estimate not trusted: see ``priors_applied_``)."""

@@ -93,11 +93,11 @@ class Trained:
         """Images indexed after the heads were trained."""
         return int(np.sum(self.fit_rows < 0))
 
-    def predict(self, heads: list[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def predict(self, heads: list[str] | None = None, *, shift: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Fused and per-head probabilities of every current row (see ``Ensemble.predict_proba``)."""
         if self.views is None:
-            return self.ensemble.predict_proba(self.es.X, fit_rows=self.fit_rows, heads=heads)
-        return self.ensemble.predict_proba(self.views, heads=heads, n_rows=len(self.es.ids))
+            return self.ensemble.predict_proba(self.es.X, fit_rows=self.fit_rows, heads=heads, shift=shift)
+        return self.ensemble.predict_proba(self.views, heads=heads, n_rows=len(self.es.ids), shift=shift)
 
     def labeled_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """The labeled rows' vectors and class indices (of the first version, over several)."""

@@ -680,9 +680,12 @@ class Workspace(Labeling, Reviewing, Tuning):
             self._require_answered(trained, names)
             if progress is not None:
                 progress(f"predicting {len(trained.es.ids)} images", 0, None)
-            fused, probs = trained.predict(names)
+            # the OOD score reads the fused probabilities before the move to the pool's class proportions:
+            # that move sharpens distractors toward the common classes, which would hide them
+            raw, probs = trained.predict(names, shift=False)
+            fused = trained.ensemble.to_pool_priors(raw)
             table = _heads.predictions_table(trained.es, fused, probs if per_head else {}, trained.classes,
-                                             ood=_heads.ood_column(trained, fused))
+                                             ood=_heads.ood_column(trained, raw))
             name = self.store.write_predictions(table, used[0].fingerprint,
                                                 versions=[v.fingerprint for v in used] if len(used) > 1 else None)
         return PredictResult(version="+".join(v.fingerprint for v in used), table=name, images=len(trained.es.ids),
